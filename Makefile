@@ -1,0 +1,51 @@
+# clm-runner developer commands. `make smoke-test` and `make test` each install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+# torch: pip's default Linux build of torch bundles CUDA (several GB). Where `nvidia-smi` finds no GPU
+# we ask PyTorch's CPU index first; where it finds one, pip's default CUDA build is what you want.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(HAS_GPU),yes)
+TORCH_INSTALL := $(TORCH_SPEC)
+else
+TORCH_INSTALL := $(TORCH_SPEC) --extra-index-url $(TORCH_CPU_INDEX)
+endif
+
+# Tests and the smoke test never touch the network.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install smoke-test test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Reinstalls only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_INSTALL)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+smoke-test: install
+	rm -rf runs/smoke
+	$(OFFLINE) $(BIN)/clm-runner train --recipe recipes/smoke.toml
+	$(OFFLINE) $(BIN)/clm-runner eval --run runs/smoke
+
+test: install
+	$(OFFLINE) $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check clm_runner tests benchmarks scripts
+	$(BIN)/ruff format --check clm_runner tests benchmarks scripts
+
+format: install
+	$(BIN)/ruff format clm_runner tests benchmarks scripts
+	$(BIN)/ruff check --fix clm_runner tests benchmarks scripts
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache
