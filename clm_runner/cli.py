@@ -1,0 +1,237 @@
+"""The `clm-runner` command line: parse, validate, report. The work lives in plain modules.
+
+Only click and the standard library are imported here, so `clm-runner --help` answers at once;
+torch, transformers and datasets are imported inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+
+from clm_runner import __version__
+from clm_runner.errors import ClmError
+
+RECIPE_HELP = "TOML recipe file (see recipes/)."
+SET_HELP = "Override one recipe key, e.g. --set training.learning_rate=1e-4 (repeatable; value read as TOML)."
+
+
+class ClmGroup(click.Group):
+    """Turns user errors into one clear line and exit status 2; --debug keeps the traceback."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except ClmError as exc:
+            if ctx.meta.get("clm_runner.debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def recipe_options(required: bool = True):
+    def decorate(fn):
+        fn = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)(fn)
+        fn = click.option(
+            "--recipe", "-r", "recipe_path", required=required, metavar="FILE", help=RECIPE_HELP
+        )(fn)
+        return fn
+
+    return decorate
+
+
+@click.group(cls=ClmGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="clm-runner")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Fine-tune and evaluate causal language models from one TOML recipe.
+
+    \b
+    Examples:
+      clm-runner train --recipe recipes/gpt2-wikitext.toml
+      clm-runner eval --run runs/gpt2-wikitext
+      clm-runner recipe show --recipe recipes/smoke.toml --set training.num_train_epochs=1
+    """
+    ctx.meta["clm_runner.debug"] = debug
+
+
+# ---------------------------------------------------------------------------------------------------
+# recipe
+
+
+@cli.group(cls=ClmGroup)
+def recipe() -> None:
+    """Inspect and validate recipes without running them."""
+
+
+@recipe.command("show")
+@recipe_options()
+def recipe_show(recipe_path: str, overrides: tuple[str, ...]) -> None:
+    """Print the fully resolved recipe as TOML, every default filled in.
+
+    \b
+    Example:
+      clm-runner recipe show --recipe recipes/smoke.toml --set data.block_size=64
+    """
+    from clm_runner.recipe import load_recipe, render_toml, resolved_dict
+
+    loaded = load_recipe(recipe_path, overrides)
+    click.echo(render_toml(resolved_dict(loaded), header=f"Resolved from {recipe_path}"), nl=False)
+
+
+@recipe.command("check")
+@recipe_options()
+def recipe_check(recipe_path: str, overrides: tuple[str, ...]) -> None:
+    """Validate a recipe (keys, types, cross-field rules) without running it.
+
+    \b
+    Example:
+      clm-runner recipe check --recipe recipes/gpt2-wikitext.toml
+    """
+    from clm_runner.recipe import load_recipe
+
+    loaded = load_recipe(recipe_path, overrides)
+    click.echo(f"{recipe_path}: ok (output_dir = {loaded.output_dir})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# train / eval / data
+
+
+@cli.command()
+@recipe_options()
+@click.option("--overwrite", is_flag=True, help="Train into a non-empty output dir that holds no checkpoint.")
+@click.option("--no-resume", is_flag=True, help="Start from scratch even if the output dir has checkpoints.")
+@click.option(
+    "--resume-from", type=click.Path(), default=None, metavar="CHECKPOINT", help="Resume from this checkpoint."
+)
+@click.option("--quiet", "-q", is_flag=True, help="Plain log lines instead of live progress bars.")
+def train(
+    recipe_path: str,
+    overrides: tuple[str, ...],
+    overwrite: bool,
+    no_resume: bool,
+    resume_from: str | None,
+    quiet: bool,
+) -> None:
+    """Fine-tune (or train from scratch) as the recipe says, then evaluate.
+
+    A non-empty output dir is refused unless it holds checkpoints, which are resumed from.
+
+    \b
+    Examples:
+      clm-runner train --recipe recipes/gpt2-wikitext.toml
+      clm-runner train --recipe recipes/smoke.toml --set training.num_train_epochs=1
+    """
+    from clm_runner.recipe import load_recipe
+
+    loaded = load_recipe(recipe_path, overrides)
+    if no_resume and resume_from:
+        raise click.UsageError("--no-resume and --resume-from contradict each other; choose one.")
+
+    from clm_runner.training import TrainOptions, run_training
+
+    run_training(
+        loaded,
+        TrainOptions(
+            overwrite=overwrite,
+            resume=not no_resume,
+            resume_from=resume_from,
+            quiet=quiet,
+            argv=tuple(sys.argv),
+        ),
+    )
+
+
+@cli.command("eval")
+@click.option("--run", "run_dir", type=click.Path(), default=None, metavar="DIR", help="A trained run's output dir.")
+@recipe_options(required=False)
+@click.option("--checkpoint", type=click.Path(), default=None, metavar="PATH", help="Evaluate this checkpoint.")
+@click.option("--all-checkpoints", is_flag=True, help="Evaluate every checkpoint of --run (writes eval_history.json).")
+@click.option("--split", default=None, help="Split to score: validation (default), test or train.")
+@click.option("--stride", type=int, default=None, help="Strided sliding-window perplexity with this stride.")
+@click.option("--context", type=int, default=None, help="Window length for --stride (default: the block size).")
+@click.option("--output", "-o", type=click.Path(), default=None, metavar="FILE", help="Write the metrics as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def eval_command(
+    run_dir: str | None,
+    recipe_path: str | None,
+    overrides: tuple[str, ...],
+    checkpoint: str | None,
+    all_checkpoints: bool,
+    split: str | None,
+    stride: int | None,
+    context: int | None,
+    output: str | None,
+    quiet: bool,
+) -> None:
+    """Perplexity of a trained run, one checkpoint, or any model.
+
+    \b
+    Examples:
+      clm-runner eval --run runs/smoke
+      clm-runner eval --run runs/smoke --checkpoint runs/smoke/checkpoint-40
+      clm-runner eval --recipe recipes/gpt2-wikitext.toml --set model.model_name_or_path=gpt2 --stride 512
+    """
+    if run_dir is None and recipe_path is None:
+        raise click.UsageError("Say what to evaluate: --run DIR (a trained run) or --recipe FILE (any model).")
+    from clm_runner.evaluation import EvalRequest, run_eval
+
+    run_eval(
+        EvalRequest(
+            run_dir=run_dir,
+            recipe_path=recipe_path,
+            overrides=overrides,
+            checkpoint=checkpoint,
+            all_checkpoints=all_checkpoints,
+            split=split,
+            stride=stride,
+            context=context,
+            output=output,
+            quiet=quiet,
+        )
+    )
+
+
+@cli.command()
+@recipe_options()
+@click.option("--save", type=click.Path(), default=None, metavar="DIR", help="Write the blocks with save_to_disk.")
+def data(recipe_path: str, overrides: tuple[str, ...], save: str | None) -> None:
+    """Prepare (and cache) the recipe's data; print rows, tokens and blocks per split.
+
+    \b
+    Example:
+      clm-runner data --recipe recipes/smoke.toml --save /tmp/smoke-blocks
+    """
+    from clm_runner.recipe import load_recipe
+
+    loaded = load_recipe(recipe_path, overrides, require_output_dir=False)
+    from clm_runner.datacmd import run_data
+
+    run_data(loaded, save=save)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for the console script and `python -m clm_runner`; returns the exit status."""
+    try:
+        # With standalone_mode=False click returns ctx.exit()'s status instead of raising it.
+        status = cli.main(args=list(argv) if argv is not None else None, prog_name="clm-runner", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        return 130
+    return status if isinstance(status, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""ClmTrainer: the Hugging Face Trainer with clm-runner's exact, token-weighted evaluation.
+
+The Trainer's own eval loss is a mean of batch means and its accuracy needs every prediction kept in
+memory; here evaluation sums NLL and correct tokens per batch (flat memory), shards blocks across ranks
+without padding, and all-reduces the sums, so every world size gives the same number.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from transformers import Trainer
+
+
+class ClmTrainer(Trainer):
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        metrics = self.exact_metrics(eval_dataset, metric_key_prefix=metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def exact_metrics(self, eval_dataset: Any = None, *, metric_key_prefix: str = "eval") -> dict[str, Any]:
+        """run_clm's metric keys (eval_loss, perplexity, eval_accuracy, eval_samples) plus eval_tokens."""
+        import torch
+
+        from clm_runner.perplexity import evaluate_blocks, reduce_across_ranks
+
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        start = time.perf_counter()
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=True)
+        was_training = model.training
+        with self.autocast_smart_context_manager():
+            result = evaluate_blocks(
+                model,
+                dataset,
+                batch_size=self.args.per_device_eval_batch_size,
+                device=self.args.device,
+                shard=(self.args.process_index, self.args.world_size),
+            )
+        if was_training:
+            model.train()
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            result = reduce_across_ranks(result, device=self.args.device)
+        values = result.to_metrics()
+        metrics: dict[str, Any] = {
+            f"{metric_key_prefix}_loss": values["eval_loss"],
+            "perplexity" if metric_key_prefix == "eval" else f"{metric_key_prefix}_perplexity": values["perplexity"],
+            f"{metric_key_prefix}_accuracy": values["eval_accuracy"],
+            f"{metric_key_prefix}_samples": values["eval_samples"],
+            f"{metric_key_prefix}_tokens": values["eval_tokens"],
+            f"{metric_key_prefix}_runtime": round(time.perf_counter() - start, 4),
+        }
+        if self.state.epoch is not None:
+            metrics["epoch"] = self.state.epoch
+        return metrics

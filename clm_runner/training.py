@@ -1,0 +1,150 @@
+"""`clm-runner train`: run_clm's pipeline (data, model, Trainer, metrics, model card) for one recipe."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clm_runner.errors import RecipeError
+from clm_runner.outputs import OutputPlan, plan_output_dir, write_text_atomic
+from clm_runner.recipe import Recipe, render_toml, resolved_dict
+
+logger = logging.getLogger("clm_runner")
+
+RECIPE_FILE = "recipe.toml"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    overwrite: bool = False
+    resume: bool = True
+    resume_from: str | None = None
+    quiet: bool = False
+    argv: Sequence[str] = ()
+
+
+def training_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """The TrainingArguments a run uses: the recipe's [training], plus what `train` always does."""
+    kwargs = dict(recipe.training)
+    kwargs["do_train"] = True
+    # run_clm is always called with --do_eval in its docs; evaluating at the end is the default here.
+    kwargs.setdefault("do_eval", True)
+    return kwargs
+
+
+def build_training_args(kwargs: dict[str, Any]):
+    from transformers import TrainingArguments
+
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"[training] is inconsistent: {exc}") from None
+
+
+def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
+    """Train as the recipe says, evaluate, and leave run_clm's files plus recipe.toml in the output dir."""
+    from clm_runner.logs import setup_logging
+
+    setup_logging(quiet=options.quiet)
+    plan = plan_output_dir(
+        recipe.output_dir, overwrite=options.overwrite, resume=options.resume, resume_from=options.resume_from
+    )
+    kwargs = training_kwargs(recipe)
+    args = build_training_args(kwargs)
+
+    from transformers import default_data_collator, set_seed
+
+    from clm_runner.blocks import prepare_splits, resolve_block_size
+    from clm_runner.modeling import load_config, load_model, load_tokenizer
+    from clm_runner.trainer import ClmTrainer
+
+    if args.should_log:
+        logger.info(plan.note)
+    # Seeded before the model is built, as run_clm does, so a from-scratch init is reproducible.
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    config = load_config(recipe.model)
+    block_size = resolve_block_size(recipe.data.block_size, tokenizer, config, warn=logger.warning)
+    splits = ["train", "validation"] if args.do_eval else ["train"]
+    prepared = prepare_splits(
+        recipe, tokenizer, block_size, splits, main_process_first=args.main_process_first, progress=not options.quiet
+    )
+    model = load_model(recipe.model, config, tokenizer)
+
+    train_dataset = prepared["train"].blocks
+    eval_dataset = prepared["validation"].blocks if args.do_eval else None
+    trainer = ClmTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+    )
+    if trainer.is_world_process_zero():
+        save_resolved_recipe(recipe, plan, kwargs, block_size)
+
+    train_result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    trainer.save_model()  # the tokenizer too, so the output dir loads on its own
+
+    metrics = dict(train_result.metrics)
+    metrics["train_samples"] = _count(train_dataset, recipe.data.max_train_samples)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    results: dict[str, Any] = {"train": metrics}
+    if args.do_eval:
+        logger.info("*** Evaluate ***")
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = _count(eval_dataset, recipe.data.max_eval_samples)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        results["eval"] = eval_metrics
+
+    trainer.create_model_card(**model_card_kwargs(recipe))
+    return results
+
+
+def _count(dataset: Any, limit: int | None) -> int:
+    try:
+        return len(dataset)
+    except TypeError:  # a stream has no length; run_clm reports the requested maximum
+        return limit if limit is not None else -1
+
+
+def model_card_kwargs(recipe: Recipe) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"finetuned_from": recipe.model.model_name_or_path, "tasks": "text-generation"}
+    data = recipe.data
+    if data.dataset_name is not None:
+        kwargs["dataset_tags"] = data.dataset_name
+        if data.dataset_config_name is not None:
+            kwargs["dataset_args"] = data.dataset_config_name
+            kwargs["dataset"] = f"{data.dataset_name} {data.dataset_config_name}"
+        else:
+            kwargs["dataset"] = data.dataset_name
+    return kwargs
+
+
+def save_resolved_recipe(recipe: Recipe, plan: OutputPlan, kwargs: dict[str, Any], block_size: int) -> Path:
+    """recipe.toml: every key with its effective value, so the run can be repeated from its dir alone."""
+    resolved = resolved_dict(recipe, training_overrides=kwargs)
+    resolved["data"]["block_size"] = block_size
+    header = (
+        "Resolved recipe of this run, written by clm-runner. Repeat it with:\n"
+        f"  clm-runner train --recipe {plan.output_dir / RECIPE_FILE} --set training.output_dir=NEW_DIR"
+    )
+    path = plan.output_dir / RECIPE_FILE
+    write_text_atomic(path, render_toml(resolved, header=header))
+    return path
+
+
+def perplexity_of(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
