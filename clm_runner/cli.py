@@ -214,6 +214,95 @@ def data(recipe_path: str, overrides: tuple[str, ...], save: str | None) -> None
     run_data(loaded, save=save)
 
 
+# ---------------------------------------------------------------------------------------------------
+# report / generate / model
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(), metavar="RUN [RUN ...]")
+def report(runs: tuple[str, ...]) -> None:
+    """Plot loss, perplexity and learning rate of runs; print a summary table.
+
+    Writes report.png into the first run's directory; several runs are overlaid.
+
+    \b
+    Example:
+      clm-runner report runs/smoke runs/smoke-lr3e-3
+    """
+    from pathlib import Path
+
+    from clm_runner.report import load_run, plot_runs, render_table, summarize
+
+    histories = [load_run(Path(r)) for r in runs]
+    click.echo(render_table(summarize(histories)))
+    out = plot_runs(histories, Path(runs[0]) / "report.png")
+    click.echo(f"\nWrote {out}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(), metavar="RUN")
+@click.option("--prompt", "-p", required=True, help="Text the generation starts from.")
+@click.option("--max-new-tokens", type=int, default=50, show_default=True, help="Tokens to add.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 means greedy decoding.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--top-k", type=int, default=50, show_default=True, help="Sample among the k likeliest (0: off).")
+@click.option("--seed", type=int, default=None, help="Same seed, same text.")
+@click.option("--num-samples", "-n", type=int, default=1, show_default=True, help="Texts to generate.")
+def generate(
+    run: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    num_samples: int,
+) -> None:
+    """Continue a prompt with a trained run (or any checkpoint or model directory).
+
+    \b
+    Example:
+      clm-runner generate runs/smoke --prompt " = Valley of" --seed 1 --num-samples 2
+    """
+    from clm_runner.generate import generate_text
+    from clm_runner.logs import setup_logging
+
+    setup_logging(quiet=True)
+    texts = generate_text(
+        run,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        num_samples=num_samples,
+    )
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            click.echo(f"--- sample {i + 1} ---")
+        click.echo(text)
+
+
+@cli.command("model")
+@recipe_options()
+def model_command(recipe_path: str, overrides: tuple[str, ...]) -> None:
+    """Show the model's architecture, exact parameter count and FLOPs per token (no weights loaded).
+
+    \b
+    Example:
+      clm-runner model --recipe recipes/gpt2-wikitext.toml
+    """
+    from clm_runner.recipe import load_recipe
+
+    loaded = load_recipe(recipe_path, overrides, require_output_dir=False)
+    from clm_runner.modeling import load_config
+    from clm_runner.summary import describe_model, render_summary
+
+    config = load_config(loaded.model)
+    click.echo(render_summary(describe_model(config, seq_len=loaded.data.block_size)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for the console script and `python -m clm_runner`; returns the exit status."""
     try:

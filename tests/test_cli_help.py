@@ -11,7 +11,18 @@ from click.testing import CliRunner
 
 from clm_runner.cli import cli
 
-COMMANDS = [[], ["train"], ["eval"], ["data"], ["recipe"], ["recipe", "show"], ["recipe", "check"]]
+COMMANDS = [
+    [],
+    ["train"],
+    ["eval"],
+    ["data"],
+    ["recipe"],
+    ["recipe", "show"],
+    ["recipe", "check"],
+    ["report"],
+    ["generate"],
+    ["model"],
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "clm-runner")
