@@ -277,7 +277,10 @@ def check_has_text(dataset: Any, column: str, what: str) -> None:
     import pyarrow.compute as pc
 
     if len(dataset) == 0:
-        raise DataError(f"{what} has no rows. Give it some text.")
+        fix = "Give it some text."
+        if "carved from" in what:
+            fix = "Raise data.validation_split_percentage, or set data.validation_file."
+        raise DataError(f"{what} has no rows. {fix}")
     table = dataset.with_format("arrow")
     step = 1 << 16
     for start in range(0, len(dataset), step):
