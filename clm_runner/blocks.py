@@ -256,16 +256,47 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
+class NpyStreamWriter:
+    """A 1-D `.npy` file written piece by piece, its length unknown until closed (keeps memory flat)."""
+
+    HEADER_BYTES = 128  # a version 1.0 header padded to this size fits any 1-D shape
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.count = 0
+        self._file = path.open("wb")
+        self._file.write(b"\0" * self.HEADER_BYTES)
+
+    def write(self, values: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self.count += len(values)
+
+    def close(self) -> None:
+        header = repr({"descr": self.dtype.str, "fortran_order": False, "shape": (self.count,)})
+        prefix = b"\x93NUMPY\x01\x00"
+        body_length = self.HEADER_BYTES - len(prefix) - 2
+        body = header.encode("latin1").ljust(body_length - 1) + b"\n"
+        self._file.seek(0)
+        self._file.write(prefix + body_length.to_bytes(2, "little") + body)
+        self._file.close()
+
+
 def tokenize_split(
     dataset: datasets.Dataset,
     column: str,
     encoder: Encoder,
     workers: int,
+    stream_path: Path,
     *,
     desc: str,
     progress: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(token stream, tokens per row) of a whole split; identical for every worker count."""
+) -> np.ndarray:
+    """Tokenize a whole split into the `.npy` token stream at `stream_path`; returns the tokens per row.
+
+    Rows go to workers in contiguous chunks and come back in order, so the stream is identical for every
+    worker count.
+    """
     from tqdm.auto import tqdm
 
     total = len(dataset)
@@ -273,8 +304,8 @@ def tokenize_split(
         (start, min(start + TOKENIZE_CHUNK_ROWS, total)) for start in range(0, total, TOKENIZE_CHUNK_ROWS)
     ]
     workers = max(1, min(workers, len(ranges), -(-total // MIN_ROWS_PER_WORKER)))
-    id_parts: list[np.ndarray] = []
     length_parts: list[np.ndarray] = []
+    writer = NpyStreamWriter(stream_path, np.dtype(encoder.dtype))
     with tqdm(
         total=total, desc=desc, unit=" rows", unit_scale=True, disable=not progress, dynamic_ncols=True
     ) as bar:
@@ -294,18 +325,16 @@ def tokenize_split(
             results = pool.imap(_tokenize_range, ranges, chunksize=1)
         try:
             for (start, stop), (ids, lengths) in zip(ranges, results, strict=True):
-                id_parts.append(ids)
-                length_parts.append(lengths)
+                writer.write(ids)
+                length_parts.append(lengths.astype(np.int32))
                 bar.update(stop - start)
         finally:
+            writer.close()
             _WORKER.clear()
             if pool is not None:
                 pool.terminate()
                 pool.join()
-    dtype = np.dtype(encoder.dtype)
-    stream = np.concatenate(id_parts) if id_parts else np.zeros(0, dtype=dtype)
-    lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int64)
-    return stream, lengths
+    return np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -320,7 +349,7 @@ def block_starts(row_lengths: np.ndarray, block_size: int, grouping: str) -> np.
     dropped. A batch shorter than one block gives no block: run_clm's newest version raises there instead,
     older ones skipped such a batch, and skipping keeps a valid split usable.
     """
-    total = int(row_lengths.sum())
+    total = int(row_lengths.sum(dtype=np.int64))
     if grouping == "concat":
         return np.arange(total // block_size, dtype=np.int64) * block_size
     if grouping != "run_clm":
@@ -457,31 +486,38 @@ def _build_split(
     data = recipe.data
     column = data_sources.resolve_text_column(raw, data.text_column)
     workers = data.preprocessing_num_workers or default_workers()
-    stream, row_lengths = tokenize_split(
-        raw, column, encoder, workers, desc=f"Tokenizing {name}", progress=progress
-    )
-    starts = block_starts(row_lengths, block_size, data.grouping)
-    if len(starts) == 0:
-        raise DataError(
-            f"The {name} split has {len(stream)} tokens, too few for one block of {block_size} tokens"
-            + (" per 1000-row batch (data.grouping = 'run_clm')" if data.grouping == "run_clm" else "")
-            + ". Give it more text, or lower data.block_size."
-        )
-    stats = SplitStats(
-        rows=len(raw),
-        tokens=len(stream),
-        blocks=len(starts),
-        dropped_tokens=len(stream) - len(starts) * block_size,
-        seconds=0.0,
-    )
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temporary.mkdir()
     try:
-        np.save(temporary / "stream.npy", stream)
+        row_lengths = tokenize_split(
+            raw,
+            column,
+            encoder,
+            workers,
+            temporary / "stream.npy",
+            desc=f"Tokenizing {name}",
+            progress=progress,
+        )
+        stream = np.load(temporary / "stream.npy", mmap_mode="r")
+        starts = block_starts(row_lengths, block_size, data.grouping)
+        if len(starts) == 0:
+            raise DataError(
+                f"The {name} split has {len(stream)} tokens, too few for one block of {block_size} tokens"
+                + (" per 1000-row batch (data.grouping = 'run_clm')" if data.grouping == "run_clm" else "")
+                + ". Give it more text, or lower data.block_size."
+            )
+        stats = SplitStats(
+            rows=len(raw),
+            tokens=len(stream),
+            blocks=len(starts),
+            dropped_tokens=len(stream) - len(starts) * block_size,
+            seconds=0.0,
+        )
         _write_blocks(
             temporary / "blocks.arrow", stream, starts, block_size, desc=f"Grouping {name}", progress=progress
         )
+        del stream
         stats = dataclasses.replace(stats, seconds=round(time.perf_counter() - started, 3))
         meta = {"split": name, "key": key, "stats": dataclasses.asdict(stats), "created": time.time()}
         (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
