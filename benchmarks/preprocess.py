@@ -1,0 +1,297 @@
+"""Benchmark: clm-runner's preprocessing against a run_clm-style datasets.map pipeline, as whole processes.
+
+Each measurement is its own Python process with fresh caches, on the same text corpus and the same GPT-2-like
+byte-level BPE tokenizer (vocab 50257, trained here on part of the corpus because the hub is unreachable):
+
+  clm-runner   prepare_splits(train + validation carved at 5%), cold then warm (cache hit)
+  run_clm      load_dataset("text") with run_clm's train[:5%] / train[5%:] slices, datasets.map calling the
+               tokenizer on 1000-row batches with num_proc = cores, then run_clm's group_texts with
+               itertools.chain via map; cold, then warm (its datasets cache)
+
+and clm-runner's peak RSS (the measured process and its workers, from getrusage) on a ~100 MB corpus.
+
+    python benchmarks/preprocess.py [--corpus FILE[.gz]] [--mb 20] [--big-mb 100] [--scratch DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = Path("/work/shared/data/pydocs/train.txt.gz")
+BLOCK_SIZE = 1024
+VOCAB_SIZE = 50257
+TOKENIZER_TRAINING_BYTES = 4 << 20
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup (in the parent, once)
+
+
+def read_corpus(path: Path) -> bytes:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        return handle.read()
+
+
+def make_corpus(source: bytes, megabytes: float, target: Path) -> Path:
+    """`source` repeated (whole copies, then a line-aligned part) to at least `megabytes` MB."""
+    if target.exists():
+        return target
+    wanted = int(megabytes * 1_000_000)
+    if not source.endswith(b"\n"):
+        source += b"\n"
+    temporary = target.with_suffix(".partial")
+    with temporary.open("wb") as out:
+        written = 0
+        while written + len(source) <= wanted:
+            out.write(source)
+            written += len(source)
+        if written < wanted:
+            cut = source.find(b"\n", wanted - written)
+            out.write(source[: cut + 1 if cut >= 0 else len(source)])
+    temporary.rename(target)
+    return target
+
+
+def make_tokenizer(source: bytes, directory: Path) -> Path:
+    """A GPT-2-like tokenizer: byte-level BPE, vocab 50257, <|endoftext|>, model_max_length 1024."""
+    if (directory / "tokenizer.json").exists():
+        return directory
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = source[:TOKENIZER_TRAINING_BYTES].decode("utf-8", errors="replace")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(text.splitlines(keepends=True), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=BLOCK_SIZE,
+    )
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements (each in a child process)
+
+
+def measure_clm_runner(corpus: str, tokenizer_dir: str, cache: str, hf_cache: str) -> dict:
+    os.environ["CLM_RUNNER_CACHE"] = cache
+    sys.path.insert(0, str(REPO))
+    from transformers import AutoTokenizer
+
+    from clm_runner.blocks import prepare_splits
+    from clm_runner.recipe import load_recipe
+
+    recipe = load_recipe(
+        None,
+        [
+            "model.model_type=gpt2",
+            f"model.tokenizer_name={tokenizer_dir}",
+            f"model.cache_dir={hf_cache}",
+            f"data.train_file={corpus}",
+        ],
+        require_output_dir=False,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = prepare_splits(recipe, tokenizer, BLOCK_SIZE, ["train", "validation"], progress=False)
+    return {
+        "train_tokens": out["train"].stats.tokens,
+        "validation_tokens": out["validation"].stats.tokens,
+        "train_blocks": len(out["train"].blocks),
+        "validation_blocks": len(out["validation"].blocks),
+        "from_cache": all(split.from_cache for split in out.values()),
+    }
+
+
+def measure_run_clm(corpus: str, tokenizer_dir: str, cache: str, hf_cache: str) -> dict:
+    """run_clm.py's preprocessing, as it is written there (one text file, no validation file)."""
+    from itertools import chain
+
+    import datasets
+    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()
+    data_files = {"train": corpus}
+    raw = datasets.DatasetDict(
+        {
+            "validation": datasets.load_dataset(
+                "text", data_files=data_files, split="train[:5%]", cache_dir=hf_cache, keep_linebreaks=True
+            ),
+            "train": datasets.load_dataset(
+                "text", data_files=data_files, split="train[5%:]", cache_dir=hf_cache, keep_linebreaks=True
+            ),
+        }
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    column_names = list(raw["train"].features)
+
+    def tokenize_function(examples):
+        return tokenizer(examples["text"])
+
+    tokenized = raw.map(tokenize_function, batched=True, num_proc=cores(), remove_columns=column_names)
+    block_size = BLOCK_SIZE
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples}
+        total_length = len(concatenated[list(examples.keys())[0]])
+        total_length = (total_length // block_size) * block_size
+        result = {k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    grouped = tokenized.map(group_texts, batched=True, num_proc=cores())
+    lengths = {name: sum(len(ids) for ids in tokenized[name]["input_ids"]) for name in ("train", "validation")}
+    return {
+        "train_tokens": lengths["train"],
+        "validation_tokens": lengths["validation"],
+        "train_blocks": len(grouped["train"]),
+        "validation_blocks": len(grouped["validation"]),
+    }
+
+
+MEASUREMENTS = {"clm-runner": measure_clm_runner, "run_clm": measure_run_clm}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    result = MEASUREMENTS[args.measure](args.corpus, args.tokenizer, args.cache, args.hf_cache)
+    result["inner_seconds"] = time.perf_counter() - started
+    # ru_maxrss is KiB on Linux. Pool workers have been joined, so RUSAGE_CHILDREN covers them.
+    self_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    result["peak_rss_mb"] = max(self_peak, children_peak) / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def run_child(measure: str, corpus: Path, tokenizer: Path, cache: Path, hf_cache: Path) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        measure,
+        "--corpus",
+        str(corpus),
+        "--tokenizer",
+        str(tokenizer),
+        "--cache",
+        str(cache),
+        "--hf-cache",
+        str(hf_cache),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"{measure} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    result["seconds"] = seconds
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="text file (.txt or .txt.gz)")
+    parser.add_argument("--mb", type=float, default=20, help="corpus size for the timing comparison (MB)")
+    parser.add_argument("--big-mb", type=float, default=100, help="corpus size for the peak memory run (MB); 0 skips")
+    parser.add_argument("--scratch", type=Path, default=None, help="work dir (default: a temporary dir)")
+    parser.add_argument("--child", choices=sorted(MEASUREMENTS), dest="measure", help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--hf-cache", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        args.corpus = str(args.corpus)
+        child_main(args)
+        return
+
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="clm-bench-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    source = read_corpus(args.corpus)
+    corpus = make_corpus(source, args.mb, scratch / f"corpus-{args.mb:g}mb.txt")
+    tokenizer = make_tokenizer(source, scratch / "tokenizer")
+    runs = scratch / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+
+    def dirs(name: str) -> tuple[Path, Path]:
+        return runs / name / "clm-cache", runs / name / "hf-cache"
+
+    print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.1f} MB, from {args.corpus})")
+    print(f"tokenizer: byte-level BPE, vocab {VOCAB_SIZE}, block size {BLOCK_SIZE}; cores available: {cores()}")
+    print(f"python {sys.version.split()[0]}; each line is one fresh process (imports and tokenizer load included)")
+    print()
+    results = {}
+    results["clm cold"] = run_child("clm-runner", corpus, tokenizer, *dirs("clm"))
+    results["clm warm"] = run_child("clm-runner", corpus, tokenizer, *dirs("clm"))
+    results["run_clm cold"] = run_child("run_clm", corpus, tokenizer, *dirs("run_clm"))
+    results["run_clm warm"] = run_child("run_clm", corpus, tokenizer, *dirs("run_clm"))
+    header = f"{'measurement':<16}{'process s':>10}{'inside s':>10}{'peak RSS MB':>13}{'train tokens':>14}{'train blocks':>14}"
+    print(header)
+    for name, result in results.items():
+        print(
+            f"{name:<16}{result['seconds']:>10.2f}{result['inner_seconds']:>10.2f}{result['peak_rss_mb']:>13.0f}"
+            f"{result['train_tokens']:>14,}{result['train_blocks']:>14,}"
+        )
+    assert results["clm warm"]["from_cache"], "the second clm-runner run did not hit its cache"
+    same_tokens = all(
+        results["clm cold"][key] == results["run_clm cold"][key] for key in ("train_tokens", "validation_tokens")
+    )
+    print()
+    print(f"same token counts in both pipelines (train and validation): {same_tokens}")
+    cold_ratio = results["run_clm cold"]["seconds"] / results["clm cold"]["seconds"]
+    warm_ratio = results["run_clm cold"]["seconds"] / results["clm warm"]["seconds"]
+    warm_vs_warm = results["run_clm warm"]["seconds"] / results["clm warm"]["seconds"]
+    print(f"cold:  clm-runner is {cold_ratio:.1f}x faster than run_clm-style (goal >= 3x)")
+    print(f"warm:  clm-runner cache hit is {warm_ratio:.1f}x faster than run_clm-style cold (goal >= 20x)")
+    print(f"       and {warm_vs_warm:.1f}x faster than run_clm-style with its datasets cache")
+
+    if args.big_mb > 0:
+        big = make_corpus(source, args.big_mb, scratch / f"corpus-{args.big_mb:g}mb.txt")
+        result = run_child("clm-runner", big, tokenizer, *dirs("big"))
+        print()
+        print(
+            f"big:   clm-runner cold on {big.stat().st_size / 1e6:.0f} MB: {result['seconds']:.1f} s, "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB (goal < 2048 MB), {result['train_tokens']:,} train tokens"
+        )
+    shutil.rmtree(runs, ignore_errors=True)
+    if args.scratch is None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,690 @@
+"""Token blocks: raw text splits -> exact, cached blocks of block_size tokens (run_clm's preprocessing, fast).
+
+Each split is tokenized row by row with `tokenizer(text)` semantics (the tokenizer's default special tokens
+per row) by the Rust backend in contiguous row shards across processes, concatenated in row order into one
+token stream (so the result never depends on the worker count), then cut into blocks with numpy. The stream
+(`.npy`) and the blocks (arrow, int32) are cached under `$CLM_RUNNER_CACHE` (default ~/.cache/clm-runner),
+keyed on everything that decides the tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from clm_runner import data as data_sources
+from clm_runner.errors import DataError
+
+if TYPE_CHECKING:
+    import datasets
+
+    from clm_runner.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+RUN_CLM_BATCH_ROWS = 1000
+"""run_clm's `datasets.map(batched=True)` batch: its grouping drops each batch's remainder."""
+TOKENIZE_CHUNK_ROWS = 4096
+"""Rows per tokenization task; smaller tasks balance workers and update the progress bar more often."""
+MIN_ROWS_PER_WORKER = 20_000
+"""Below this many rows per worker, starting processes costs more than it saves."""
+PROBE_TEXT = "Hello world!\n  Tokenizers: ünïcode, 123 <|endoftext|> ok"
+INT32_MAX = np.iinfo(np.int32).max
+
+
+# ---------------------------------------------------------------------------------------------------
+# Block size
+
+
+def resolve_block_size(
+    requested: int | None,
+    tokenizer: Any,
+    config: Any,
+    warn: Callable[[str], None] = logger.warning,
+) -> int:
+    """run_clm's block size rule, exactly.
+
+    Unset: the tokenizer's model_max_length, or min(1024, max_position_embeddings) when that is larger
+    than the model's positions (run_clm assumes 1024 positions for a config without the attribute).
+    Set: capped at model_max_length.
+    """
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions is None:
+        max_positions = 1024
+    model_max_length = tokenizer.model_max_length
+    if requested is None:
+        block_size = model_max_length
+        if block_size > max_positions:
+            fallback = min(1024, max_positions) if max_positions > 0 else 1024
+            warn(
+                f"The tokenizer picked seems to have a very large `model_max_length` ({model_max_length}). "
+                f"Using block_size={fallback} instead. You can change that default value by setting "
+                "data.block_size."
+            )
+            block_size = fallback
+        return int(block_size)
+    if requested > model_max_length:
+        warn(
+            f"The block_size passed ({requested}) is larger than the maximum length for the model "
+            f"({model_max_length}). Using block_size={model_max_length}."
+        )
+    return int(min(requested, model_max_length))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class SplitStats:
+    """What preparing one split produced (for the whole split, before max_*_samples)."""
+
+    rows: int
+    tokens: int
+    blocks: int
+    dropped_tokens: int
+    """Tokens in no block: the final remainder (concat), or every batch's remainder (run_clm)."""
+    seconds: float
+    """Time this call spent on the split (building it, or opening the cache)."""
+
+
+@dataclass(frozen=True)
+class PreparedSplit:
+    """One split ready for training or evaluation."""
+
+    name: str
+    blocks: datasets.Dataset | datasets.IterableDataset
+    """Columns input_ids and labels (equal), torch format: rows come back as int64 tensors."""
+    stream: np.ndarray | None
+    """The split's whole 1-D token stream (memory-mapped from the cache); None when streaming."""
+    stats: SplitStats | None
+    """None when streaming."""
+    cache_path: Path | None = None
+    """The cache directory the split was read from (None when streaming)."""
+    from_cache: bool = False
+    """True when the cache already held the split and no text was tokenized."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """A picklable, side-effect-free stand-in for `tokenizer(texts)["input_ids"]`.
+
+    Fast tokenizers: a private copy of the Rust backend, without truncation or padding (transformers resets
+    both on every call anyway), encoding with `encode_batch_fast` (no offsets or masks built). Others: the
+    tokenizer itself.
+    """
+
+    backend_json: str | None
+    split_special_tokens: bool
+    python_tokenizer: Any = None
+    dtype: str = "int32"
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> Encoder:
+        dtype = "int64" if len(tokenizer) > INT32_MAX else "int32"
+        backend = (
+            getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+        )
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            private = Tokenizer.from_str(backend.to_str())
+            private.no_truncation()
+            private.no_padding()
+            encoder = cls(
+                backend_json=private.to_str(),
+                split_special_tokens=bool(getattr(tokenizer, "split_special_tokens", False)),
+                dtype=dtype,
+            )
+            # The backend must agree with the tokenizer's own __call__: anything a tokenizer class adds
+            # in Python (special tokens, text rewriting) sends us to the exact, slower path.
+            probe = [PROBE_TEXT, "", " a\n"]
+            expected = [list(ids) for ids in tokenizer(probe)["input_ids"]]
+            ids, lengths = tokenize_rows(probe, encoder)
+            got = [part.tolist() for part in np.split(ids, np.cumsum(lengths)[:-1])]
+            if got == expected:
+                return encoder
+            logger.warning(
+                "The tokenizer's Python call differs from its Rust backend; tokenizing through the "
+                "tokenizer's Python call (slower)."
+            )
+        return cls(backend_json=None, split_special_tokens=False, python_tokenizer=tokenizer, dtype=dtype)
+
+    def backend(self) -> Any:
+        cached = _BACKENDS.get(self.backend_json)
+        if cached is None:
+            from tokenizers import Tokenizer
+
+            cached = Tokenizer.from_str(self.backend_json)
+            cached.encode_special_tokens = self.split_special_tokens
+            _BACKENDS.clear()
+            _BACKENDS[self.backend_json] = cached
+        return cached
+
+
+_BACKENDS: dict[str | None, Any] = {}
+
+
+def tokenize_rows(texts: Sequence[str | None], encoder: Encoder) -> tuple[np.ndarray, np.ndarray]:
+    """(all ids concatenated in row order, ids per row) for a batch of rows. None counts as ""."""
+    texts = [text if text is not None else "" for text in texts]
+    if encoder.backend_json is not None:
+        encodings = encoder.backend().encode_batch_fast(texts, add_special_tokens=True)
+        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+        ids = np.fromiter(
+            (i for e in encodings for i in e.ids), dtype=encoder.dtype, count=int(lengths.sum())
+        )
+        return ids, lengths
+    rows = encoder.python_tokenizer(texts, return_attention_mask=False)["input_ids"]
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    ids = np.fromiter((i for r in rows for i in r), dtype=encoder.dtype, count=int(lengths.sum()))
+    return ids, lengths
+
+
+def tokenizer_identity(tokenizer: Any, encoder: Encoder) -> dict[str, Any]:
+    """Everything about the tokenizer that decides the ids: backend JSON, special tokens, call behaviour."""
+    if encoder.backend_json is not None:
+        vocabulary = hashlib.sha256(encoder.backend_json.encode()).hexdigest()
+    else:
+        vocab = sorted(tokenizer.get_vocab().items())
+        vocabulary = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+    added = {
+        str(index): str(token) for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+    }
+    return {
+        "class": type(tokenizer).__name__,
+        "path": "rust-backend" if encoder.backend_json is not None else "python",
+        "vocabulary_sha256": vocabulary,
+        "special_tokens": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        "added_tokens": added,
+        "split_special_tokens": encoder.split_special_tokens,
+        "probe_ids": [list(map(int, ids)) for ids in tokenizer([PROBE_TEXT, ""])["input_ids"]],
+        "dtype": encoder.dtype,
+    }
+
+
+# Worker state, set once per worker process (inherited on fork, sent once on spawn).
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(dataset: Any, column: str, encoder: Encoder) -> None:
+    _WORKER.update(dataset=dataset, column=column, encoder=encoder)
+
+
+def _tokenize_range(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    start, stop = bounds
+    texts = _WORKER["dataset"][start:stop][_WORKER["column"]]
+    return tokenize_rows(texts, _WORKER["encoder"])
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+class NpyStreamWriter:
+    """A 1-D `.npy` file written piece by piece, its length unknown until closed (keeps memory flat)."""
+
+    HEADER_BYTES = 128  # a version 1.0 header padded to this size fits any 1-D shape
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.count = 0
+        self._file = path.open("wb")
+        self._file.write(b"\0" * self.HEADER_BYTES)
+
+    def write(self, values: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self.count += len(values)
+
+    def close(self) -> None:
+        header = repr({"descr": self.dtype.str, "fortran_order": False, "shape": (self.count,)})
+        prefix = b"\x93NUMPY\x01\x00"
+        body_length = self.HEADER_BYTES - len(prefix) - 2
+        body = header.encode("latin1").ljust(body_length - 1) + b"\n"
+        self._file.seek(0)
+        self._file.write(prefix + body_length.to_bytes(2, "little") + body)
+        self._file.close()
+
+
+def tokenize_split(
+    dataset: datasets.Dataset,
+    column: str,
+    encoder: Encoder,
+    workers: int,
+    stream_path: Path,
+    *,
+    desc: str,
+    progress: bool,
+) -> np.ndarray:
+    """Tokenize a whole split into the `.npy` token stream at `stream_path`; returns the tokens per row.
+
+    Rows go to workers in contiguous chunks and come back in order, so the stream is identical for every
+    worker count.
+    """
+    from tqdm.auto import tqdm
+
+    total = len(dataset)
+    ranges = [
+        (start, min(start + TOKENIZE_CHUNK_ROWS, total)) for start in range(0, total, TOKENIZE_CHUNK_ROWS)
+    ]
+    workers = max(1, min(workers, len(ranges), -(-total // MIN_ROWS_PER_WORKER)))
+    length_parts: list[np.ndarray] = []
+    writer = NpyStreamWriter(stream_path, np.dtype(encoder.dtype))
+    with tqdm(
+        total=total, desc=desc, unit=" rows", unit_scale=True, disable=not progress, dynamic_ncols=True
+    ) as bar:
+        if workers == 1:
+            _init_worker(dataset, column, encoder)
+            results: Iterator[tuple[np.ndarray, np.ndarray]] = map(_tokenize_range, ranges)
+            pool = None
+        else:
+            import multiprocessing
+
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            context = multiprocessing.get_context(method)
+            # One single-threaded tokenizer per worker process: the Rust thread pool on top would
+            # oversubscribe the cores (and warns after fork).
+            with _env("TOKENIZERS_PARALLELISM", "false"):
+                pool = context.Pool(workers, initializer=_init_worker, initargs=(dataset, column, encoder))
+            results = pool.imap(_tokenize_range, ranges, chunksize=1)
+        try:
+            for (start, stop), (ids, lengths) in zip(ranges, results, strict=True):
+                writer.write(ids)
+                length_parts.append(lengths.astype(np.int32))
+                bar.update(stop - start)
+        finally:
+            writer.close()
+            _WORKER.clear()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+    return np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grouping
+
+
+def block_starts(row_lengths: np.ndarray, block_size: int, grouping: str) -> np.ndarray:
+    """Stream offsets at which each block starts, in order.
+
+    concat: every block_size tokens of the whole stream, the final remainder dropped.
+    run_clm: run_clm's `group_texts` over 1000-row batches: each batch cut into whole blocks, its remainder
+    dropped. A batch shorter than one block gives no block: run_clm's newest version raises there instead,
+    older ones skipped such a batch, and skipping keeps a valid split usable.
+    """
+    total = int(row_lengths.sum(dtype=np.int64))
+    if grouping == "concat":
+        return np.arange(total // block_size, dtype=np.int64) * block_size
+    if grouping != "run_clm":
+        raise DataError(f"data.grouping must be 'concat' or 'run_clm'; got {grouping!r}.")
+    offsets = np.concatenate([[0], np.cumsum(row_lengths, dtype=np.int64)])
+    batch_edges = offsets[np.r_[np.arange(0, len(row_lengths), RUN_CLM_BATCH_ROWS), len(row_lengths)]]
+    batch_starts, batch_tokens = batch_edges[:-1], np.diff(batch_edges)
+    per_batch = batch_tokens // block_size
+    first = np.repeat(batch_starts, per_batch)
+    index_in_batch = np.arange(int(per_batch.sum()), dtype=np.int64) - np.repeat(
+        np.cumsum(per_batch) - per_batch, per_batch
+    )
+    return first + index_in_batch * block_size
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cache
+
+
+def cache_root() -> Path:
+    """$CLM_RUNNER_CACHE, else ~/.cache/clm-runner."""
+    configured = os.environ.get("CLM_RUNNER_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "clm-runner"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def split_identity(data: Any, fingerprint: dict, split: str, raw: Any = None) -> dict[str, Any]:
+    """The inputs of one split's text: its own files, or train's files plus how it was carved."""
+    carve = None
+    if data.validation_file is None and split in ("train", "validation"):
+        carve = {"percentage": data.validation_split_percentage, "seed": data.validation_split_seed}
+    if fingerprint["source"] == "hub":
+        return {
+            "hub": fingerprint,
+            "loaded": getattr(raw, "_fingerprint", None),
+            "split": split,
+            "carve": carve,
+        }
+    files = fingerprint["splits"]
+    own = files.get(split)
+    if own is not None and not (split == "validation" and carve):
+        return {"files": own, "split": split, "carve": carve if split == "train" else None}
+    return {"files": files.get("train"), "derived": split, "carve": carve}
+
+
+def cache_key(recipe: Recipe, split_inputs: dict, tokenizer_id: dict, block_size: int) -> dict[str, Any]:
+    data = recipe.data
+    return {
+        "format": CACHE_FORMAT_VERSION,
+        "inputs": split_inputs,
+        "tokenizer": tokenizer_id,
+        "block_size": block_size,
+        "grouping": data.grouping,
+        "text_column": data.text_column,
+        "keep_linebreaks": data.keep_linebreaks,
+        "encoding_errors": data.encoding_errors,
+    }
+
+
+def _split_cache_dir(key: dict) -> Path:
+    return cache_root() / "blocks" / _digest(key)[:40]
+
+
+def _load_cached(path: Path, name: str) -> tuple[Any, np.ndarray, dict] | None:
+    import datasets
+
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        stream = np.load(path / "stream.npy", mmap_mode="r")
+        blocks = datasets.Dataset.from_file(str(path / "blocks.arrow"))
+    except (OSError, ValueError) as exc:
+        logger.warning("Ignoring the unreadable cache %s (%s); rebuilding it.", path, exc)
+        return None
+    if len(blocks) != meta["stats"]["blocks"] or len(stream) != meta["stats"]["tokens"]:
+        logger.warning("Ignoring the inconsistent cache %s; rebuilding it.", path)
+        return None
+    return blocks, stream, meta
+
+
+def _write_blocks(
+    path: Path, stream: np.ndarray, starts: np.ndarray, block_size: int, *, desc: str, progress: bool
+) -> None:
+    """blocks.arrow: an arrow stream file (what Dataset.from_file reads) with input_ids and labels."""
+    import datasets
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    value = datasets.Value(str(stream.dtype))
+    features = datasets.Features(
+        {
+            "input_ids": datasets.List(value, length=block_size),
+            "labels": datasets.List(value, length=block_size),
+        }
+    )
+    schema = features.arrow_schema
+    contiguous = len(starts) == 0 or np.array_equal(starts, np.arange(len(starts)) * block_size)
+    rows_per_batch = max(1, (1 << 22) // block_size)  # ~4M tokens (16 MB of int32) per record batch
+    windows = None if contiguous else np.lib.stride_tricks.sliding_window_view(stream, block_size)
+    with (
+        pa.OSFile(str(path), "wb") as sink,
+        pa.ipc.new_stream(sink, schema) as writer,
+        tqdm(total=len(starts), desc=desc, unit=" blocks", unit_scale=True, disable=not progress) as bar,
+    ):
+        for first in range(0, len(starts), rows_per_batch):
+            last = min(first + rows_per_batch, len(starts))
+            if contiguous:
+                flat = np.ascontiguousarray(stream[first * block_size : last * block_size])
+            else:
+                flat = np.ascontiguousarray(windows[starts[first:last]]).reshape(-1)
+            column = pa.FixedSizeListArray.from_arrays(pa.array(flat), block_size)
+            writer.write_batch(pa.record_batch([column, column], schema=schema))
+            bar.update(last - first)
+
+
+def _build_split(
+    recipe: Recipe,
+    name: str,
+    raw: datasets.Dataset,
+    encoder: Encoder,
+    block_size: int,
+    key: dict,
+    target: Path,
+    *,
+    progress: bool,
+) -> None:
+    """Tokenize, group and write one split into `target`, atomically (temp dir + rename)."""
+    started = time.perf_counter()
+    data = recipe.data
+    column = data_sources.resolve_text_column(raw, data.text_column)
+    workers = data.preprocessing_num_workers or default_workers()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
+    try:
+        row_lengths = tokenize_split(
+            raw,
+            column,
+            encoder,
+            workers,
+            temporary / "stream.npy",
+            desc=f"Tokenizing {name}",
+            progress=progress,
+        )
+        stream = np.load(temporary / "stream.npy", mmap_mode="r")
+        starts = block_starts(row_lengths, block_size, data.grouping)
+        if len(starts) == 0:
+            raise DataError(
+                f"The {name} split has {len(stream)} tokens, too few for one block of {block_size} tokens"
+                + (" per 1000-row batch (data.grouping = 'run_clm')" if data.grouping == "run_clm" else "")
+                + ". Give it more text, or lower data.block_size."
+            )
+        stats = SplitStats(
+            rows=len(raw),
+            tokens=len(stream),
+            blocks=len(starts),
+            dropped_tokens=len(stream) - len(starts) * block_size,
+            seconds=0.0,
+        )
+        _write_blocks(
+            temporary / "blocks.arrow", stream, starts, block_size, desc=f"Grouping {name}", progress=progress
+        )
+        del stream
+        stats = dataclasses.replace(stats, seconds=round(time.perf_counter() - started, 3))
+        meta = {"split": name, "key": key, "stats": dataclasses.asdict(stats), "created": time.time()}
+        (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        _commit(temporary, target, replace=data.overwrite_cache)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _commit(temporary: Path, target: Path, *, replace: bool) -> None:
+    """Move a finished build into place; a concurrent finished build of the same key is as good as ours."""
+    if target.exists() and replace:
+        retired = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(OSError):
+            os.rename(target, retired)
+            shutil.rmtree(retired, ignore_errors=True)
+    try:
+        os.rename(temporary, target)
+    except OSError:
+        if not (target / "meta.json").is_file():
+            raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def _stream_blocks(source: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+    """Blocks of a raw stream; concat carries each batch's leftover tokens into the next (across shards)."""
+    raw, column, encoder = source["raw"], source["column"], source["encoder"]
+    block_size, grouping = source["block_size"], source["grouping"]
+    carry = np.zeros(0, dtype=encoder.dtype)
+    for batch in raw.iter(batch_size=RUN_CLM_BATCH_ROWS):
+        ids, _ = tokenize_rows(batch[column], encoder)
+        if grouping == "concat":
+            ids = np.concatenate([carry, ids])
+        whole = len(ids) // block_size
+        for index in range(whole):
+            block = ids[index * block_size : (index + 1) * block_size]
+            yield {"input_ids": block, "labels": block}
+        if grouping == "concat":
+            carry = ids[whole * block_size :]
+
+
+def _streaming_split(recipe: Recipe, name: str, raw: Any, encoder: Encoder, block_size: int) -> PreparedSplit:
+    import datasets
+
+    column = data_sources.resolve_text_column(raw, recipe.data.text_column)
+    value = datasets.Value(encoder.dtype)
+    features = datasets.Features(
+        {
+            "input_ids": datasets.List(value, length=block_size),
+            "labels": datasets.List(value, length=block_size),
+        }
+    )
+    source = {
+        "raw": raw,
+        "column": column,
+        "encoder": encoder,
+        "block_size": block_size,
+        "grouping": recipe.data.grouping,
+    }
+    blocks = datasets.IterableDataset.from_generator(
+        _stream_blocks, features=features, gen_kwargs={"source": source}
+    ).with_format("torch")
+    limit = recipe.data.max_train_samples if name == "train" else recipe.data.max_eval_samples
+    if limit is not None:
+        blocks = blocks.take(limit)
+    return PreparedSplit(name=name, blocks=blocks, stream=None, stats=None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def prepare_splits(
+    recipe: Recipe,
+    tokenizer: Any,
+    block_size: int,
+    splits: Sequence[str],
+    *,
+    main_process_first: Callable[[str], ContextManager] | None = None,
+    progress: bool = True,
+) -> dict[str, PreparedSplit]:
+    """Each requested split as token blocks, from the cache when it holds them, else built and cached.
+
+    max_train_samples / max_eval_samples keep the first N blocks of train / of the other splits (as
+    run_clm); `stats` and `stream` describe the whole split. With `main_process_first`, the build runs
+    under it, so in a distributed run rank 0 builds and the others then read its cache.
+    """
+    data = recipe.data
+    encoder = Encoder.from_tokenizer(tokenizer)
+    if data.streaming:
+        raw = data_sources.load_raw_splits(data, recipe.model, splits, progress=progress)
+        return {name: _streaming_split(recipe, name, raw[name], encoder, block_size) for name in splits}
+
+    guard = main_process_first("clm-runner tokenization and grouping") if main_process_first else None
+    with guard if guard is not None else contextlib.nullcontext():
+        return _prepare_cached(recipe, tokenizer, encoder, block_size, splits, progress=progress)
+
+
+def _prepare_cached(
+    recipe: Recipe,
+    tokenizer: Any,
+    encoder: Encoder,
+    block_size: int,
+    splits: Sequence[str],
+    *,
+    progress: bool,
+) -> dict[str, PreparedSplit]:
+    data = recipe.data
+    fingerprint = data_sources.data_fingerprint(data)
+    tokenizer_id = tokenizer_identity(tokenizer, encoder)
+    raw: dict[str, Any] | None = None
+    if fingerprint["source"] == "hub":
+        # The hub dataset's identity includes the fingerprint of what was actually loaded.
+        raw = data_sources.load_raw_splits(data, recipe.model, splits, progress=progress)
+    keys = {
+        name: cache_key(
+            recipe,
+            split_identity(data, fingerprint, name, raw.get(name) if raw else None),
+            tokenizer_id,
+            block_size,
+        )
+        for name in splits
+    }
+    out: dict[str, PreparedSplit] = {}
+    missing: list[str] = []
+    for name in splits:
+        started = time.perf_counter()
+        cached = None if data.overwrite_cache else _load_cached(_split_cache_dir(keys[name]), name)
+        if cached is None:
+            missing.append(name)
+            continue
+        out[name] = _finish(recipe, name, *cached, _split_cache_dir(keys[name]), True, started)
+    if missing:
+        started = time.perf_counter()
+        if raw is None:
+            raw = data_sources.load_raw_splits(data, recipe.model, missing, progress=progress)
+        for name in missing:
+            target = _split_cache_dir(keys[name])
+            _build_split(recipe, name, raw[name], encoder, block_size, keys[name], target, progress=progress)
+            cached = _load_cached(target, name)
+            if cached is None:
+                raise DataError(
+                    f"The cache {target} could not be read back after writing it. Check the disk."
+                )
+            out[name] = _finish(recipe, name, *cached, target, False, started)
+            started = time.perf_counter()
+    return {name: out[name] for name in splits}
+
+
+def _finish(
+    recipe: Recipe,
+    name: str,
+    blocks: Any,
+    stream: np.ndarray,
+    meta: dict,
+    path: Path,
+    from_cache: bool,
+    started: float,
+) -> PreparedSplit:
+    limit = recipe.data.max_train_samples if name == "train" else recipe.data.max_eval_samples
+    if limit is not None and limit < len(blocks):
+        blocks = blocks.select(range(limit))
+    blocks = blocks.with_format("torch")
+    stats = SplitStats(**{**meta["stats"], "seconds": round(time.perf_counter() - started, 3)})
+    return PreparedSplit(
+        name=name, blocks=blocks, stream=stream, stats=stats, cache_path=path, from_cache=from_cache
+    )

@@ -1,0 +1,577 @@
+"""Token blocks: block size rule, exact blocks against a plain-Python run_clm, workers, cache, limits."""
+
+from __future__ import annotations
+
+import logging
+import os
+from itertools import chain
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from clm_runner import blocks
+from clm_runner.blocks import PreparedSplit, prepare_splits, resolve_block_size
+from clm_runner.errors import DataError
+from clm_runner.recipe import load_recipe
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "hex",
+    "jolly",
+    "bakers",
+    "under",
+    "pale",
+    "moonlight",
+    "near",
+    "old",
+    "rivers",
+    "ünïcode",
+    "naïve",
+    "café",
+]
+
+
+def make_lines(count: int, seed: int = 0) -> list[str]:
+    """Lines of varying length (some blank), deterministic."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for index in range(count):
+        if index % 17 == 5:
+            lines.append("")
+            continue
+        size = int(rng.integers(1, 25))
+        lines.append(" ".join(WORDS[int(w)] for w in rng.integers(0, len(WORDS), size)) + f" {index}")
+    return lines
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLM_RUNNER_CACHE", str(tmp_path / "clm-cache"))
+    return tmp_path / "clm-cache"
+
+
+def train_tokenizer(directory: Path, *, template: bool = False, model_max_length: int = 256):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(make_lines(500, seed=99), trainer)
+    if template:
+        bos, eos = backend.token_to_id("<s>"), backend.token_to_id("</s>")
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        model_max_length=model_max_length,
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def recipe_for(tmp_path: Path, *overrides: str):
+    return load_recipe(
+        None,
+        [
+            "model.model_type=gpt2",
+            f"model.tokenizer_name={tmp_path / 'tok'}",
+            f"model.cache_dir={tmp_path / 'hf'}",
+            *overrides,
+        ],
+        require_output_dir=False,
+    )
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Independent reference: run_clm's preprocessing in plain Python lists
+
+
+def reference_rows(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [list(tokenizer(text)["input_ids"]) for text in texts]
+
+
+def reference_concat(rows: list[list[int]], block_size: int) -> list[list[int]]:
+    stream = list(chain(*rows))
+    usable = len(stream) // block_size * block_size
+    return [stream[i : i + block_size] for i in range(0, usable, block_size)]
+
+
+def reference_run_clm(rows: list[list[int]], block_size: int) -> list[list[int]]:
+    out = []
+    for first in range(0, len(rows), 1000):
+        batch = list(chain(*rows[first : first + 1000]))
+        usable = len(batch) // block_size * block_size
+        out.extend(batch[i : i + block_size] for i in range(0, usable, block_size))
+    return out
+
+
+def as_lists(split: PreparedSplit) -> list[list[int]]:
+    return [row.tolist() for row in split.blocks["input_ids"]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Block size
+
+
+class FakeTokenizer(SimpleNamespace):
+    pass
+
+
+def test_block_size_defaults_to_model_max_length_when_it_fits():
+    warnings: list[str] = []
+    size = resolve_block_size(
+        None,
+        FakeTokenizer(model_max_length=512),
+        SimpleNamespace(max_position_embeddings=1024),
+        warnings.append,
+    )
+    assert size == 512 and warnings == []
+
+
+def test_block_size_huge_model_max_length_falls_back_to_1024_with_warning():
+    warnings: list[str] = []
+    size = resolve_block_size(
+        None,
+        FakeTokenizer(model_max_length=int(1e30)),
+        SimpleNamespace(max_position_embeddings=2048),
+        warnings.append,
+    )
+    assert size == 1024
+    assert (
+        len(warnings) == 1
+        and "very large `model_max_length`" in warnings[0]
+        and "block_size=1024" in warnings[0]
+    )
+
+
+def test_block_size_default_is_capped_by_small_max_position_embeddings():
+    warnings: list[str] = []
+    size = resolve_block_size(
+        None,
+        FakeTokenizer(model_max_length=4096),
+        SimpleNamespace(max_position_embeddings=256),
+        warnings.append,
+    )
+    assert size == 256 and len(warnings) == 1
+
+
+def test_block_size_config_without_positions_assumes_1024():
+    warnings: list[str] = []
+    assert (
+        resolve_block_size(None, FakeTokenizer(model_max_length=1024), SimpleNamespace(), warnings.append)
+        == 1024
+    )
+    assert warnings == []
+    assert (
+        resolve_block_size(None, FakeTokenizer(model_max_length=5000), SimpleNamespace(), warnings.append)
+        == 1024
+    )
+    assert len(warnings) == 1
+
+
+def test_block_size_given_within_limit_is_kept():
+    warnings: list[str] = []
+    assert (
+        resolve_block_size(
+            100,
+            FakeTokenizer(model_max_length=128),
+            SimpleNamespace(max_position_embeddings=64),
+            warnings.append,
+        )
+        == 100
+    )
+    assert warnings == []
+
+
+def test_block_size_given_above_model_max_length_is_capped_with_warning():
+    warnings: list[str] = []
+    assert (
+        resolve_block_size(
+            512,
+            FakeTokenizer(model_max_length=128),
+            SimpleNamespace(max_position_embeddings=1024),
+            warnings.append,
+        )
+        == 128
+    )
+    assert len(warnings) == 1 and "(512)" in warnings[0] and "block_size=128" in warnings[0]
+
+
+def test_block_size_default_warning_goes_to_logging(caplog):
+    with caplog.at_level(logging.WARNING, logger="clm_runner.blocks"):
+        resolve_block_size(
+            None, FakeTokenizer(model_max_length=int(1e30)), SimpleNamespace(max_position_embeddings=1024)
+        )
+    assert "very large" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact blocks
+
+
+@pytest.mark.parametrize("grouping", ["concat", "run_clm"])
+def test_blocks_match_plain_python_reference(tmp_path, tokenizer, grouping):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    train_lines, valid_lines = make_lines(2600, seed=1), make_lines(300, seed=2)
+    write_lines(tmp_path / "train.txt", train_lines)
+    write_lines(tmp_path / "valid.txt", valid_lines)
+    recipe = recipe_for(
+        tmp_path,
+        f"data.train_file={tmp_path / 'train.txt'}",
+        f"data.validation_file={tmp_path / 'valid.txt'}",
+        f"data.grouping={grouping}",
+    )
+    out = prepare_splits(recipe, tokenizer, 32, ["train", "validation"], progress=False)
+    reference = reference_concat if grouping == "concat" else reference_run_clm
+    for name, lines in (("train", train_lines), ("validation", valid_lines)):
+        rows = reference_rows(tokenizer, [line + "\n" for line in lines])
+        expected = reference(rows, 32)
+        assert as_lists(out[name]) == expected
+        assert out[name].stream.tolist() == list(chain(*rows))
+        stats = out[name].stats
+        assert (stats.rows, stats.tokens, stats.blocks) == (len(lines), len(out[name].stream), len(expected))
+        assert stats.dropped_tokens == stats.tokens - 32 * len(expected)
+    if grouping == "run_clm":
+        # Each 1000-row batch drops its own remainder: more is dropped than concat's final remainder.
+        assert out["train"].stats.dropped_tokens > out["train"].stats.tokens % 32
+
+
+def test_run_clm_grouping_skips_a_batch_shorter_than_a_block(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    # 1000 long rows, then a final batch of 5 one-word rows: fewer tokens than one block.
+    lines = make_lines(1000, seed=3) + ["fox"] * 5
+    write_lines(tmp_path / "train.txt", lines)
+    write_lines(tmp_path / "valid.txt", make_lines(200, seed=4))
+    recipe = recipe_for(
+        tmp_path,
+        f"data.train_file={tmp_path / 'train.txt'}",
+        f"data.validation_file={tmp_path / 'valid.txt'}",
+        "data.grouping=run_clm",
+    )
+    out = prepare_splits(recipe, tokenizer, 64, ["train"], progress=False)
+    rows = reference_rows(tokenizer, [line + "\n" for line in lines])
+    assert sum(len(r) for r in rows[1000:]) < 64
+    assert as_lists(out["train"]) == reference_run_clm(rows, 64) == reference_run_clm(rows[:1000], 64)
+
+
+def test_blocks_follow_tokenizer_call_with_per_row_special_tokens(tmp_path):
+    tokenizer = train_tokenizer(tmp_path / "tok", template=True)
+    lines = make_lines(400, seed=5)
+    write_lines(tmp_path / "train.txt", lines)
+    recipe = recipe_for(
+        tmp_path, f"data.train_file={tmp_path / 'train.txt'}", "data.validation_split_percentage=10"
+    )
+    out = prepare_splits(recipe, tokenizer, 16, ["train", "validation"], progress=False)
+    rows = reference_rows(tokenizer, [line + "\n" for line in lines])
+    assert rows[0][0] == tokenizer.convert_tokens_to_ids("<s>") and rows[0][
+        -1
+    ] == tokenizer.convert_tokens_to_ids("</s>")
+    # run_clm's train[:10%] of 400 rows is the first 40.
+    assert out["validation"].stream.tolist() == list(chain(*rows[:40]))
+    assert as_lists(out["train"]) == reference_concat(rows[40:], 16)
+
+
+def test_rows_are_int64_tensors_and_labels_equal_input_ids(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(300))
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}")
+    split = prepare_splits(recipe, tokenizer, 8, ["train"], progress=False)["train"]
+    row = split.blocks[0]
+    assert set(row) == {"input_ids", "labels"}
+    assert row["input_ids"].dtype == torch.int64 and row["input_ids"].shape == (8,)
+    assert torch.equal(row["input_ids"], row["labels"])
+    assert isinstance(split.stream, np.memmap) and split.stream.dtype == np.int32
+
+
+def test_worker_count_never_changes_the_blocks(tmp_path, tokenizer, monkeypatch):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(3000, seed=6))
+    monkeypatch.setattr(blocks, "TOKENIZE_CHUNK_ROWS", 97)
+    monkeypatch.setattr(blocks, "MIN_ROWS_PER_WORKER", 1)
+    pid_log = tmp_path / "pids"
+    real_tokenize = blocks.tokenize_rows
+
+    def logging_tokenize(texts, encoder):
+        with pid_log.open("a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return real_tokenize(texts, encoder)
+
+    monkeypatch.setattr(blocks, "tokenize_rows", logging_tokenize)
+    results = {}
+    for workers in (1, 2):
+        monkeypatch.setenv("CLM_RUNNER_CACHE", str(tmp_path / f"cache-{workers}"))
+        pid_log.write_text("")
+        recipe = recipe_for(
+            tmp_path,
+            f"data.train_file={tmp_path / 'train.txt'}",
+            f"data.preprocessing_num_workers={workers}",
+            "data.grouping=run_clm",
+        )
+        results[workers] = prepare_splits(recipe, tokenizer, 24, ["train", "validation"], progress=False)
+        worker_pids = set(pid_log.read_text().split()) - {str(os.getpid())}
+        # One worker tokenizes in this process; two fork a pool per split.
+        assert len(worker_pids) == 0 if workers == 1 else len(worker_pids) >= 2
+    for name in ("train", "validation"):
+        assert np.array_equal(results[1][name].stream, results[2][name].stream)
+        assert as_lists(results[1][name]) == as_lists(results[2][name])
+
+
+def test_max_samples_count_blocks(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(1000))
+    base = [f"data.train_file={tmp_path / 'train.txt'}"]
+    full = prepare_splits(recipe_for(tmp_path, *base), tokenizer, 16, ["train", "validation"], progress=False)
+    limited = prepare_splits(
+        recipe_for(tmp_path, *base, "data.max_train_samples=7", "data.max_eval_samples=3"),
+        tokenizer,
+        16,
+        ["train", "validation"],
+        progress=False,
+    )
+    assert len(full["train"].blocks) > 7 and len(full["validation"].blocks) > 3
+    assert len(limited["train"].blocks) == 7 and len(limited["validation"].blocks) == 3
+    assert as_lists(limited["train"]) == as_lists(full["train"])[:7]
+    assert as_lists(limited["validation"]) == as_lists(full["validation"])[:3]
+    # A limit above the block count keeps them all.
+    larger = prepare_splits(
+        recipe_for(tmp_path, *base, "data.max_train_samples=100000"), tokenizer, 16, ["train"], progress=False
+    )
+    assert len(larger["train"].blocks) == len(full["train"].blocks)
+
+
+def test_split_without_a_whole_block_names_split_tokens_and_block_size(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(200))
+    write_lines(tmp_path / "valid.txt", ["a fox"])
+    recipe = recipe_for(
+        tmp_path,
+        f"data.train_file={tmp_path / 'train.txt'}",
+        f"data.validation_file={tmp_path / 'valid.txt'}",
+    )
+    tokens = len(tokenizer("a fox\n")["input_ids"])
+    with pytest.raises(DataError) as caught:
+        prepare_splits(recipe, tokenizer, 64, ["validation"], progress=False)
+    message = str(caught.value)
+    assert "validation" in message and f"{tokens} tokens" in message and "64" in message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cache
+
+
+def test_cache_hit_does_not_tokenize_and_overwrite_cache_rebuilds(
+    tmp_path, tokenizer, monkeypatch, isolated_cache
+):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(800))
+    args = [f"data.train_file={tmp_path / 'train.txt'}"]
+    first = prepare_splits(
+        recipe_for(tmp_path, *args), tokenizer, 16, ["train", "validation"], progress=False
+    )
+    assert not first["train"].from_cache
+    assert first["train"].cache_path.parent.parent == isolated_cache
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(1)
+        raise AssertionError("tokenized on a cache hit")
+
+    monkeypatch.setattr(blocks, "tokenize_split", refuse)
+    monkeypatch.setattr(blocks.data_sources, "load_raw_splits", refuse)
+    second = prepare_splits(
+        recipe_for(tmp_path, *args), tokenizer, 16, ["train", "validation"], progress=False
+    )
+    assert calls == [] and second["train"].from_cache and second["validation"].from_cache
+    for name in ("train", "validation"):
+        assert as_lists(first[name]) == as_lists(second[name])
+        assert np.array_equal(first[name].stream, second[name].stream)
+        assert first[name].stats.blocks == second[name].stats.blocks
+
+    with pytest.raises(AssertionError, match="tokenized on a cache hit"):
+        prepare_splits(
+            recipe_for(tmp_path, *args, "data.overwrite_cache=true"), tokenizer, 16, ["train"], progress=False
+        )
+    monkeypatch.undo()
+    monkeypatch.setenv("CLM_RUNNER_CACHE", str(isolated_cache))
+    rebuilt = prepare_splits(
+        recipe_for(tmp_path, *args, "data.overwrite_cache=true"), tokenizer, 16, ["train"], progress=False
+    )
+    assert not rebuilt["train"].from_cache and as_lists(rebuilt["train"]) == as_lists(first["train"])
+
+
+def test_cache_key_follows_content_block_size_and_tokenizer(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    lines = make_lines(500)
+    path = write_lines(tmp_path / "train.txt", lines)
+    args = [f"data.train_file={path}"]
+    first = prepare_splits(recipe_for(tmp_path, *args), tokenizer, 16, ["train"], progress=False)["train"]
+    assert prepare_splits(recipe_for(tmp_path, *args), tokenizer, 16, ["train"], progress=False)[
+        "train"
+    ].from_cache
+    other_size = prepare_splits(recipe_for(tmp_path, *args), tokenizer, 8, ["train"], progress=False)["train"]
+    assert not other_size.from_cache and len(other_size.blocks) == len(first.stream) // 8
+    other_grouping = prepare_splits(
+        recipe_for(tmp_path, *args, "data.grouping=run_clm"), tokenizer, 16, ["train"], progress=False
+    )
+    assert not other_grouping["train"].from_cache
+
+    # Same size, different bytes: a content change, not a metadata change.
+    original = path.read_text()
+    path.write_text(original.replace("fox", "dog"))
+    assert path.stat().st_size == len(original.encode())
+    changed = prepare_splits(recipe_for(tmp_path, *args), tokenizer, 16, ["train"], progress=False)["train"]
+    assert not changed.from_cache and changed.cache_path != first.cache_path
+
+    template = train_tokenizer(tmp_path / "tok2", template=True)
+    with_template = prepare_splits(recipe_for(tmp_path, *args), template, 16, ["train"], progress=False)[
+        "train"
+    ]
+    assert not with_template.from_cache and len(with_template.stream) > len(changed.stream)
+
+
+def test_a_crashed_build_leaves_nothing_that_is_trusted(tmp_path, tokenizer, monkeypatch, isolated_cache):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(500))
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}")
+    real_write = blocks._write_blocks
+
+    def crash(path, *args, **kwargs):
+        real_write(path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(blocks, "_write_blocks", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)
+    leftovers = list((isolated_cache / "blocks").iterdir())
+    assert leftovers == []
+    monkeypatch.setattr(blocks, "_write_blocks", real_write)
+    split = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    assert not split.from_cache and split.stats.blocks == len(split.blocks) > 0
+
+
+def test_main_process_first_wraps_the_build(tmp_path, tokenizer):
+    import contextlib
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(300))
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}")
+    events = []
+
+    @contextlib.contextmanager
+    def main_first(desc):
+        events.append(("enter", desc))
+        yield
+        events.append(("exit", desc))
+
+    real_build = blocks._build_split
+
+    def recording_build(*args, **kwargs):
+        events.append(("build",))
+        return real_build(*args, **kwargs)
+
+    blocks_build = pytest.MonkeyPatch()
+    blocks_build.setattr(blocks, "_build_split", recording_build)
+    try:
+        prepare_splits(recipe, tokenizer, 16, ["train"], main_process_first=main_first, progress=False)
+    finally:
+        blocks_build.undo()
+    assert [e[0] for e in events] == ["enter", "build", "exit"] and isinstance(events[0][1], str)
+
+
+def test_progress_false_prints_nothing(tmp_path, tokenizer, capfd):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(300))
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}")
+    capfd.readouterr()
+    prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_progress_true_shows_each_phase(tmp_path, tokenizer, capfd):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(300))
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}")
+    prepare_splits(recipe, tokenizer, 16, ["train"], progress=True)
+    err = capfd.readouterr().err
+    assert "Tokenizing train" in err and "Grouping train" in err and "rows/s" in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming
+
+
+@pytest.mark.parametrize("grouping", ["concat", "run_clm"])
+def test_streaming_blocks_carry_over_batches_and_shards(tmp_path, tokenizer, grouping):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    part_a, part_b = make_lines(1300, seed=7), make_lines(900, seed=8)
+    write_lines(tmp_path / "a.txt", part_a)
+    write_lines(tmp_path / "b.txt", part_b)
+    write_lines(tmp_path / "valid.txt", make_lines(100, seed=9))
+    recipe = recipe_for(
+        tmp_path,
+        f"data.train_file=[{str(tmp_path / 'a.txt')!r}, {str(tmp_path / 'b.txt')!r}]",
+        f"data.validation_file={tmp_path / 'valid.txt'}",
+        "data.streaming=true",
+        f"data.grouping={grouping}",
+    )
+    split = prepare_splits(recipe, tokenizer, 40, ["train"], progress=False)["train"]
+    assert split.stream is None and split.stats is None
+    got = [row["input_ids"].tolist() for row in split.blocks]
+    rows = reference_rows(tokenizer, [line + "\n" for line in part_a + part_b])
+    if grouping == "concat":
+        # No token lost at the 1000-row batch edges nor at the a.txt/b.txt edge.
+        assert got == reference_concat(rows, 40)
+    else:
+        assert got == reference_run_clm(rows, 40)
+    first = next(iter(split.blocks))
+    assert first["input_ids"].dtype == torch.int64 and torch.equal(first["input_ids"], first["labels"])
+
+
+def test_streaming_max_train_samples_takes_blocks(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(600))
+    recipe = recipe_for(
+        tmp_path,
+        f"data.train_file={tmp_path / 'train.txt'}",
+        "data.streaming=true",
+        "data.max_train_samples=5",
+    )
+    split = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    assert len(list(split.blocks)) == 5
