@@ -566,3 +566,12 @@ def _exp_or_inf(value: float) -> float:
         return math.exp(value)
     except OverflowError:
         return float("inf")
+
+
+def reduce_across_ranks(result: PerplexityResult, *, device: Any = None) -> PerplexityResult:
+    """The exact total over every rank of a torch.distributed group (each rank passes its shard)."""
+    import torch.distributed as dist
+
+    values = result.as_tensor().to(device if device is not None else "cpu")
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return PerplexityResult.from_tensor(values, like=result)
