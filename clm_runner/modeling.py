@@ -112,7 +112,20 @@ def load_model(
         logger.info("Training a new %s from scratch: %s parameters", config.model_type, f"{n_params:,}")
     if tokenizer is not None:
         resize_embeddings(loaded, len(tokenizer))
-    return loaded
+    return mark_causal_loss(loaded)
+
+
+def mark_causal_loss(model: PreTrainedModel) -> PreTrainedModel:
+    """Tell the Trainer that this model's loss shifts labels.
+
+    transformers 5 infers it from the class name: GPT2LMHeadModel matches no loss type, so the Trainer
+    counts every label of a block (T) instead of the T - 1 predicted ones as `num_items_in_batch`,
+    and reports (and trains on) the loss scaled by (T - 1) / T. Every model here is loaded as a
+    causal LM, so the causal loss type is right for all of them.
+    """
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def resize_embeddings(model: PreTrainedModel, vocab_size: int) -> None:
@@ -138,4 +151,4 @@ def load_trained(path: str, *, dtype: str | None = None) -> tuple[PreTrainedMode
     with hub_errors("model", str(directory), fix="Pass a run's output_dir or a checkpoint directory"):
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype(dtype), local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    return model, tokenizer
+    return mark_causal_loss(model), tokenizer
