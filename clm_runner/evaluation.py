@@ -87,7 +87,10 @@ def evaluate_model(recipe: Recipe, model_dir: str | None, request: EvalRequest) 
         model, tokenizer = load_trained(model_dir, dtype=recipe.model.dtype)
         model_name = model_dir
     else:
+        from transformers import set_seed
+
         tokenizer = load_tokenizer(recipe.model)
+        set_seed(int(recipe.training.get("seed", 42)))  # a from-scratch model's random init, reproducibly
         model = load_model(recipe.model, load_config(recipe.model), tokenizer)
         model_name = recipe.model.model_name_or_path or f"{recipe.model.model_type} (random init)"
 
