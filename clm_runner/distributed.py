@@ -232,6 +232,17 @@ def gather_to_all(value: Any) -> list[Any]:
     return out
 
 
+def shard_batches(n_rows: int, rank: int, world: int, batch_size: int) -> int:
+    """Forward batches the exact eval runs on `rank`: its rows are rank, rank + world, ... (no padding)."""
+    rows = len(range(rank, n_rows, world))
+    return -(-rows // batch_size)
+
+
+def lockstep_padding(n_rows: int, rank: int, world: int, batch_size: int) -> int:
+    """Extra forward passes `rank` must run so that every rank runs as many as rank 0 (0 or 1)."""
+    return shard_batches(n_rows, 0, world, batch_size) - shard_batches(n_rows, rank, world, batch_size)
+
+
 # ---------------------------------------------------------------------------------------------------
 # What each rank prints
 

@@ -90,6 +90,27 @@ def test_decide_on_rank0_alone_just_runs_the_decision(monkeypatch: pytest.Monkey
         decide_on_rank0(lambda: 1 / 0)
 
 
+@pytest.mark.parametrize(("n_rows", "world", "batch_size"), [(33, 2, 8), (32, 2, 8), (7, 4, 2), (5, 8, 1)])
+def test_lockstep_padding_gives_every_rank_as_many_forwards_as_rank0(
+    n_rows: int, world: int, batch_size: int
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from clm_runner.perplexity import evaluate_blocks
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    blocks = torch.randint(0, 50, (n_rows, 8)).numpy()
+    counts = []
+    for r in range(world):
+        forwards.clear()
+        evaluate_blocks(model, blocks, batch_size=batch_size, shard=(r, world))
+        assert len(forwards) == distributed.shard_batches(n_rows, r, world, batch_size)
+        counts.append(len(forwards) + distributed.lockstep_padding(n_rows, r, world, batch_size))
+    assert counts == [counts[0]] * world
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
