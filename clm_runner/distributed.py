@@ -13,6 +13,7 @@ rank, so all ranks go on with the same decision or all stop with the same exit s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 import click
 
 from clm_runner.errors import ClmError
+from clm_runner.recipe import Recipe
 
 logger = logging.getLogger("clm_runner")
 
@@ -230,6 +232,17 @@ def gather_to_all(value: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def recipe_for_preprocessing(recipe: Recipe, environ: Mapping[str, str] | None = None) -> Recipe:
+    """The recipe as this rank prepares data with: only each node's main process may rebuild the cache.
+
+    Preprocessing runs under main_process_first: the node's main process builds, the others then read.
+    With data.overwrite_cache they would rebuild it after it, once each, and replace its files.
+    """
+    if local_rank(environ) == 0 or not recipe.data.overwrite_cache:
+        return recipe
+    return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, overwrite_cache=False))
 
 
 def shard_batches(n_rows: int, rank: int, world: int, batch_size: int) -> int:

@@ -19,6 +19,7 @@ from clm_runner.distributed import (
     is_distributed,
     is_main_process,
     quiet_replica_logging,
+    recipe_for_preprocessing,
 )
 from clm_runner.errors import RecipeError
 from clm_runner.outputs import OutputPlan, plan_output_dir, write_text_atomic
@@ -92,7 +93,7 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
     logger.info(global_batch(args, block_size).describe())
     splits = ["train", "validation"] if args.do_eval else ["train"]
     prepared = prepare_splits(
-        recipe,
+        recipe_for_preprocessing(recipe),
         tokenizer,
         block_size,
         splits,

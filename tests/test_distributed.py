@@ -68,6 +68,18 @@ def test_cpu_multi_process_defaults_to_cpu_and_gloo() -> None:
     assert distributed_training_defaults({"ddp_backend": "mpi"}, two) == {"use_cpu": True}
 
 
+def test_only_a_node_main_process_may_rebuild_the_cache() -> None:
+    from clm_runner.recipe import load_recipe
+
+    recipe = load_recipe(SMOKE, ["data.overwrite_cache=true"])
+    assert recipe.data.overwrite_cache
+    main = distributed.recipe_for_preprocessing(recipe, {"RANK": "8", "LOCAL_RANK": "0", "WORLD_SIZE": "16"})
+    other = distributed.recipe_for_preprocessing(recipe, {"RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16"})
+    assert main is recipe
+    assert not other.data.overwrite_cache and other.data.block_size == recipe.data.block_size
+    assert other.training == recipe.training
+
+
 def test_global_batch_arithmetic() -> None:
     batch = GlobalBatch(per_device=8, accumulation=4, world_size=16, block_size=1024)
     assert batch.blocks == 8 * 4 * 16
