@@ -25,10 +25,21 @@ class ClmTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def parameters_are_sharded(self) -> bool:
+        """True when a forward pass is a collective: FSDP, or DeepSpeed ZeRO stage 3."""
+        if self.is_fsdp_enabled:
+            return True
+        if self.is_deepspeed_enabled:
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
+            return is_deepspeed_zero3_enabled()
+        return False
+
     def exact_metrics(self, eval_dataset: Any = None, *, metric_key_prefix: str = "eval") -> dict[str, Any]:
         """run_clm's metric keys (eval_loss, perplexity, eval_accuracy, eval_samples) plus eval_tokens."""
         import torch
 
+        from clm_runner.distributed import lockstep_padding
         from clm_runner.perplexity import evaluate_blocks, reduce_across_ranks
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -43,6 +54,15 @@ class ClmTrainer(Trainer):
                 device=self.args.device,
                 shard=(self.args.process_index, self.args.world_size),
             )
+            if self.args.world_size > 1 and self.parameters_are_sharded():
+                # Under FSDP / ZeRO-3 each forward gathers parameters from every rank, so a rank with one
+                # batch fewer runs a throw-away batch: otherwise the others wait for it forever.
+                args = self.args
+                missing = lockstep_padding(
+                    len(dataset), args.process_index, args.world_size, args.per_device_eval_batch_size
+                )
+                for _ in range(missing):
+                    evaluate_blocks(model, dataset.select(range(1)), batch_size=1, device=args.device)
         if was_training:
             model.train()
         if self.args.world_size > 1 and torch.distributed.is_initialized():

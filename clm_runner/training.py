@@ -9,6 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clm_runner.distributed import (
+    check_one_job,
+    decide_on_rank0,
+    describe_preprocessing,
+    distributed_training_defaults,
+    gather_to_all,
+    global_batch,
+    is_distributed,
+    is_main_process,
+    quiet_replica_logging,
+    recipe_for_preprocessing,
+)
 from clm_runner.errors import RecipeError
 from clm_runner.outputs import OutputPlan, plan_output_dir, write_text_atomic
 from clm_runner.recipe import Recipe, render_toml, resolved_dict
@@ -33,6 +45,7 @@ def training_kwargs(recipe: Recipe) -> dict[str, Any]:
     kwargs["do_train"] = True
     # run_clm is always called with --do_eval in its docs; evaluating at the end is the default here.
     kwargs.setdefault("do_eval", True)
+    kwargs.update(distributed_training_defaults(kwargs))
     return kwargs
 
 
@@ -50,11 +63,19 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
     from clm_runner.logs import setup_logging
 
     setup_logging(quiet=options.quiet)
-    plan = plan_output_dir(
-        recipe.output_dir, overwrite=options.overwrite, resume=options.resume, resume_from=options.resume_from
-    )
+    quiet_replica_logging()
     kwargs = training_kwargs(recipe)
+    # Built first: in a multi-process run this creates the process group that the decision is shared on.
     args = build_training_args(kwargs)
+    check_one_job(args)
+    plan = decide_on_rank0(
+        lambda: plan_output_dir(
+            recipe.output_dir,
+            overwrite=options.overwrite,
+            resume=options.resume,
+            resume_from=options.resume_from,
+        )
+    )
 
     from transformers import default_data_collator, set_seed
 
@@ -69,10 +90,19 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
     tokenizer = load_tokenizer(recipe.model)
     config = load_config(recipe.model)
     block_size = resolve_block_size(recipe.data.block_size, tokenizer, config, warn=logger.warning)
+    logger.info(global_batch(args, block_size).describe())
     splits = ["train", "validation"] if args.do_eval else ["train"]
     prepared = prepare_splits(
-        recipe, tokenizer, block_size, splits, main_process_first=args.main_process_first, progress=not options.quiet
+        recipe_for_preprocessing(recipe),
+        tokenizer,
+        block_size,
+        splits,
+        main_process_first=args.main_process_first,
+        progress=not options.quiet and is_main_process(),
     )
+    if is_distributed():
+        built = sorted(name for name, split in prepared.items() if split.cache_path and not split.from_cache)
+        logger.info(describe_preprocessing(gather_to_all(built)))
     model = load_model(recipe.model, config, tokenizer)
 
     train_dataset = prepared["train"].blocks
