@@ -338,6 +338,9 @@ def training_argument_types() -> dict[str, Any]:
         except Exception:  # an annotation that cannot be resolved: accept any value for every key
             hints = {}
         _TRAINING_TYPES = {name: hints.get(name, Any) for name in sorted(fields)}
+        # Annotated `str | None`, but TrainingArguments documents and accepts `fsdp = true` too.
+        if "fsdp" in _TRAINING_TYPES:
+            _TRAINING_TYPES["fsdp"] = bool | _TRAINING_TYPES["fsdp"]
     return _TRAINING_TYPES
 
 
