@@ -14,6 +14,22 @@ from transformers import Trainer
 
 
 class ClmTrainer(Trainer):
+    # Tokens in the micro-batches trained so far, all ranks (even batches: this rank's count x world size).
+    tokens_trained: int = 0
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        # numel reads the shape only: no device sync.
+        self.tokens_trained += int(inputs["input_ids"].numel()) * self.args.world_size
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Measuring callbacks (tokens/s, MFU) fill in their numbers before log_history and reporters see them.
+        for callback in self.callback_handler.callbacks:
+            annotate = getattr(callback, "annotate_log", None)
+            if annotate is not None:
+                annotate(self.state, logs)
+        super().log(logs, start_time)
+
     def evaluate(
         self,
         eval_dataset: Any = None,
@@ -29,19 +45,21 @@ class ClmTrainer(Trainer):
         """run_clm's metric keys (eval_loss, perplexity, eval_accuracy, eval_samples) plus eval_tokens."""
         import torch
 
+        from clm_runner.callbacks import evaluation_progress
         from clm_runner.perplexity import evaluate_blocks, reduce_across_ranks
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         start = time.perf_counter()
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=True)
         was_training = model.training
-        with self.autocast_smart_context_manager():
+        with self.autocast_smart_context_manager(), evaluation_progress(self, dataset) as progress:
             result = evaluate_blocks(
                 model,
                 dataset,
                 batch_size=self.args.per_device_eval_batch_size,
                 device=self.args.device,
                 shard=(self.args.process_index, self.args.world_size),
+                progress=progress,
             )
         if was_training:
             model.train()
