@@ -24,11 +24,23 @@ def _console_only(record: logging.LogRecord) -> bool:
     return getattr(record, CONSOLE_ATTRIBUTE, True)
 
 
+class CurrentStderr(logging.StreamHandler):
+    """A stderr handler that writes to whatever sys.stderr is at emit time (click's CliRunner swaps it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(*, quiet: bool = False) -> None:
     """clm_runner's logger at INFO on stderr; transformers and datasets at WARNING; bars off if quiet."""
     logger = logging.getLogger("clm_runner")
     if not any(getattr(h, "_clm_runner", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
         handler.addFilter(_console_only)
         handler._clm_runner = True  # type: ignore[attr-defined]

@@ -75,6 +75,13 @@ def test_train_log_has_one_plain_line_per_logging_step(quiet_run) -> None:
     assert "Trained 12,288 tokens at" in log
 
 
+def test_quiet_console_has_the_same_plain_lines(quiet_run) -> None:
+    run, output = quiet_run
+    console = [line for line in output.splitlines() if "| lr " in line]
+    assert [line.split("step ")[1].split("/")[0] for line in console] == ["2", "4", "6"]
+    assert all(" tokens/s " in line for line in console)
+
+
 def test_no_secret_reaches_train_log(quiet_run) -> None:
     run, _ = quiet_run
     assert SECRET not in (run / "train.log").read_text(encoding="utf-8")
