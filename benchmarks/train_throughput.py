@@ -137,10 +137,42 @@ def base_arguments(opts: argparse.Namespace, output_dir: str) -> dict:
     }
 
 
-def run_side(side: str, opts: argparse.Namespace, blocks, cuda: bool) -> dict:
+FLOAT32_PRECISION_SETTINGS = ("", "cuda.matmul", "cudnn")  # torch.backends[.<path>].fp32_precision
+
+
+def float32_precision_state() -> dict[str, str]:
+    """torch's process-wide TF32 switches (torch >= 2.9), which TrainingArguments(tf32=True) flips for good."""
+    import torch
+
+    state = {}
+    for path in FLOAT32_PRECISION_SETTINGS:
+        owner = torch.backends
+        for part in filter(None, path.split(".")):
+            owner = getattr(owner, part)
+        if hasattr(owner, "fp32_precision"):
+            state[path] = owner.fp32_precision
+    return state
+
+
+def restore_float32_precision(state: dict[str, str]) -> None:
+    import torch
+
+    for path, value in state.items():  # the global one first: setting it resets the others
+        owner = torch.backends
+        for part in filter(None, path.split(".")):
+            owner = getattr(owner, part)
+        owner.fp32_precision = value
+
+
+def run_side(
+    side: str, opts: argparse.Namespace, blocks, cuda: bool, precision_state: dict[str, str]
+) -> dict:
     import torch
     from transformers import Trainer, TrainingArguments, default_data_collator
 
+    # Each side starts from torch's own defaults: clm-runner's TF32 must not leak into the plain run.
+    restore_float32_precision(precision_state)
+    torch._dynamo.reset()  # no compiled graph or recompile count carried over from the previous run
     with tempfile.TemporaryDirectory() as output_dir:
         kwargs = base_arguments(opts, output_dir)
         model = build_model(opts)
@@ -196,6 +228,7 @@ def main() -> int:
         torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})"
     )
     blocks = build_blocks(opts)
+    precision_state = float32_precision_state()
     config = build_model(opts).config
     flops = flops_per_token(config, opts.block)
     peak = performance.peak_flops(device_name, "bf16") if cuda else None
@@ -215,7 +248,7 @@ def main() -> int:
         for side in order:
             # The plain Trainer prints its log dicts on stdout (run_clm's behaviour): keep them off the table.
             with contextlib.redirect_stdout(sys.stderr):
-                result = run_side(side, opts, blocks, cuda)
+                result = run_side(side, opts, blocks, cuda, precision_state)
             rates[side].append(result)
         plain, ours = rates["plain"][-1], rates["clm-runner"][-1]
         for key, ratios in pair_ratios.items():

@@ -311,8 +311,13 @@ def _tf32_enabled(args: Any) -> bool:
 
     if args.tf32 is not None:
         return bool(args.tf32)
-    backends_precision = getattr(torch.backends, "fp32_precision", None)  # torch >= 2.9
-    return backends_precision == "tf32" or torch.get_float32_matmul_precision() != "highest"
+    matmul = torch.backends.cuda.matmul
+    try:
+        # torch >= 2.9 (what transformers sets there); reading the legacy flag after it raises.
+        precision = getattr(matmul, "fp32_precision", None)
+        return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
 
 
 @contextlib.contextmanager

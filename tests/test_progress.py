@@ -128,6 +128,8 @@ class Capture(logging.Handler):
 def test_lines_reach_the_console_only_when_quiet(quiet: bool) -> None:
     capture = Capture()
     progress_logger.addHandler(capture)
+    level = progress_logger.level
+    progress_logger.setLevel(logging.INFO)  # what setup_logging gives the clm_runner tree
     try:
         callback = TrainProgressCallback(quiet=quiet)
         state = SimpleNamespace(is_world_process_zero=True, max_steps=10, global_step=0, epoch=0.0)
@@ -141,6 +143,7 @@ def test_lines_reach_the_console_only_when_quiet(quiet: bool) -> None:
         callback.on_train_end(None, state, TrainerControl())
     finally:
         progress_logger.removeHandler(capture)
+        progress_logger.setLevel(level)
     [record] = capture.records
     assert record.getMessage() == "step 5/10 epoch 0.50 | loss 2.5000 | lr 1.000e-03 | tokens/s 1,234"
     assert record.console is quiet
@@ -165,3 +168,46 @@ def test_log_file_masks_secrets(tmp_path, monkeypatch) -> None:
     text = (tmp_path / "train.log").read_text()
     assert "token *** and *** and ***" in text
     assert "secret" not in text and SECRET not in text
+
+
+class RecordingBar:
+    made: list[RecordingBar] = []
+
+    def __init__(self, total=None, **kwargs) -> None:
+        self.total, self.n, self.kwargs = total, 0, kwargs
+        RecordingBar.made.append(self)
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def __enter__(self) -> RecordingBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_evaluation_bar_counts_this_ranks_blocks(quiet: bool, monkeypatch) -> None:
+    import tqdm.auto
+
+    from clm_runner.callbacks import evaluation_progress
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    RecordingBar.made.clear()
+    trainer = SimpleNamespace(
+        callback_handler=SimpleNamespace(callbacks=[TrainProgressCallback(quiet=quiet)]),
+        is_world_process_zero=lambda: True,
+        args=SimpleNamespace(process_index=1, world_size=2),
+    )
+    with evaluation_progress(trainer, list(range(5))) as advance:
+        if quiet:
+            assert advance is None
+        else:
+            advance(1)
+            advance(2)  # called with blocks done so far: rank 1 of 2 scores blocks 1 and 3 of 5
+    if quiet:
+        assert RecordingBar.made == []
+    else:
+        [bar] = RecordingBar.made
+        assert (bar.n, bar.total, bar.kwargs["desc"]) == (2, 2, "Evaluating")
