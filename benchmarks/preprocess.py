@@ -166,12 +166,17 @@ def measure_run_clm(corpus: str, tokenizer_dir: str, cache: str, hf_cache: str) 
         concatenated = {k: list(chain(*examples[k])) for k in examples}
         total_length = len(concatenated[list(examples.keys())[0]])
         total_length = (total_length // block_size) * block_size
-        result = {k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
+        result = {
+            k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
+            for k, t in concatenated.items()
+        }
         result["labels"] = result["input_ids"].copy()
         return result
 
     grouped = tokenized.map(group_texts, batched=True, num_proc=cores())
-    lengths = {name: sum(len(ids) for ids in tokenized[name]["input_ids"]) for name in ("train", "validation")}
+    lengths = {
+        name: sum(len(ids) for ids in tokenized[name]["input_ids"]) for name in ("train", "validation")
+    }
     return {
         "train_tokens": lengths["train"],
         "validation_tokens": lengths["validation"],
@@ -225,10 +230,14 @@ def run_child(measure: str, corpus: Path, tokenizer: Path, cache: Path, hf_cache
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="text file (.txt or .txt.gz)")
     parser.add_argument("--mb", type=float, default=20, help="corpus size for the timing comparison (MB)")
-    parser.add_argument("--big-mb", type=float, default=100, help="corpus size for the peak memory run (MB); 0 skips")
+    parser.add_argument(
+        "--big-mb", type=float, default=100, help="corpus size for the peak memory run (MB); 0 skips"
+    )
     parser.add_argument("--scratch", type=Path, default=None, help="work dir (default: a temporary dir)")
     parser.add_argument("--child", choices=sorted(MEASUREMENTS), dest="measure", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
@@ -252,8 +261,12 @@ def main() -> None:
         return runs / name / "clm-cache", runs / name / "hf-cache"
 
     print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.1f} MB, from {args.corpus})")
-    print(f"tokenizer: byte-level BPE, vocab {VOCAB_SIZE}, block size {BLOCK_SIZE}; cores available: {cores()}")
-    print(f"python {sys.version.split()[0]}; each line is one fresh process (imports and tokenizer load included)")
+    print(
+        f"tokenizer: byte-level BPE, vocab {VOCAB_SIZE}, block size {BLOCK_SIZE}; cores available: {cores()}"
+    )
+    print(
+        f"python {sys.version.split()[0]}; each line is one fresh process (imports and tokenizer load included)"
+    )
     print()
     results = {}
     results["clm cold"] = run_child("clm-runner", corpus, tokenizer, *dirs("clm"))
@@ -269,7 +282,8 @@ def main() -> None:
         )
     assert results["clm warm"]["from_cache"], "the second clm-runner run did not hit its cache"
     same_tokens = all(
-        results["clm cold"][key] == results["run_clm cold"][key] for key in ("train_tokens", "validation_tokens")
+        results["clm cold"][key] == results["run_clm cold"][key]
+        for key in ("train_tokens", "validation_tokens")
     )
     print()
     print(f"same token counts in both pipelines (train and validation): {same_tokens}")

@@ -106,7 +106,11 @@ def recipe_check(recipe_path: str, overrides: tuple[str, ...]) -> None:
 @click.option("--overwrite", is_flag=True, help="Train into a non-empty output dir that holds no checkpoint.")
 @click.option("--no-resume", is_flag=True, help="Start from scratch even if the output dir has checkpoints.")
 @click.option(
-    "--resume-from", type=click.Path(), default=None, metavar="CHECKPOINT", help="Resume from this checkpoint."
+    "--resume-from",
+    type=click.Path(),
+    default=None,
+    metavar="CHECKPOINT",
+    help="Resume from this checkpoint.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="Plain log lines instead of live progress bars.")
 def train(
@@ -147,14 +151,24 @@ def train(
 
 
 @cli.command("eval")
-@click.option("--run", "run_dir", type=click.Path(), default=None, metavar="DIR", help="A trained run's output dir.")
+@click.option(
+    "--run", "run_dir", type=click.Path(), default=None, metavar="DIR", help="A trained run's output dir."
+)
 @recipe_options(required=False)
-@click.option("--checkpoint", type=click.Path(), default=None, metavar="PATH", help="Evaluate this checkpoint.")
-@click.option("--all-checkpoints", is_flag=True, help="Evaluate every checkpoint of --run (writes eval_history.json).")
+@click.option(
+    "--checkpoint", type=click.Path(), default=None, metavar="PATH", help="Evaluate this checkpoint."
+)
+@click.option(
+    "--all-checkpoints", is_flag=True, help="Evaluate every checkpoint of --run (writes eval_history.json)."
+)
 @click.option("--split", default=None, help="Split to score: validation (default), test or train.")
 @click.option("--stride", type=int, default=None, help="Strided sliding-window perplexity with this stride.")
-@click.option("--context", type=int, default=None, help="Window length for --stride (default: the block size).")
-@click.option("--output", "-o", type=click.Path(), default=None, metavar="FILE", help="Write the metrics as JSON.")
+@click.option(
+    "--context", type=int, default=None, help="Window length for --stride (default: the block size)."
+)
+@click.option(
+    "--output", "-o", type=click.Path(), default=None, metavar="FILE", help="Write the metrics as JSON."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def eval_command(
     run_dir: str | None,
@@ -177,7 +191,9 @@ def eval_command(
       clm-runner eval --recipe recipes/gpt2-wikitext.toml --set model.model_name_or_path=gpt2 --stride 512
     """
     if run_dir is None and recipe_path is None:
-        raise click.UsageError("Say what to evaluate: --run DIR (a trained run) or --recipe FILE (any model).")
+        raise click.UsageError(
+            "Say what to evaluate: --run DIR (a trained run) or --recipe FILE (any model)."
+        )
     from clm_runner.evaluation import EvalRequest, run_eval
 
     run_eval(
@@ -198,7 +214,9 @@ def eval_command(
 
 @cli.command()
 @recipe_options()
-@click.option("--save", type=click.Path(), default=None, metavar="DIR", help="Write the blocks with save_to_disk.")
+@click.option(
+    "--save", type=click.Path(), default=None, metavar="DIR", help="Write the blocks with save_to_disk."
+)
 def data(recipe_path: str, overrides: tuple[str, ...], save: str | None) -> None:
     """Prepare (and cache) the recipe's data; print rows, tokens and blocks per split.
 
@@ -245,7 +263,9 @@ def report(runs: tuple[str, ...]) -> None:
 @click.option("--max-new-tokens", type=int, default=50, show_default=True, help="Tokens to add.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="0 means greedy decoding.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
-@click.option("--top-k", type=int, default=50, show_default=True, help="Sample among the k likeliest (0: off).")
+@click.option(
+    "--top-k", type=int, default=50, show_default=True, help="Sample among the k likeliest (0: off)."
+)
 @click.option("--seed", type=int, default=None, help="Same seed, same text.")
 @click.option("--num-samples", "-n", type=int, default=1, show_default=True, help="Texts to generate.")
 def generate(
@@ -307,7 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for the console script and `python -m clm_runner`; returns the exit status."""
     try:
         # With standalone_mode=False click returns ctx.exit()'s status instead of raising it.
-        status = cli.main(args=list(argv) if argv is not None else None, prog_name="clm-runner", standalone_mode=False)
+        status = cli.main(
+            args=list(argv) if argv is not None else None, prog_name="clm-runner", standalone_mode=False
+        )
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:

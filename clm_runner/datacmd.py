@@ -9,6 +9,7 @@ import click
 
 from clm_runner.errors import OutputDirError
 from clm_runner.recipe import Recipe
+from clm_runner.tables import render_table
 
 logger = logging.getLogger("clm_runner")
 
@@ -44,11 +45,10 @@ def run_data(recipe: Recipe, *, save: str | None = None, quiet: bool = False) ->
             rows.append([name, "stream", "-", "-", "-", "-"])
             continue
         rate = s.tokens / s.seconds if s.seconds > 0 else float("inf")
-        rows.append([name, f"{s.rows:,}", f"{s.tokens:,}", f"{s.blocks:,}", f"{s.dropped_tokens:,}", f"{rate:,.0f}"])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    for row in rows:
-        click.echo("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+        rows.append(
+            [name, f"{s.rows:,}", f"{s.tokens:,}", f"{s.blocks:,}", f"{s.dropped_tokens:,}", f"{rate:,.0f}"]
+        )
+    click.echo(render_table(headers, rows))
 
     for name, split in prepared.items():
         first = next(iter(split.blocks), None)

@@ -13,6 +13,7 @@ import click
 from clm_runner.errors import OutputDirError, RecipeError
 from clm_runner.outputs import list_checkpoints, read_json, write_json_atomic
 from clm_runner.recipe import Recipe, load_recipe
+from clm_runner.tables import render_table
 
 logger = logging.getLogger("clm_runner")
 
@@ -36,7 +37,9 @@ class EvalRequest:
 def load_run_recipe(run_dir: Path, overrides: Sequence[str]) -> Recipe:
     """The recipe a run was trained with (its recipe.toml), with `--set` applied on top."""
     if not run_dir.is_dir():
-        raise OutputDirError(f"--run {run_dir}: no such directory. Pass the output_dir of a `clm-runner train` run.")
+        raise OutputDirError(
+            f"--run {run_dir}: no such directory. Pass the output_dir of a `clm-runner train` run."
+        )
     path = run_dir / RECIPE_FILE
     if not path.exists():
         raise OutputDirError(
@@ -107,15 +110,24 @@ def evaluate_model(recipe: Recipe, model_dir: str | None, request: EvalRequest) 
     if stride is not None:
         context = request.context or recipe.eval.context or block_size
         if prepared.stream is None:
-            raise RecipeError("Strided evaluation needs the whole token stream; it does not work with data.streaming.")
+            raise RecipeError(
+                "Strided evaluation needs the whole token stream; it does not work with data.streaming."
+            )
         result = evaluate_strided(
-            model, prepared.stream, context=context, stride=stride, batch_size=batch_size, tokenizer=tokenizer,
+            model,
+            prepared.stream,
+            context=context,
+            stride=stride,
+            batch_size=batch_size,
+            tokenizer=tokenizer,
             device=device,
         )
     else:
         if request.context is not None:
             raise click.UsageError("--context only applies with --stride; blocks use data.block_size.")
-        result = evaluate_blocks(model, prepared.blocks, batch_size=batch_size, tokenizer=tokenizer, device=device)
+        result = evaluate_blocks(
+            model, prepared.blocks, batch_size=batch_size, tokenizer=tokenizer, device=device
+        )
 
     metrics = dict(result.to_metrics())
     metrics.update(
@@ -176,7 +188,4 @@ def print_table(rows: list[dict[str, Any]], *, label: str = "split") -> None:
         ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    for line in lines:
-        click.echo("  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths))))
+    click.echo(render_table(headers, lines, left_columns=2))

@@ -86,7 +86,11 @@ def _is_connection_failure(exc: BaseException) -> bool:
         text = str(current)
         if name in {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "ConnectError"}:
             return True
-        if "couldn't connect to" in text or "offline mode" in text or "outgoing traffic has been disabled" in text:
+        if (
+            "couldn't connect to" in text
+            or "offline mode" in text
+            or "outgoing traffic has been disabled" in text
+        ):
             return True
         current = current.__cause__ or current.__context__
     return False
@@ -104,7 +108,5 @@ def hub_errors(kind: str, name: str | None, *, fix: str) -> Iterator[None]:
                 f"in the local cache. {fix}, {SMOKE_HINT}."
             ) from None
         if isinstance(exc, OSError) and type(exc).__name__ not in {"FileNotFoundError", "PermissionError"}:
-            raise ModelError(
-                f"Can't load {kind} '{name}': {str(exc).splitlines()[0]} {fix}."
-            ) from None
+            raise ModelError(f"Can't load {kind} '{name}': {str(exc).splitlines()[0]} {fix}.") from None
         raise

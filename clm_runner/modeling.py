@@ -48,7 +48,9 @@ def load_config(model: ModelConfig) -> PretrainedConfig:
     if model.model_type not in CONFIG_MAPPING:
         close = difflib.get_close_matches(str(model.model_type), list(CONFIG_MAPPING.keys()), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise RecipeError(f"model.model_type {model.model_type!r} is not a model type transformers knows.{hint}")
+        raise RecipeError(
+            f"model.model_type {model.model_type!r} is not a model type transformers knows.{hint}"
+        )
     config = CONFIG_MAPPING[model.model_type]()
     if model.config_overrides:
         try:
@@ -66,7 +68,9 @@ def load_tokenizer(model: ModelConfig, source: str | None = None) -> PreTrainedT
 
     source = source or model.tokenizer_name or model.model_name_or_path
     if source is None:  # the recipe validation already demands one; kept for code that builds recipes itself
-        raise RecipeError("Set model.tokenizer_name: a new model needs a tokenizer from a directory or the Hub.")
+        raise RecipeError(
+            "Set model.tokenizer_name: a new model needs a tokenizer from a directory or the Hub."
+        )
     prepare_hub_access([source])
     kwargs = _hub_kwargs(model)
     if source != model.model_name_or_path and source != model.tokenizer_name:
@@ -149,6 +153,8 @@ def load_trained(path: str, *, dtype: str | None = None) -> tuple[PreTrainedMode
             "checkpoint-N directories."
         )
     with hub_errors("model", str(directory), fix="Pass a run's output_dir or a checkpoint directory"):
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype(dtype), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch_dtype(dtype), local_files_only=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return mark_causal_loss(model), tokenizer

@@ -55,7 +55,9 @@ def plan_output_dir(
 ) -> OutputPlan:
     """Decide, before any heavy work, whether and how a run may use `output_dir`. Never deletes anything."""
     if output_dir.exists() and not output_dir.is_dir():
-        raise OutputDirError(f"training.output_dir {output_dir} is a file, not a directory. Choose another path.")
+        raise OutputDirError(
+            f"training.output_dir {output_dir} is a file, not a directory. Choose another path."
+        )
     if resume_from is not None:
         checkpoint = Path(resume_from)
         if not (checkpoint / "trainer_state.json").exists():
@@ -77,7 +79,9 @@ def plan_output_dir(
             f"Checkpoint detected: resuming from {newest}. Pass --no-resume --overwrite to start over.",
         )
     if overwrite:
-        return OutputPlan(output_dir, None, f"Training from the start into non-empty {output_dir} (--overwrite).")
+        return OutputPlan(
+            output_dir, None, f"Training from the start into non-empty {output_dir} (--overwrite)."
+        )
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     if newest is not None:
         raise OutputDirError(

@@ -67,7 +67,7 @@ class ModelConfig:
         if self.model_name_or_path is None and self.model_type is None and self.config_name is None:
             raise RecipeError(
                 "No model given: set model.model_name_or_path (a hub id or directory) to fine-tune, "
-                "or model.model_type (for example \"gpt2\") to train from scratch."
+                'or model.model_type (for example "gpt2") to train from scratch.'
             )
         if self.model_name_or_path is None and self.tokenizer_name is None:
             raise RecipeError(
@@ -203,7 +203,9 @@ def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
 # Loading
 
 
-def load_recipe(path: str | Path | None, overrides: Sequence[str] = (), *, require_output_dir: bool = True) -> Recipe:
+def load_recipe(
+    path: str | Path | None, overrides: Sequence[str] = (), *, require_output_dir: bool = True
+) -> Recipe:
     """Read a TOML recipe, apply `--set` overrides and validate everything."""
     raw: dict[str, Any] = {}
     source = None
@@ -263,7 +265,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
         table[key] = value
 
 
-def build_recipe(raw: Mapping[str, Any], *, source: str | None = None, require_output_dir: bool = True) -> Recipe:
+def build_recipe(
+    raw: Mapping[str, Any], *, source: str | None = None, require_output_dir: bool = True
+) -> Recipe:
     where = f"{source}: " if source else ""
     for section, table in raw.items():
         if section not in ALL_SECTIONS:
@@ -432,7 +436,7 @@ def _matches(value: Any, annotation: Any) -> bool:
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return value in {m.value for m in annotation} or isinstance(value, annotation)
     if isinstance(annotation, type):
-        return isinstance(value, annotation) or isinstance(value, (str, dict))
+        return isinstance(value, (annotation, str, dict))
     return True  # an annotation we cannot judge (a forward reference, a protocol): let the library check
 
 
@@ -467,7 +471,9 @@ def redact(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, model=model, training=types.MappingProxyType(training))
 
 
-def resolved_dict(recipe: Recipe, training_overrides: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+def resolved_dict(
+    recipe: Recipe, training_overrides: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """Every key with its effective value: defaults filled in, secrets redacted, None left out."""
     recipe = redact(recipe)
     full = recipe.to_dict()
@@ -477,6 +483,8 @@ def resolved_dict(recipe: Recipe, training_overrides: Mapping[str, Any] | None =
     training.update(recipe.training)
     if training_overrides:
         training.update(training_overrides)
+    if training.get("hub_token"):
+        training["hub_token"] = REDACTED
     full["training"] = training
     return full
 

@@ -6,10 +6,11 @@ import dataclasses
 import json
 import math
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from clm_runner.errors import OutputDirError
 

@@ -14,6 +14,22 @@ from transformers import Trainer
 
 
 class ClmTrainer(Trainer):
+    # Tokens in the micro-batches trained so far, all ranks (even batches: this rank's count x world size).
+    tokens_trained: int = 0
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        # numel reads the shape only: no device sync.
+        self.tokens_trained += int(inputs["input_ids"].numel()) * self.args.world_size
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Measuring callbacks (tokens/s, MFU) fill in their numbers before log_history and reporters see them.
+        for callback in self.callback_handler.callbacks:
+            annotate = getattr(callback, "annotate_log", None)
+            if annotate is not None:
+                annotate(self.state, logs)
+        super().log(logs, start_time)
+
     def evaluate(
         self,
         eval_dataset: Any = None,
@@ -39,6 +55,7 @@ class ClmTrainer(Trainer):
         """run_clm's metric keys (eval_loss, perplexity, eval_accuracy, eval_samples) plus eval_tokens."""
         import torch
 
+        from clm_runner.callbacks import evaluation_progress
         from clm_runner.distributed import lockstep_padding
         from clm_runner.perplexity import evaluate_blocks, reduce_across_ranks
 
@@ -46,13 +63,14 @@ class ClmTrainer(Trainer):
         start = time.perf_counter()
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=True)
         was_training = model.training
-        with self.autocast_smart_context_manager():
+        with self.autocast_smart_context_manager(), evaluation_progress(self, dataset) as progress:
             result = evaluate_blocks(
                 model,
                 dataset,
                 batch_size=self.args.per_device_eval_batch_size,
                 device=self.args.device,
                 shard=(self.args.process_index, self.args.world_size),
+                progress=progress,
             )
             if self.args.world_size > 1 and self.parameters_are_sharded():
                 # Under FSDP / ZeRO-3 each forward gathers parameters from every rank, so a rank with one
@@ -70,7 +88,9 @@ class ClmTrainer(Trainer):
         values = result.to_metrics()
         metrics: dict[str, Any] = {
             f"{metric_key_prefix}_loss": values["eval_loss"],
-            "perplexity" if metric_key_prefix == "eval" else f"{metric_key_prefix}_perplexity": values["perplexity"],
+            "perplexity" if metric_key_prefix == "eval" else f"{metric_key_prefix}_perplexity": values[
+                "perplexity"
+            ],
             f"{metric_key_prefix}_accuracy": values["eval_accuracy"],
             f"{metric_key_prefix}_samples": values["eval_samples"],
             f"{metric_key_prefix}_tokens": values["eval_tokens"],

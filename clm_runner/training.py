@@ -39,13 +39,21 @@ class TrainOptions:
     argv: Sequence[str] = ()
 
 
-def training_kwargs(recipe: Recipe) -> dict[str, Any]:
-    """The TrainingArguments a run uses: the recipe's [training], plus what `train` always does."""
+def training_kwargs(recipe: Recipe, *, with_device_defaults: bool = True) -> dict[str, Any]:
+    """The TrainingArguments a run uses: the recipe's [training], what `train` always does, device defaults.
+
+    Device defaults (precision, compile, data loading: `performance.device_defaults`) fill only keys the
+    recipe leaves out; without them this is what recipe.toml records, so a rerun elsewhere gets its own.
+    """
     kwargs = dict(recipe.training)
     kwargs["do_train"] = True
     # run_clm is always called with --do_eval in its docs; evaluating at the end is the default here.
     kwargs.setdefault("do_eval", True)
     kwargs.update(distributed_training_defaults(kwargs))
+    if with_device_defaults:
+        from clm_runner.performance import device_defaults
+
+        kwargs.update(device_defaults(kwargs))
     return kwargs
 
 
@@ -60,7 +68,7 @@ def build_training_args(kwargs: dict[str, Any]):
 
 def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
     """Train as the recipe says, evaluate, and leave run_clm's files plus recipe.toml in the output dir."""
-    from clm_runner.logs import setup_logging
+    from clm_runner.logs import LOG_FILE_NAME, attach_log_file, detach_log_file, setup_logging
 
     setup_logging(quiet=options.quiet)
     quiet_replica_logging()
@@ -76,15 +84,31 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
             resume_from=options.resume_from,
         )
     )
+    log_file = None
+    if args.process_index == 0:
+        secrets = [str(recipe.training["hub_token"])] if recipe.training.get("hub_token") else []
+        log_file = attach_log_file(plan.output_dir / LOG_FILE_NAME, secrets=secrets)
+    try:
+        return _train(recipe, options, plan, kwargs, args)
+    finally:
+        if log_file is not None:
+            detach_log_file(log_file)
 
+
+def _train(
+    recipe: Recipe, options: TrainOptions, plan: OutputPlan, kwargs: dict[str, Any], args: Any
+) -> dict:
     from transformers import default_data_collator, set_seed
 
     from clm_runner.blocks import prepare_splits, resolve_block_size
+    from clm_runner.callbacks import install_callbacks, throughput_line
     from clm_runner.modeling import load_config, load_model, load_tokenizer
+    from clm_runner.performance import describe, describe_line
     from clm_runner.trainer import ClmTrainer
 
     if args.should_log:
         logger.info(plan.note)
+        logger.info(describe_line(describe(training_kwargs(recipe, with_device_defaults=False))))
     # Seeded before the model is built, as run_clm does, so a from-scratch init is reproducible.
     set_seed(args.seed)
     tokenizer = load_tokenizer(recipe.model)
@@ -115,13 +139,17 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
+    throughput = install_callbacks(trainer, config=model.config, block_size=block_size, quiet=options.quiet)
     if trainer.is_world_process_zero():
-        save_resolved_recipe(recipe, plan, kwargs, block_size)
+        save_resolved_recipe(recipe, plan, training_kwargs(recipe, with_device_defaults=False), block_size)
 
     train_result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
     trainer.save_model()  # the tokenizer too, so the output dir loads on its own
 
     metrics = dict(train_result.metrics)
+    metrics.update(throughput.metrics())
+    if args.should_log:
+        logger.info(throughput_line(metrics))
     metrics["train_samples"] = _count(train_dataset, recipe.data.max_train_samples)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

@@ -142,7 +142,13 @@ def test_hub_recipe_offline_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = CliRunner().invoke(
         cli,
-        ["train", "--recipe", str(REPO / "recipes" / "gpt2-wikitext.toml"), "--set", f"training.output_dir={tmp_path / 'o'}"],
+        [
+            "train",
+            "--recipe",
+            str(REPO / "recipes" / "gpt2-wikitext.toml"),
+            "--set",
+            f"training.output_dir={tmp_path / 'o'}",
+        ],
     )
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]

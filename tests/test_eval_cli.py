@@ -47,12 +47,12 @@ def run_dir(tmp_path_factory) -> Path:
         f"""
 [model]
 model_type = "gpt2"
-tokenizer_name = "{ASSETS / 'tokenizer'}"
+tokenizer_name = "{ASSETS / "tokenizer"}"
 
 [data]
-train_file = "{ASSETS / 'train.txt'}"
-validation_file = "{ASSETS / 'validation.txt'}"
-test_file = "{ASSETS / 'validation.txt'}"
+train_file = "{ASSETS / "train.txt"}"
+validation_file = "{ASSETS / "validation.txt"}"
+test_file = "{ASSETS / "validation.txt"}"
 block_size = {BLOCK}
 
 [training]
@@ -147,7 +147,9 @@ def test_run_clm_grouping_equals_a_run_clm_style_pipeline(run_dir: Path, tmp_pat
     ours = json.loads(out.read_text())
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    raw = load_dataset("text", data_files={"validation": str(ASSETS / "validation.txt")}, keep_linebreaks=True)
+    raw = load_dataset(
+        "text", data_files={"validation": str(ASSETS / "validation.txt")}, keep_linebreaks=True
+    )
     tokenized = raw.map(lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
 
     def group_texts(examples):
@@ -210,7 +212,9 @@ def test_eval_any_model_through_a_recipe(run_dir: Path, tmp_path: Path) -> None:
         "--quiet", "--output", str(any_out),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    result = invoke("eval", "--run", str(run_dir), "--checkpoint", str(checkpoint), "--quiet", "--output", str(run_out))
+    result = invoke(
+        "eval", "--run", str(run_dir), "--checkpoint", str(checkpoint), "--quiet", "--output", str(run_out)
+    )
     assert result.exit_code == 0, result.output
     any_model, from_run = json.loads(any_out.read_text()), json.loads(run_out.read_text())
     assert any_model["model"] == str(checkpoint)

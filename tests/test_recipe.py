@@ -64,7 +64,7 @@ def test_set_overrides_recipe_values_and_reads_toml_values(tmp_path: Path) -> No
         [
             "data.block_size=64",
             "training.learning_rate=1e-4",
-            "training.report_to=[\"tensorboard\"]",
+            'training.report_to=["tensorboard"]',
             "data.text_column=body",
             "training.output_dir=elsewhere",
         ],
@@ -109,13 +109,13 @@ def test_malformed_override(item: str, fragment: str) -> None:
     [
         ("data.blok_size=3", "unknown key data.blok_size: did you mean data.block_size?"),
         ("training.learnig_rate=3", "did you mean training.learning_rate?"),
-        ("data.block_size=\"big\"", "data.block_size must be an integer"),
+        ('data.block_size="big"', "data.block_size must be an integer"),
         ("data.block_size=0", "data.block_size must be a positive"),
         ("data.block_size=-4", "data.block_size must be a positive"),
-        ("training.num_train_epochs=\"three\"", "training.num_train_epochs must be a number"),
+        ('training.num_train_epochs="three"', "training.num_train_epochs must be a number"),
         ("data.streaming=1", "data.streaming must be true or false"),
-        ("data.grouping=\"lines\"", "data.grouping must be 'concat' or 'run_clm'"),
-        ("model.dtype=\"int8\"", "model.dtype must be"),
+        ('data.grouping="lines"', "data.grouping must be 'concat' or 'run_clm'"),
+        ('model.dtype="int8"', "model.dtype must be"),
         ("model.config_name=some-config", "Can't use model.config_overrides"),
     ],
 )
@@ -140,9 +140,13 @@ def test_cross_field_rules() -> None:
     with pytest.raises(RecipeError, match="needs a tokenizer"):
         build_recipe({**base, "model": {"model_type": "gpt2"}, "data": {"train_file": "t.txt"}})
     with pytest.raises(RecipeError, match="Choose one"):
-        build_recipe({**base, "model": {"model_name_or_path": "m"}, "data": {"dataset_name": "d", "train_file": "t"}})
+        build_recipe(
+            {**base, "model": {"model_name_or_path": "m"}, "data": {"dataset_name": "d", "train_file": "t"}}
+        )
     with pytest.raises(RecipeError, match="training.max_steps"):
-        build_recipe({**base, "model": {"model_name_or_path": "m"}, "data": {"dataset_name": "d", "streaming": True}})
+        build_recipe(
+            {**base, "model": {"model_name_or_path": "m"}, "data": {"dataset_name": "d", "streaming": True}}
+        )
     with pytest.raises(RecipeError, match="training.output_dir is not set"):
         build_recipe({"model": {"model_name_or_path": "m"}, "data": {"dataset_name": "d"}})
 

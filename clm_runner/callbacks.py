@@ -1,0 +1,340 @@
+"""Trainer callbacks: measured throughput (tokens/s, MFU, peak GPU memory) and one progress display per phase.
+
+Throughput is measured, not estimated: the seconds are wall-clock stretches of training steps
+(`time.perf_counter`), with evaluation, checkpoint saving and logging left out; the tokens are the ones
+the micro-batches really held (`ClmTrainer.tokens_trained`). On CUDA the clock is read after a
+`torch.cuda.synchronize()` at each logging, evaluation or saving step, so the queued GPU work is counted
+where it ran; the Trainer synchronizes there anyway to read the loss, so this adds no stall.
+
+MFU (model FLOPs utilization) = flops_per_token x tokens/s / (peak FLOP/s per GPU x GPUs), where
+flops_per_token = 6N + 12*L*d*T from `clm_runner.summary.flops_per_token` (N: parameters in matmuls,
+L layers, d attention width, T block size; recomputation not counted) and the peak comes from
+`clm_runner.performance.PEAK_FLOPS` for the precision the run's matmuls use. Unknown device: no MFU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import ProgressCallback as HfProgressCallback
+
+logger = logging.getLogger("clm_runner")
+progress_logger = logging.getLogger("clm_runner.progress")
+
+GIB = 2**30
+
+
+class ThroughputCallback(TrainerCallback):
+    """Counts training tokens and the seconds spent in training steps; adds tokens/s and MFU to logs."""
+
+    def __init__(
+        self,
+        *,
+        tokens_trained: Callable[[], int],
+        flops_per_token: int | None = None,
+        peak_flops_total: float | None = None,
+        cuda: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.tokens_trained = tokens_trained
+        self.flops_per_token = flops_per_token
+        self.peak_flops_total = peak_flops_total  # peak of one GPU x number of GPUs
+        self.cuda = cuda
+        self.clock = clock
+        self.seconds = 0.0
+        self.tokens = 0
+        self._window_seconds = 0.0
+        self._window_tokens = 0
+        self._tokens_at_start = 0
+        self._tokens_at_close = 0
+        self._opened_at: float | None = None
+        self._training = False
+
+    # A stretch of training opens when the loop (re)starts stepping and closes where the Trainer is about
+    # to log, evaluate or save, or the epoch or training ends.
+    def _open(self) -> None:
+        if self._training:
+            self._opened_at = self.clock()
+
+    def _close(self) -> None:
+        if self._opened_at is None:
+            return
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        elapsed = self.clock() - self._opened_at
+        self._opened_at = None
+        trained = self.tokens_trained() - self._tokens_at_start
+        new_tokens = trained - self.tokens
+        self.seconds += elapsed
+        self.tokens = trained
+        self._window_seconds += elapsed
+        self._window_tokens += new_tokens
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._tokens_at_start = self.tokens_trained()
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        self._training = True
+        self._open()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._opened_at is None:
+            self._open()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # DefaultFlowCallback ran first and said what follows this step.
+        if (
+            control.should_log
+            or control.should_evaluate
+            or control.should_save
+            or control.should_training_stop
+        ):
+            self._close()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._close()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close()
+        self._training = False
+
+    # Log, evaluation and save end with these events: training resumes right after them.
+    def on_log(self, args, state, control, **kwargs):
+        self._open()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._open()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._open()
+
+    def annotate_log(self, state: Any, logs: dict[str, Any]) -> None:
+        """Add this logging interval's tokens/s (and MFU) to a training log entry, before anyone sees it."""
+        if "loss" not in logs:
+            return
+        self._close()
+        if self._window_seconds > 0 and self._window_tokens > 0:
+            rate = self._window_tokens / self._window_seconds
+            logs["tokens_per_second"] = round(rate, 1)
+            mfu = self.mfu(rate)
+            if mfu is not None:
+                logs["mfu"] = round(mfu, 4)
+        self._window_seconds = 0.0
+        self._window_tokens = 0
+
+    def mfu(self, tokens_per_second: float) -> float | None:
+        if not self.flops_per_token or not self.peak_flops_total:
+            return None
+        return self.flops_per_token * tokens_per_second / self.peak_flops_total
+
+    def metrics(self) -> dict[str, Any]:
+        """train_tokens, train_tokens_per_second, train_mfu (peak known), train_peak_gpu_memory_gb (CUDA)."""
+        self._close()
+        metrics: dict[str, Any] = {"train_tokens": int(self.tokens)}
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        metrics["train_tokens_per_second"] = round(rate, 1)
+        mfu = self.mfu(rate)
+        if mfu is not None:
+            metrics["train_mfu"] = round(mfu, 4)
+        if self.cuda:
+            import torch
+
+            # GiB (2**30 bytes), as torch.cuda.memory_summary counts.
+            metrics["train_peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
+        return metrics
+
+
+class TrainProgressCallback(TrainerCallback):
+    """The training phase's live bar (loss, learning rate, tokens/s, rate, ETA) or, quiet, plain lines.
+
+    Every training and evaluation log entry also becomes one plain line on the `clm_runner.progress`
+    logger: shown on stderr when quiet, written to train.log always.
+    """
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and not self.quiet:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc="Training",
+                unit=" steps",
+                dynamic_ncols=True,
+            )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        line = format_log_line(logs, state)
+        if line is None:
+            return
+        if self.bar is not None and "loss" in logs:
+            self.bar.set_postfix_str(postfix_of(logs), refresh=False)
+        progress_logger.info(line, extra={"console": self.quiet or self.bar is None})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    @contextlib.contextmanager
+    def evaluation_progress(self, total: int | None) -> Iterator[Callable[[int], None] | None]:
+        """A bar for the exact evaluation, fed with the number of blocks done; None when quiet."""
+        if self.quiet:
+            yield None
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc="Evaluating", unit=" blocks", leave=False, dynamic_ncols=True) as bar:
+
+            def advance(done: int) -> None:
+                bar.update(done - bar.n)
+
+            yield advance
+
+
+def postfix_of(logs: dict[str, Any]) -> str:
+    parts = [f"loss={logs['loss']:.4f}"]
+    if "learning_rate" in logs:
+        parts.append(f"lr={logs['learning_rate']:.2e}")
+    if "tokens_per_second" in logs:
+        parts.append(f"{logs['tokens_per_second']:,.0f} tok/s")
+    if "mfu" in logs:
+        parts.append(f"MFU {logs['mfu']:.1%}")
+    return " ".join(parts)
+
+
+def format_log_line(logs: dict[str, Any], state: Any) -> str | None:
+    """One readable line for a log entry: a training step, an evaluation, or the end-of-training summary."""
+    epoch = logs.get("epoch", state.epoch)
+    where = f"step {state.global_step}/{state.max_steps}" + (
+        f" epoch {epoch:.2f}" if epoch is not None else ""
+    )
+    if "loss" in logs:
+        parts = [where, f"loss {logs['loss']:.4f}"]
+        if "learning_rate" in logs:
+            parts.append(f"lr {logs['learning_rate']:.3e}")
+        if logs.get("grad_norm") is not None and math.isfinite(float(logs["grad_norm"])):
+            parts.append(f"grad_norm {float(logs['grad_norm']):.3f}")
+        if "tokens_per_second" in logs:
+            parts.append(f"tokens/s {logs['tokens_per_second']:,.0f}")
+        if "mfu" in logs:
+            parts.append(f"MFU {logs['mfu']:.1%}")
+        return " | ".join(parts)
+    if "eval_loss" in logs:
+        parts = [where, "eval", f"loss {logs['eval_loss']:.4f}"]
+        if "perplexity" in logs:
+            parts.append(f"perplexity {logs['perplexity']:.3f}")
+        if "eval_accuracy" in logs:
+            parts.append(f"accuracy {logs['eval_accuracy']:.4f}")
+        return " | ".join(parts)
+    if "train_runtime" in logs:
+        parts = [where, "training done", f"runtime {logs['train_runtime']:.1f}s"]
+        if "train_loss" in logs:
+            parts.append(f"train_loss {logs['train_loss']:.4f}")
+        return " | ".join(parts)
+    return None
+
+
+def throughput_line(metrics: dict[str, Any]) -> str:
+    """The run's measured speed in one line, for the console and train.log."""
+    line = f"Trained {metrics['train_tokens']:,} tokens at {metrics['train_tokens_per_second']:,.0f} tokens/s"
+    if "train_mfu" in metrics:
+        line += f", MFU {metrics['train_mfu']:.1%}"
+    if "train_peak_gpu_memory_gb" in metrics:
+        line += f", peak GPU memory {metrics['train_peak_gpu_memory_gb']:.2f} GiB"
+    return line
+
+
+def install_callbacks(trainer: Any, *, config: Any, block_size: int, quiet: bool) -> ThroughputCallback:
+    """Replace the Trainer's dict-printing progress with ours and add throughput measurement."""
+    import torch
+
+    from clm_runner import performance
+    from clm_runner.summary import flops_per_token
+
+    for noisy in (PrinterCallback, HfProgressCallback):
+        trainer.remove_callback(noisy)
+    with contextlib.suppress(ImportError):
+        from transformers.utils.notebook import NotebookProgressCallback
+
+        trainer.remove_callback(NotebookProgressCallback)
+
+    args = trainer.args
+    cuda = args.device.type == "cuda" and torch.cuda.is_available()
+    peak_total = None
+    if cuda:
+        precision = performance.precision_of(
+            {"bf16": args.bf16, "fp16": args.fp16, "tf32": _tf32_enabled(args)}
+        )
+        peak = performance.peak_flops(torch.cuda.get_device_name(args.device), precision)
+        peak_total = peak * args.world_size if peak is not None else None
+    try:
+        flops = flops_per_token(config, block_size)
+    except Exception as error:  # an exotic config without layer counts: no MFU, never a failed run
+        logger.warning("No MFU for this model: %s", error)
+        flops = None
+
+    throughput = ThroughputCallback(
+        tokens_trained=lambda: trainer.tokens_trained,
+        flops_per_token=flops,
+        peak_flops_total=peak_total,
+        cuda=cuda,
+    )
+    trainer.add_callback(throughput)
+    trainer.add_callback(TrainProgressCallback(quiet=quiet or bool(args.disable_tqdm)))
+    return throughput
+
+
+def _tf32_enabled(args: Any) -> bool:
+    import torch
+
+    if args.tf32 is not None:
+        return bool(args.tf32)
+    matmul = torch.backends.cuda.matmul
+    try:
+        # torch >= 2.9 (what transformers sets there); reading the legacy flag after it raises.
+        precision = getattr(matmul, "fp32_precision", None)
+        return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
+@contextlib.contextmanager
+def evaluation_progress(trainer: Any, dataset: Any) -> Iterator[Callable[[int], None] | None]:
+    """The progress callable for `perplexity.evaluate_blocks` on this rank, or None (quiet, other ranks)."""
+    display = next(
+        (c for c in trainer.callback_handler.callbacks if isinstance(c, TrainProgressCallback)), None
+    )
+    if display is None or not trainer.is_world_process_zero():
+        yield None
+        return
+    try:
+        rows = len(dataset)
+    except TypeError:
+        total = None
+    else:
+        rank, world = trainer.args.process_index, trainer.args.world_size
+        total = len(range(rank, rows, world))
+    with display.evaluation_progress(total) as advance:
+        yield advance
