@@ -575,3 +575,40 @@ def test_streaming_max_train_samples_takes_blocks(tmp_path, tokenizer):
     )
     split = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
     assert len(list(split.blocks)) == 5
+
+
+def test_tokenizer_whose_python_call_differs_from_its_backend_is_followed_exactly(
+    tmp_path, tokenizer, caplog
+):
+    from transformers import PreTrainedTokenizerFast
+
+    class ShoutingTokenizer(PreTrainedTokenizerFast):
+        """Upper-cases text in Python before the backend sees it: the backend alone would be wrong."""
+
+        def __call__(self, text, *args, **kwargs):
+            text = [t.upper() for t in text] if isinstance(text, list) else text.upper()
+            return super().__call__(text, *args, **kwargs)
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    shouting = ShoutingTokenizer.from_pretrained(tmp_path / "tok")
+    lines = make_lines(300, seed=11)
+    write_lines(tmp_path / "train.txt", lines)
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}")
+    with caplog.at_level(logging.WARNING, logger="clm_runner.blocks"):
+        split = prepare_splits(recipe, shouting, 16, ["train"], progress=False)["train"]
+    assert "differs from its Rust backend" in caplog.text
+    rows = reference_rows(shouting, [line + "\n" for line in lines[15:]])
+    assert rows != reference_rows(tokenizer, [line + "\n" for line in lines[15:]])
+    assert as_lists(split) == reference_concat(rows, 16)
+
+
+@pytest.mark.parametrize("pieces", [[], [[]], [[1, 2, 3]], [[5], [], list(range(100_000))]])
+def test_npy_stream_writer_writes_a_loadable_array(tmp_path, pieces):
+    path = tmp_path / "stream.npy"
+    writer = blocks.NpyStreamWriter(path, np.dtype("int32"))
+    for piece in pieces:
+        writer.write(np.array(piece, dtype=np.int64))
+    writer.close()
+    expected = np.array(list(chain(*pieces)), dtype=np.int32)
+    for loaded in (np.load(path), np.load(path, mmap_mode="r")):
+        assert loaded.dtype == np.int32 and np.array_equal(loaded, expected)
