@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
+STALE_TEMPORARY_SECONDS = 24 * 3600
+"""Leftovers of builds that crashed or were killed are removed after this long."""
+_IMPORTED_AT = time.time()
 RUN_CLM_BATCH_ROWS = 1000
 """run_clm's `datasets.map(batched=True)` batch: its grouping drops each batch's remainder."""
 TOKENIZE_CHUNK_ROWS = 4096
@@ -493,6 +496,7 @@ def _build_split(
     column = data_sources.resolve_text_column(raw, data.text_column)
     workers = data.preprocessing_num_workers or default_workers()
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target.parent)
     temporary = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temporary.mkdir()
     try:
@@ -527,15 +531,26 @@ def _build_split(
         stats = dataclasses.replace(stats, seconds=round(time.perf_counter() - started, 3))
         meta = {"split": name, "key": key, "stats": dataclasses.asdict(stats), "created": time.time()}
         (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        _commit(temporary, target, replace=data.overwrite_cache)
+        _commit(temporary, target)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
 
 
-def _commit(temporary: Path, target: Path, *, replace: bool) -> None:
-    """Move a finished build into place; a concurrent finished build of the same key is as good as ours."""
-    if target.exists() and replace:
+def _remove_stale_temporaries(root: Path) -> None:
+    cutoff = time.time() - STALE_TEMPORARY_SECONDS
+    for leftover in root.glob(".[to][ml][pd]-*"):  # .tmp-* and .old-*
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < cutoff:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _commit(temporary: Path, target: Path) -> None:
+    """Move a finished build into place, retiring what was there (a stale, unreadable or concurrent build).
+
+    Readers that already opened the retired files keep them: on POSIX an unlinked file lives on while mapped.
+    """
+    if target.exists():
         retired = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
         with contextlib.suppress(OSError):
             os.rename(target, retired)
@@ -543,6 +558,7 @@ def _commit(temporary: Path, target: Path, *, replace: bool) -> None:
     try:
         os.rename(temporary, target)
     except OSError:
+        # Another process committed the same key in between: its build is as good as ours.
         if not (target / "meta.json").is_file():
             raise
 
@@ -655,7 +671,11 @@ def _prepare_cached(
     missing: list[str] = []
     for name in splits:
         started = time.perf_counter()
-        cached = None if data.overwrite_cache else _load_cached(_split_cache_dir(keys[name]), name)
+        cached = _load_cached(_split_cache_dir(keys[name]), name)
+        if cached is not None and data.overwrite_cache and cached[2].get("created", 0) < _IMPORTED_AT:
+            # Rebuild what earlier processes wrote, once: in a distributed run rank 0 rebuilds under
+            # main_process_first and the other ranks then take its fresh cache.
+            cached = None
         if cached is None:
             missing.append(name)
             continue

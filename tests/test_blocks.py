@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
@@ -412,6 +414,7 @@ def test_cache_hit_does_not_tokenize_and_overwrite_cache_rebuilds(
         calls.append(1)
         raise AssertionError("tokenized on a cache hit")
 
+    real_tokenize_split, real_load_raw_splits = blocks.tokenize_split, blocks.data_sources.load_raw_splits
     monkeypatch.setattr(blocks, "tokenize_split", refuse)
     monkeypatch.setattr(blocks.data_sources, "load_raw_splits", refuse)
     second = prepare_splits(
@@ -423,15 +426,16 @@ def test_cache_hit_does_not_tokenize_and_overwrite_cache_rebuilds(
         assert np.array_equal(first[name].stream, second[name].stream)
         assert first[name].stats.blocks == second[name].stats.blocks
 
+    overwrite = recipe_for(tmp_path, *args, "data.overwrite_cache=true")
+    # A cache written since this process started (by rank 0 in a distributed run) is not rebuilt again.
+    assert prepare_splits(overwrite, tokenizer, 16, ["train"], progress=False)["train"].from_cache
+    # One written by an earlier process is.
+    monkeypatch.setattr(blocks, "_IMPORTED_AT", time.time() + 1)
     with pytest.raises(AssertionError, match="tokenized on a cache hit"):
-        prepare_splits(
-            recipe_for(tmp_path, *args, "data.overwrite_cache=true"), tokenizer, 16, ["train"], progress=False
-        )
-    monkeypatch.undo()
-    monkeypatch.setenv("CLM_RUNNER_CACHE", str(isolated_cache))
-    rebuilt = prepare_splits(
-        recipe_for(tmp_path, *args, "data.overwrite_cache=true"), tokenizer, 16, ["train"], progress=False
-    )
+        prepare_splits(overwrite, tokenizer, 16, ["train"], progress=False)
+    monkeypatch.setattr(blocks, "tokenize_split", real_tokenize_split)
+    monkeypatch.setattr(blocks.data_sources, "load_raw_splits", real_load_raw_splits)
+    rebuilt = prepare_splits(overwrite, tokenizer, 16, ["train"], progress=False)
     assert not rebuilt["train"].from_cache and as_lists(rebuilt["train"]) == as_lists(first["train"])
 
 
@@ -612,3 +616,26 @@ def test_npy_stream_writer_writes_a_loadable_array(tmp_path, pieces):
     expected = np.array(list(chain(*pieces)), dtype=np.int32)
     for loaded in (np.load(path), np.load(path, mmap_mode="r")):
         assert loaded.dtype == np.int32 and np.array_equal(loaded, expected)
+
+
+@pytest.mark.parametrize("damage", ["truncate_arrow", "drop_stream", "wrong_meta"])
+def test_a_damaged_cache_is_rebuilt(tmp_path, tokenizer, damage):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(500))
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}")
+    first = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    expected = as_lists(first)
+    path = first.cache_path
+    del first
+    if damage == "truncate_arrow":
+        data = (path / "blocks.arrow").read_bytes()
+        (path / "blocks.arrow").write_bytes(data[: len(data) // 2])
+    elif damage == "drop_stream":
+        (path / "stream.npy").unlink()
+    else:
+        meta = json.loads((path / "meta.json").read_text())
+        meta["stats"]["blocks"] += 1
+        (path / "meta.json").write_text(json.dumps(meta))
+    again = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    assert not again.from_cache and as_lists(again) == expected
+    assert prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"].from_cache
