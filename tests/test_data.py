@@ -513,3 +513,29 @@ def test_hub_fingerprint_holds_the_coordinates():
         require_output_dir=False,
     )
     assert data_fingerprint(r.data) == {"source": "hub", "name": "wikitext", "config": "c", "revision": "abc"}
+
+
+def test_compressed_text_files(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "train.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write("".join(t + "\n" for t in TRAIN))
+    with gzip.open(tmp_path / "valid.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps({"text": t}) + "\n" for t in VALID))
+    raw = load(
+        tmp_path,
+        ["train", "validation"],
+        f"data.train_file={tmp_path / 'train.txt.gz'}",
+        f"data.validation_file={tmp_path / 'valid.jsonl.gz'}",
+        "data.keep_linebreaks=false",
+    )
+    assert texts(raw["train"]) == TRAIN and texts(raw["validation"]) == VALID
+
+
+def test_compressed_non_utf8_is_named(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "train.txt.gz", "wb") as handle:
+        handle.write(b"fine\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"train.txt.gz is not valid UTF-8 \(byte 5: invalid start byte\)"):
+        load(tmp_path, ["train"], f"data.train_file={tmp_path / 'train.txt.gz'}")
