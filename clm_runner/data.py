@@ -7,7 +7,6 @@ import contextlib
 import glob
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ if TYPE_CHECKING:
 
     from clm_runner.recipe import DataConfig, ModelConfig
 
-logger = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS = (".txt", ".csv", ".json", ".jsonl", ".parquet", ".arrow")
 SPLITS = ("train", "validation", "test")
@@ -63,7 +61,8 @@ def file_specs(data: DataConfig) -> dict[str, str | list[str]]:
 
 
 def _key_for(split: str) -> str:
-    return f"data.{split}_file" if split != "validation" else "data.validation_file"
+    """The recipe key naming a split's files, for messages."""
+    return f"data.{split}_file"
 
 
 def expand_paths(split: str, spec: str | list[str]) -> tuple[Path, ...]:
