@@ -151,12 +151,18 @@ class Encoder:
         )
         if backend is None:
             return cls(backend_json=None, split_special_tokens=False, python_tokenizer=tokenizer, dtype=dtype)
-        config = json.loads(backend.to_str())
-        # transformers sets these per call; left over from an earlier call they would cut or pad rows.
-        config["truncation"] = None
-        config["padding"] = None
+        backend_json = backend.to_str()
+        if backend.truncation is not None or backend.padding is not None:
+            # transformers sets these per call; left over from an earlier call they would cut or pad rows.
+            # A private copy, serialized by the same code, keeps the JSON (and the cache key) unchanged.
+            from tokenizers import Tokenizer
+
+            private = Tokenizer.from_str(backend_json)
+            private.no_truncation()
+            private.no_padding()
+            backend_json = private.to_str()
         return cls(
-            backend_json=json.dumps(config, ensure_ascii=False),
+            backend_json=backend_json,
             split_special_tokens=bool(getattr(tokenizer, "split_special_tokens", False)),
             dtype=dtype,
         )
