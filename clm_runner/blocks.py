@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
+STALE_TEMPORARY_SECONDS = 24 * 3600
+"""Leftovers of builds that crashed or were killed are removed after this long."""
+_IMPORTED_AT = time.time()
 RUN_CLM_BATCH_ROWS = 1000
 """run_clm's `datasets.map(batched=True)` batch: its grouping drops each batch's remainder."""
 TOKENIZE_CHUNK_ROWS = 4096
@@ -140,34 +144,48 @@ class Encoder:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> Encoder:
+        """The encoder for `tokenizer`; cheap (no vocabulary is parsed), so a cache hit stays fast."""
         dtype = "int64" if len(tokenizer) > INT32_MAX else "int32"
         backend = (
             getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
         )
-        if backend is not None:
+        if backend is None:
+            return cls(backend_json=None, split_special_tokens=False, python_tokenizer=tokenizer, dtype=dtype)
+        backend_json = backend.to_str()
+        if backend.truncation is not None or backend.padding is not None:
+            # transformers sets these per call; left over from an earlier call they would cut or pad rows.
+            # A private copy, serialized by the same code, keeps the JSON (and the cache key) unchanged.
             from tokenizers import Tokenizer
 
-            private = Tokenizer.from_str(backend.to_str())
+            private = Tokenizer.from_str(backend_json)
             private.no_truncation()
             private.no_padding()
-            encoder = cls(
-                backend_json=private.to_str(),
-                split_special_tokens=bool(getattr(tokenizer, "split_special_tokens", False)),
-                dtype=dtype,
-            )
-            # The backend must agree with the tokenizer's own __call__: anything a tokenizer class adds
-            # in Python (special tokens, text rewriting) sends us to the exact, slower path.
-            probe = [PROBE_TEXT, "", " a\n"]
-            expected = [list(ids) for ids in tokenizer(probe)["input_ids"]]
-            ids, lengths = tokenize_rows(probe, encoder)
-            got = [part.tolist() for part in np.split(ids, np.cumsum(lengths)[:-1])]
-            if got == expected:
-                return encoder
-            logger.warning(
-                "The tokenizer's Python call differs from its Rust backend; tokenizing through the "
-                "tokenizer's Python call (slower)."
-            )
-        return cls(backend_json=None, split_special_tokens=False, python_tokenizer=tokenizer, dtype=dtype)
+            backend_json = private.to_str()
+        return cls(
+            backend_json=backend_json,
+            split_special_tokens=bool(getattr(tokenizer, "split_special_tokens", False)),
+            dtype=dtype,
+        )
+
+    def checked(self, tokenizer: Any) -> Encoder:
+        """This encoder if its Rust backend reproduces `tokenizer(texts)` on probe texts, else the exact slow one.
+
+        Anything a tokenizer class does in Python on top of its backend (special tokens, text rewriting)
+        would otherwise change the ids silently.
+        """
+        if self.backend_json is None:
+            return self
+        probe = [PROBE_TEXT, "", " a\n"]
+        expected = [list(ids) for ids in tokenizer(probe)["input_ids"]]
+        ids, lengths = tokenize_rows(probe, self)
+        got = [part.tolist() for part in np.split(ids, np.cumsum(lengths)[:-1])]
+        if got == expected:
+            return self
+        logger.warning(
+            "The tokenizer's Python call differs from its Rust backend; tokenizing through the "
+            "tokenizer's Python call (slower)."
+        )
+        return dataclasses.replace(self, backend_json=None, python_tokenizer=tokenizer)
 
     def backend(self) -> Any:
         cached = _BACKENDS.get(self.backend_json)
@@ -189,14 +207,12 @@ def tokenize_rows(texts: Sequence[str | None], encoder: Encoder) -> tuple[np.nda
     texts = [text if text is not None else "" for text in texts]
     if encoder.backend_json is not None:
         encodings = encoder.backend().encode_batch_fast(texts, add_special_tokens=True)
-        lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
-        ids = np.fromiter(
-            (i for e in encodings for i in e.ids), dtype=encoder.dtype, count=int(lengths.sum())
-        )
-        return ids, lengths
-    rows = encoder.python_tokenizer(texts, return_attention_mask=False)["input_ids"]
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-    ids = np.fromiter((i for r in rows for i in r), dtype=encoder.dtype, count=int(lengths.sum()))
+        rows = [encoding.ids for encoding in encodings]
+    else:
+        rows = encoder.python_tokenizer(texts, return_attention_mask=False)["input_ids"]
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    # One list, then one array: several times faster than np.fromiter over a generator of ints.
+    ids = np.array(list(chain.from_iterable(rows)), dtype=encoder.dtype)
     return ids, lengths
 
 
@@ -212,7 +228,6 @@ def tokenizer_identity(tokenizer: Any, encoder: Encoder) -> dict[str, Any]:
     }
     return {
         "class": type(tokenizer).__name__,
-        "path": "rust-backend" if encoder.backend_json is not None else "python",
         "vocabulary_sha256": vocabulary,
         "special_tokens": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
         "added_tokens": added,
@@ -487,6 +502,7 @@ def _build_split(
     column = data_sources.resolve_text_column(raw, data.text_column)
     workers = data.preprocessing_num_workers or default_workers()
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target.parent)
     temporary = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temporary.mkdir()
     try:
@@ -521,15 +537,26 @@ def _build_split(
         stats = dataclasses.replace(stats, seconds=round(time.perf_counter() - started, 3))
         meta = {"split": name, "key": key, "stats": dataclasses.asdict(stats), "created": time.time()}
         (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        _commit(temporary, target, replace=data.overwrite_cache)
+        _commit(temporary, target)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
 
 
-def _commit(temporary: Path, target: Path, *, replace: bool) -> None:
-    """Move a finished build into place; a concurrent finished build of the same key is as good as ours."""
-    if target.exists() and replace:
+def _remove_stale_temporaries(root: Path) -> None:
+    cutoff = time.time() - STALE_TEMPORARY_SECONDS
+    for leftover in root.glob(".[to][ml][pd]-*"):  # .tmp-* and .old-*
+        with contextlib.suppress(OSError):
+            if leftover.stat().st_mtime < cutoff:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _commit(temporary: Path, target: Path) -> None:
+    """Move a finished build into place, retiring what was there (a stale, unreadable or concurrent build).
+
+    Readers that already opened the retired files keep them: on POSIX an unlinked file lives on while mapped.
+    """
+    if target.exists():
         retired = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
         with contextlib.suppress(OSError):
             os.rename(target, retired)
@@ -537,6 +564,7 @@ def _commit(temporary: Path, target: Path, *, replace: bool) -> None:
     try:
         os.rename(temporary, target)
     except OSError:
+        # Another process committed the same key in between: its build is as good as ours.
         if not (target / "meta.json").is_file():
             raise
 
@@ -612,6 +640,7 @@ def prepare_splits(
     encoder = Encoder.from_tokenizer(tokenizer)
     if data.streaming:
         raw = data_sources.load_raw_splits(data, recipe.model, splits, progress=progress)
+        encoder = encoder.checked(tokenizer)
         return {name: _streaming_split(recipe, name, raw[name], encoder, block_size) for name in splits}
 
     guard = main_process_first("clm-runner tokenization and grouping") if main_process_first else None
@@ -648,7 +677,11 @@ def _prepare_cached(
     missing: list[str] = []
     for name in splits:
         started = time.perf_counter()
-        cached = None if data.overwrite_cache else _load_cached(_split_cache_dir(keys[name]), name)
+        cached = _load_cached(_split_cache_dir(keys[name]), name)
+        if cached is not None and data.overwrite_cache and cached[2].get("created", 0) < _IMPORTED_AT:
+            # Rebuild what earlier processes wrote, once: in a distributed run rank 0 rebuilds under
+            # main_process_first and the other ranks then take its fresh cache.
+            cached = None
         if cached is None:
             missing.append(name)
             continue
@@ -657,6 +690,7 @@ def _prepare_cached(
         started = time.perf_counter()
         if raw is None:
             raw = data_sources.load_raw_splits(data, recipe.model, missing, progress=progress)
+        encoder = encoder.checked(tokenizer)
         for name in missing:
             target = _split_cache_dir(keys[name])
             _build_split(recipe, name, raw[name], encoder, block_size, keys[name], target, progress=progress)

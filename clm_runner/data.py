@@ -7,7 +7,6 @@ import contextlib
 import glob
 import hashlib
 import json
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ if TYPE_CHECKING:
 
     from clm_runner.recipe import DataConfig, ModelConfig
 
-logger = logging.getLogger(__name__)
 
 SUPPORTED_EXTENSIONS = (".txt", ".csv", ".json", ".jsonl", ".parquet", ".arrow")
 SPLITS = ("train", "validation", "test")
@@ -63,7 +61,8 @@ def file_specs(data: DataConfig) -> dict[str, str | list[str]]:
 
 
 def _key_for(split: str) -> str:
-    return f"data.{split}_file" if split != "validation" else "data.validation_file"
+    """The recipe key naming a split's files, for messages."""
+    return f"data.{split}_file"
 
 
 def expand_paths(split: str, spec: str | list[str]) -> tuple[Path, ...]:
@@ -194,23 +193,35 @@ def data_fingerprint(data: DataConfig) -> dict:
 
 
 def check_utf8(source: SplitSource) -> list[Path]:
-    """The files of a text-format split that are not valid UTF-8 (compressed files are left to datasets)."""
-    bad: list[Path] = []
+    """The files of a text-format split that are not valid UTF-8 (compressed ones are read decompressed)."""
     if source.builder not in TEXT_BUILDERS:
-        return bad
-    for path in source.paths:
-        if _extension(path) != path.suffix.lower():
-            continue
-        error = _first_utf8_error(path)
-        if error is not None:
-            bad.append(path)
-    return bad
+        return []
+    return [path for path in source.paths if _first_utf8_error(path) is not None]
+
+
+def _open_decompressed(path: Path) -> Any:
+    """A binary file object of the file's data, or None for a compression the standard library lacks."""
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    suffix = path.suffix.lower()
+    if suffix in openers:
+        return openers[suffix](path, "rb")
+    if suffix in COMPRESSION_SUFFIXES:
+        return None
+    return path.open("rb")
 
 
 def _first_utf8_error(path: Path) -> str | None:
+    """Where the first invalid UTF-8 byte is ("byte 1234: invalid start byte"), or None when it is clean."""
+    handle = _open_decompressed(path)
+    if handle is None:
+        return None
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
     offset = 0
-    with path.open("rb") as handle:
+    with handle:
         while chunk := handle.read(1 << 24):
             try:
                 decoder.decode(chunk)
@@ -630,10 +641,14 @@ def _utf8_repaired_copy(path: Path) -> Path:
     from clm_runner.blocks import cache_root
 
     digest = _sha256(path)
-    target = cache_root() / "utf8-repaired" / digest / path.name
+    name = path.name
+    for suffix in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    target = cache_root() / "utf8-repaired" / digest / name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        temporary.write_text(path.read_bytes().decode("utf-8", errors="replace"), encoding="utf-8")
+        with _open_decompressed(path) as handle:
+            temporary.write_text(handle.read().decode("utf-8", errors="replace"), encoding="utf-8")
         os.replace(temporary, target)
     return target

@@ -121,7 +121,7 @@ def _train(
         tokenizer,
         block_size,
         splits,
-        main_process_first=args.main_process_first,
+        main_process_first=lambda desc: args.main_process_first(desc=desc),
         progress=not options.quiet and is_main_process(),
     )
     if is_distributed():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
@@ -412,6 +414,7 @@ def test_cache_hit_does_not_tokenize_and_overwrite_cache_rebuilds(
         calls.append(1)
         raise AssertionError("tokenized on a cache hit")
 
+    real_tokenize_split, real_load_raw_splits = blocks.tokenize_split, blocks.data_sources.load_raw_splits
     monkeypatch.setattr(blocks, "tokenize_split", refuse)
     monkeypatch.setattr(blocks.data_sources, "load_raw_splits", refuse)
     second = prepare_splits(
@@ -423,15 +426,16 @@ def test_cache_hit_does_not_tokenize_and_overwrite_cache_rebuilds(
         assert np.array_equal(first[name].stream, second[name].stream)
         assert first[name].stats.blocks == second[name].stats.blocks
 
+    overwrite = recipe_for(tmp_path, *args, "data.overwrite_cache=true")
+    # A cache written since this process started (by rank 0 in a distributed run) is not rebuilt again.
+    assert prepare_splits(overwrite, tokenizer, 16, ["train"], progress=False)["train"].from_cache
+    # One written by an earlier process is.
+    monkeypatch.setattr(blocks, "_IMPORTED_AT", time.time() + 1)
     with pytest.raises(AssertionError, match="tokenized on a cache hit"):
-        prepare_splits(
-            recipe_for(tmp_path, *args, "data.overwrite_cache=true"), tokenizer, 16, ["train"], progress=False
-        )
-    monkeypatch.undo()
-    monkeypatch.setenv("CLM_RUNNER_CACHE", str(isolated_cache))
-    rebuilt = prepare_splits(
-        recipe_for(tmp_path, *args, "data.overwrite_cache=true"), tokenizer, 16, ["train"], progress=False
-    )
+        prepare_splits(overwrite, tokenizer, 16, ["train"], progress=False)
+    monkeypatch.setattr(blocks, "tokenize_split", real_tokenize_split)
+    monkeypatch.setattr(blocks.data_sources, "load_raw_splits", real_load_raw_splits)
+    rebuilt = prepare_splits(overwrite, tokenizer, 16, ["train"], progress=False)
     assert not rebuilt["train"].from_cache and as_lists(rebuilt["train"]) == as_lists(first["train"])
 
 
@@ -575,3 +579,90 @@ def test_streaming_max_train_samples_takes_blocks(tmp_path, tokenizer):
     )
     split = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
     assert len(list(split.blocks)) == 5
+
+
+def test_tokenizer_whose_python_call_differs_from_its_backend_is_followed_exactly(
+    tmp_path, tokenizer, caplog
+):
+    from transformers import PreTrainedTokenizerFast
+
+    class ShoutingTokenizer(PreTrainedTokenizerFast):
+        """Upper-cases text in Python before the backend sees it: the backend alone would be wrong."""
+
+        def __call__(self, text, *args, **kwargs):
+            text = [t.upper() for t in text] if isinstance(text, list) else text.upper()
+            return super().__call__(text, *args, **kwargs)
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    shouting = ShoutingTokenizer.from_pretrained(tmp_path / "tok")
+    lines = make_lines(300, seed=11)
+    write_lines(tmp_path / "train.txt", lines)
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}")
+    with caplog.at_level(logging.WARNING, logger="clm_runner.blocks"):
+        split = prepare_splits(recipe, shouting, 16, ["train"], progress=False)["train"]
+    assert "differs from its Rust backend" in caplog.text
+    rows = reference_rows(shouting, [line + "\n" for line in lines[15:]])
+    assert rows != reference_rows(tokenizer, [line + "\n" for line in lines[15:]])
+    assert as_lists(split) == reference_concat(rows, 16)
+
+
+@pytest.mark.parametrize("pieces", [[], [[]], [[1, 2, 3]], [[5], [], list(range(100_000))]])
+def test_npy_stream_writer_writes_a_loadable_array(tmp_path, pieces):
+    path = tmp_path / "stream.npy"
+    writer = blocks.NpyStreamWriter(path, np.dtype("int32"))
+    for piece in pieces:
+        writer.write(np.array(piece, dtype=np.int64))
+    writer.close()
+    expected = np.array(list(chain(*pieces)), dtype=np.int32)
+    for loaded in (np.load(path), np.load(path, mmap_mode="r")):
+        assert loaded.dtype == np.int32 and np.array_equal(loaded, expected)
+
+
+@pytest.mark.parametrize("damage", ["truncate_arrow", "drop_stream", "wrong_meta"])
+def test_a_damaged_cache_is_rebuilt(tmp_path, tokenizer, damage):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    write_lines(tmp_path / "train.txt", make_lines(500))
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}")
+    first = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    expected = as_lists(first)
+    path = first.cache_path
+    del first
+    if damage == "truncate_arrow":
+        data = (path / "blocks.arrow").read_bytes()
+        (path / "blocks.arrow").write_bytes(data[: len(data) // 2])
+    elif damage == "drop_stream":
+        (path / "stream.npy").unlink()
+    else:
+        meta = json.loads((path / "meta.json").read_text())
+        meta["stats"]["blocks"] += 1
+        (path / "meta.json").write_text(json.dumps(meta))
+    again = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    assert not again.from_cache and as_lists(again) == expected
+    assert prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"].from_cache
+
+
+def test_truncation_left_on_the_backend_neither_cuts_rows_nor_changes_the_key(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    lines = [" ".join(make_lines(40, seed=12))]  # one long row
+    write_lines(tmp_path / "train.txt", lines * 30)
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}")
+    from transformers import AutoTokenizer
+
+    clean = prepare_splits(
+        recipe, AutoTokenizer.from_pretrained(tmp_path / "tok"), 16, ["train"], progress=False
+    )
+    clean = clean["train"]
+    truncating = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    truncating.backend_tokenizer.enable_truncation(max_length=8)
+    truncating.backend_tokenizer.enable_padding(length=8)
+    again = prepare_splits(recipe, truncating, 16, ["train"], progress=False)["train"]
+    assert again.from_cache and again.cache_path == clean.cache_path
+    fresh = prepare_splits(
+        recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}", "data.overwrite_cache=true"),
+        truncating,
+        16,
+        ["train"],
+        progress=False,
+    )["train"]
+    rows = reference_rows(tokenizer, [lines[0] + "\n"] * 28)
+    assert len(rows[0]) > 8 and as_lists(fresh) == as_lists(clean) == reference_concat(rows, 16)

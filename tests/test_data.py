@@ -513,3 +513,47 @@ def test_hub_fingerprint_holds_the_coordinates():
         require_output_dir=False,
     )
     assert data_fingerprint(r.data) == {"source": "hub", "name": "wikitext", "config": "c", "revision": "abc"}
+
+
+def test_compressed_text_files(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "train.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write("".join(t + "\n" for t in TRAIN))
+    with gzip.open(tmp_path / "valid.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps({"text": t}) + "\n" for t in VALID))
+    raw = load(
+        tmp_path,
+        ["train", "validation"],
+        f"data.train_file={tmp_path / 'train.txt.gz'}",
+        f"data.validation_file={tmp_path / 'valid.jsonl.gz'}",
+        "data.keep_linebreaks=false",
+    )
+    assert texts(raw["train"]) == TRAIN and texts(raw["validation"]) == VALID
+
+
+def test_compressed_non_utf8_is_named(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "train.txt.gz", "wb") as handle:
+        handle.write(b"fine\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"train.txt.gz is not valid UTF-8 \(byte 5: invalid start byte\)"):
+        load(tmp_path, ["train"], f"data.train_file={tmp_path / 'train.txt.gz'}")
+
+
+def test_hub_network_failure_is_hub_unreachable(tmp_path, monkeypatch):
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+
+    def no_network(*args, **kwargs):
+        try:
+            raise OSError("[Errno 101] Network is unreachable")
+        except OSError as exc:
+            raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub (ConnectError)") from exc
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    with pytest.raises(HubUnreachableError) as caught:
+        load(tmp_path, ["train"], "data.dataset_name=someone/corpus")
+    assert str(caught.value).startswith(
+        "Can't reach the Hugging Face Hub to fetch dataset 'someone/corpus' (no network)."
+    )
