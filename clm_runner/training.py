@@ -1,16 +1,23 @@
-"""`clm-runner train`: run_clm's pipeline (data, model, Trainer, metrics, model card) for one recipe."""
+"""`clm-runner train`: run_clm's pipeline (data, model, Trainer, metrics, model card) for one recipe.
+
+Around it, what keeps a run from being lost: one process per output dir (clm_runner.runlock), run.json
+(clm_runner.manifest), a checkpoint and a resume command on SIGINT/SIGTERM (clm_runner.interrupts).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clm_runner.errors import RecipeError
-from clm_runner.outputs import OutputPlan, plan_output_dir, write_text_atomic
+from clm_runner.interrupts import GracefulStop, RunInterrupted, StopNow, signal_name
+from clm_runner.outputs import OutputPlan, latest_checkpoint, plan_output_dir, write_text_atomic
 from clm_runner.recipe import Recipe, render_toml, resolved_dict
 
 logger = logging.getLogger("clm_runner")
@@ -30,6 +37,11 @@ class TrainOptions:
 def training_kwargs(recipe: Recipe) -> dict[str, Any]:
     """The TrainingArguments a run uses: the recipe's [training], plus what `train` always does."""
     kwargs = dict(recipe.training)
+    hub_token = kwargs.pop("hub_token", None)
+    if hub_token:
+        # TrainingArguments is pickled into every checkpoint (training_args.bin): a token there would be
+        # on disk in clear. huggingface_hub reads the same token from the environment.
+        os.environ["HF_TOKEN"] = hub_token
     kwargs["do_train"] = True
     # run_clm is always called with --do_eval in its docs; evaluating at the end is the default here.
     kwargs.setdefault("do_eval", True)
@@ -46,16 +58,48 @@ def build_training_args(kwargs: dict[str, Any]):
 
 
 def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
-    """Train as the recipe says, evaluate, and leave run_clm's files plus recipe.toml in the output dir."""
+    """Train as the recipe says, evaluate, and leave run_clm's files plus recipe.toml and run.json."""
     from clm_runner.logs import setup_logging
+    from clm_runner.manifest import redact_argv, secret_values
+    from clm_runner.runlock import RunLock, ensure_free
 
     setup_logging(quiet=options.quiet)
+    is_main = os.environ.get("RANK", "0") == "0"
+    if is_main:
+        ensure_free(recipe.output_dir)  # before the plan: "in use" says more than "not empty"
     plan = plan_output_dir(
         recipe.output_dir, overwrite=options.overwrite, resume=options.resume, resume_from=options.resume_from
     )
     kwargs = training_kwargs(recipe)
     args = build_training_args(kwargs)
 
+    created_dir = not plan.output_dir.exists()
+    command = " ".join(redact_argv(options.argv, secret_values(recipe)))
+    lock = RunLock.acquire(plan.output_dir, command) if is_main else None
+    stop = GracefulStop().install()
+    session = _RunSession(recipe, options, plan, stop)
+    try:
+        return _train(recipe, options, plan, kwargs, args, session)
+    except BaseException as exc:
+        session.fail(exc)
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
+        if created_dir and session.manifest is None:
+            # Failed before anything was written: leave no empty directory behind.
+            with contextlib.suppress(OSError):
+                plan.output_dir.rmdir()
+
+
+def _train(
+    recipe: Recipe,
+    options: TrainOptions,
+    plan: OutputPlan,
+    kwargs: dict[str, Any],
+    args: Any,
+    session: _RunSession,
+) -> dict[str, Any]:
     from transformers import default_data_collator, set_seed
 
     from clm_runner.blocks import prepare_splits, resolve_block_size
@@ -85,10 +129,16 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
+    trainer.graceful_stop = session.stop
     if trainer.is_world_process_zero():
         save_resolved_recipe(recipe, plan, kwargs, block_size)
+        session.start_manifest(resolved_recipe(recipe, kwargs, block_size), args, prepared)
 
-    train_result = trainer.train(resume_from_checkpoint=str(plan.resume_from) if plan.resume_from else None)
+    resume_from = str(plan.resume_from) if plan.resume_from else None
+    with session.stop.during_training():
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+    if session.stop.stopped_at_step is not None:
+        raise session.interrupted(trainer.state.global_step)
     trainer.save_model()  # the tokenizer too, so the output dir loads on its own
 
     metrics = dict(train_result.metrics)
@@ -107,7 +157,82 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
         results["eval"] = eval_metrics
 
     trainer.create_model_card(**model_card_kwargs(recipe))
+    session.finish("completed", trainer.state.global_step)
     return results
+
+
+class _RunSession:
+    """One attempt's run.json and its ending: completed, failed, or interrupted with a resume command."""
+
+    def __init__(self, recipe: Recipe, options: TrainOptions, plan: OutputPlan, stop: GracefulStop) -> None:
+        self.recipe = recipe
+        self.options = options
+        self.plan = plan
+        self.stop = stop
+        self.manifest: Any = None
+        self.global_step: int | None = None
+
+    def start_manifest(self, resolved: dict[str, Any], args: Any, prepared: dict[str, Any]) -> None:
+        from clm_runner.data import data_fingerprint
+        from clm_runner.manifest import RunManifest, device_info
+
+        data = data_fingerprint(self.recipe.data)
+        data["prepared"] = {
+            name: {
+                "cache_key": split.cache_path.name if split.cache_path else None,
+                "blocks": _count(split.blocks, None),
+            }
+            for name, split in prepared.items()
+        }
+        self.manifest = RunManifest.start(
+            self.plan.output_dir,
+            recipe=self.recipe,
+            resolved=resolved,
+            argv=self.options.argv,
+            seed=args.seed,
+            data=data,
+            devices=device_info(args),
+            resumed_from=self.plan.resume_from,
+        )
+
+    def finish(self, status: str, global_step: int | None = None, error: str | None = None) -> None:
+        if self.manifest is not None:
+            self.manifest.finish(status, global_step=global_step, error=error)
+
+    def resume_command(self) -> str:
+        from clm_runner.manifest import resume_command, secret_values
+
+        return resume_command(self.options.argv, self.plan.output_dir, secret_values(self.recipe))
+
+    def interrupted(self, global_step: int) -> RunInterrupted:
+        signum = self.stop.signum or 2
+        checkpoint = self.plan.output_dir / f"checkpoint-{global_step}"
+        message = (
+            f"Stopped by {signal_name(signum)} after step {global_step}; checkpoint written to {checkpoint}. "
+            f"Resume with: {self.resume_command()}"
+        )
+        logger.warning(message)
+        self.finish("interrupted", global_step, f"stopped by {signal_name(signum)}")
+        return RunInterrupted(message, signum=signum)
+
+    def fail(self, exc: BaseException) -> None:
+        """Record how the attempt ended and raise what the CLI should report."""
+        if isinstance(exc, RunInterrupted):
+            raise exc
+        if isinstance(exc, (StopNow, KeyboardInterrupt)):
+            signum = exc.signum if isinstance(exc, StopNow) else 2
+            newest = latest_checkpoint(self.plan.output_dir, warn=False)
+            where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
+            message = (
+                f"Stopped at once by {signal_name(signum)} ({where}). Resume with: {self.resume_command()}"
+            )
+            logger.warning(message)
+            self.finish("interrupted", None, f"stopped at once by {signal_name(signum)}")
+            raise RunInterrupted(message, signum=signum) from None
+        from clm_runner.manifest import scrub, secret_values
+
+        self.finish("failed", None, scrub(f"{type(exc).__name__}: {exc}", secret_values(self.recipe)))
+        raise exc
 
 
 def _count(dataset: Any, limit: int | None) -> int:
@@ -130,10 +255,16 @@ def model_card_kwargs(recipe: Recipe) -> dict[str, Any]:
     return kwargs
 
 
-def save_resolved_recipe(recipe: Recipe, plan: OutputPlan, kwargs: dict[str, Any], block_size: int) -> Path:
-    """recipe.toml: every key with its effective value, so the run can be repeated from its dir alone."""
+def resolved_recipe(recipe: Recipe, kwargs: dict[str, Any], block_size: int) -> dict[str, Any]:
+    """Every key with its effective value (secrets redacted), as recipe.toml and run.json record it."""
     resolved = resolved_dict(recipe, training_overrides=kwargs)
     resolved["data"]["block_size"] = block_size
+    return resolved
+
+
+def save_resolved_recipe(recipe: Recipe, plan: OutputPlan, kwargs: dict[str, Any], block_size: int) -> Path:
+    """recipe.toml: every key with its effective value, so the run can be repeated from its dir alone."""
+    resolved = resolved_recipe(recipe, kwargs, block_size)
     header = (
         "Resolved recipe of this run, written by clm-runner. Repeat it with:\n"
         f"  clm-runner train --recipe {plan.output_dir / RECIPE_FILE} --set training.output_dir=NEW_DIR"
