@@ -230,7 +230,12 @@ def _previous_attempts(path: Path) -> list[dict[str, Any]]:
         "recipe_hash",
         "error",
     )
-    attempts.append({key: old.get(key) for key in summary_keys})
+    last = {key: old.get(key) for key in summary_keys}
+    if last["status"] == "running":
+        # We hold the output dir's lock, so that process is gone: it died (SIGKILL, power, OOM) mid-run.
+        last["status"] = "failed"
+        last["error"] = "the process ended without recording an end (killed?)"
+    attempts.append(last)
     return attempts
 
 
