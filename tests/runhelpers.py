@@ -43,8 +43,17 @@ def tiny_sets(output_dir: Path, *extra: str, max_steps: int = MAX_STEPS) -> list
     return [arg for s in sets for arg in ("--set", s)]
 
 
-def train_args(output_dir: Path, *extra: str, max_steps: int = MAX_STEPS, flags: tuple[str, ...] = ()) -> list[str]:
-    return ["train", "--recipe", str(SMOKE), "--quiet", *flags, *tiny_sets(output_dir, *extra, max_steps=max_steps)]
+def train_args(
+    output_dir: Path, *extra: str, max_steps: int = MAX_STEPS, flags: tuple[str, ...] = ()
+) -> list[str]:
+    return [
+        "train",
+        "--recipe",
+        str(SMOKE),
+        "--quiet",
+        *flags,
+        *tiny_sets(output_dir, *extra, max_steps=max_steps),
+    ]
 
 
 # Runs the CLI as `clm-runner ...` would; CLM_TEST_STEP_DELAY slows every training step (seconds) so a

@@ -10,8 +10,6 @@ import signal
 from pathlib import Path
 
 import pytest
-
-from clm_runner.checkpoints import MARKER, checkpoint_problem
 from runhelpers import (
     MAX_STEPS,
     finish,
@@ -22,6 +20,8 @@ from runhelpers import (
     train_args,
     wait_for,
 )
+
+from clm_runner.checkpoints import MARKER, checkpoint_problem
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +134,9 @@ def test_signal_finishes_the_step_checkpoints_and_prints_the_resume_command(
 
     def running_past_step_4() -> bool:
         manifest = run / "run.json"
-        return (run / "checkpoint-4" / MARKER).exists() and json.loads(manifest.read_text())["status"] == "running"
+        return (run / "checkpoint-4" / MARKER).exists() and json.loads(manifest.read_text())[
+            "status"
+        ] == "running"
 
     wait_for(running_past_step_4, process, what="training past checkpoint-4")
     process.send_signal(signum)
@@ -143,7 +145,9 @@ def test_signal_finishes_the_step_checkpoints_and_prints_the_resume_command(
     assert code == exit_code, log
     assert "Traceback" not in log
 
-    stopped = re.search(r"Stopped by (\w+) after step (\d+); checkpoint written to (\S+)\. Resume with: (.+)", log)
+    stopped = re.search(
+        r"Stopped by (\w+) after step (\d+); checkpoint written to (\S+)\. Resume with: (.+)", log
+    )
     assert stopped, log
     name, step, checkpoint, command = stopped.groups()
     assert name == signal.Signals(signum).name
