@@ -146,3 +146,15 @@ def test_stale_temporaries_are_cleared_but_checkpoints_kept(tmp_path: Path) -> N
     removed = remove_stale_temporaries(tmp_path, keep=tmp_path / "tmp-checkpoint-3")
     assert sorted(p.name for p in removed) == ["tmp-checkpoint-2", "tmp-deleting-checkpoint-1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "tmp-checkpoint-3"]
+
+
+def test_atomic_json_files_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    from clm_runner.outputs import write_json_atomic
+
+    target = tmp_path / "all_results.json"
+    write_json_atomic(target, {"eval_loss": 1.0})
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")  # what open() gives under this process's umask
+    assert os.stat(target).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
