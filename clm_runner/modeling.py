@@ -102,7 +102,7 @@ def load_model(
                 model.model_name_or_path,
                 config=config,
                 dtype=torch_dtype(model.dtype),
-                use_safetensors=None,
+                use_safetensors=True,  # never unpickle weights: .bin files are refused
                 **_hub_kwargs(model),
             )
     else:
@@ -154,7 +154,7 @@ def load_trained(path: str, *, dtype: str | None = None) -> tuple[PreTrainedMode
         )
     with hub_errors("model", str(directory), fix="Pass a run's output_dir or a checkpoint directory"):
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch_dtype(dtype), local_files_only=True
+            directory, dtype=torch_dtype(dtype), local_files_only=True, use_safetensors=True
         )
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return mark_causal_loss(model), tokenizer

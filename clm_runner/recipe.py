@@ -228,7 +228,23 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"Recipe {path} is not valid TOML: {exc}. Fix the syntax there.") from None
+        problem = _with_position(exc, text)
+        raise RecipeError(f"Recipe {path} is not valid TOML: {problem}. Fix the syntax there.") from None
+    except RecursionError:  # tomllib recurses once per nesting level of arrays and inline tables
+        raise RecipeError(
+            f"Recipe {path} nests arrays or tables too deeply for the TOML reader. Flatten it."
+        ) from None
+
+
+def _with_position(exc: Exception, text: str) -> str:
+    """tomllib says "(at end of document)" for an unclosed string or table; give its line and column too."""
+    message = str(exc)
+    if "(at end of document)" in message:
+        lines = text.splitlines() or [""]
+        message = message.replace(
+            "(at end of document)", f"(at end of document, line {len(lines)}, column {len(lines[-1]) + 1})"
+        )
+    return message
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -253,6 +269,10 @@ def parse_override(item: str) -> tuple[str, str, Any]:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
+    except RecursionError:
+        raise RecipeError(
+            f"--set {dotted}: the value nests arrays or tables too deeply. Flatten it."
+        ) from None
     return section, key, value
 
 

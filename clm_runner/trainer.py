@@ -1,16 +1,25 @@
-"""ClmTrainer: the Hugging Face Trainer with clm-runner's exact, token-weighted evaluation.
+"""ClmTrainer: the Hugging Face Trainer with clm-runner's exact evaluation and crash-safe checkpoints.
 
 The Trainer's own eval loss is a mean of batch means and its accuracy needs every prediction kept in
 memory; here evaluation sums NLL and correct tokens per batch (flat memory), shards blocks across ranks
 without padding, and all-reduces the sums, so every world size gives the same number.
+
+Checkpoints are written under a temporary name and sealed (clm_runner.checkpoints); metric and state
+files are replaced atomically; a SIGINT/SIGTERM stops after the current step with a checkpoint
+(clm_runner.interrupts).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
+
+from clm_runner.checkpoints import save_checkpoint_atomically
+from clm_runner.interrupts import GracefulStop
+from clm_runner.outputs import read_json, write_json_atomic, write_text_atomic
 
 
 class ClmTrainer(Trainer):
@@ -29,6 +38,70 @@ class ClmTrainer(Trainer):
             if annotate is not None:
                 annotate(self.state, logs)
         super().log(logs, start_time)
+
+    graceful_stop: GracefulStop | None = None
+    """Set by `train` to stop after the step in which a SIGINT/SIGTERM arrived."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Rotation is ours (complete checkpoints only, newest complete kept); upstream's would also delete
+        # the newest checkpoint at the end when save_total_limit=1 and a best checkpoint differs.
+        self.checkpoint_limit = self.args.save_total_limit
+        self._last_checkpoint_step: int | None = None
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self.args.save_total_limit = None
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.args.save_total_limit = self.checkpoint_limit
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # training_args.bin inside the checkpoint records the user's limit, not the None set during train.
+        self.args.save_total_limit = self.checkpoint_limit
+        try:
+            save_checkpoint_atomically(self, model, trial, limit=self.checkpoint_limit)
+        finally:
+            self.args.save_total_limit = None
+        self._last_checkpoint_step = self.state.global_step
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        stop = self.graceful_stop
+        if stop is not None and stop.stopped_at_step is not None:
+            # The epoch-end pass after we stopped: the checkpoint is written, evaluate and save nothing more.
+            self.control.should_evaluate = self.control.should_save = self.control.should_log = False
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        if stop is None or stop.stopped_at_step is not None or not stop.should_stop(self.args):
+            return
+        if self._last_checkpoint_step != self.state.global_step:
+            model = args[2] if len(args) > 2 else kwargs.get("model", self.model)
+            trial = args[3] if len(args) > 3 else kwargs.get("trial")
+            self._save_checkpoint(model, trial)
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        self.control.should_training_stop = True
+        stop.stopped_at_step = self.state.global_step
+
+    def save_metrics(self, split: str, metrics: dict[str, Any], combined: bool = True) -> None:
+        """Trainer.save_metrics, each file replaced atomically."""
+        if not self.is_world_process_zero():
+            return
+        output_dir = Path(self.args.output_dir)
+        write_json_atomic(output_dir / f"{split}_results.json", metrics)
+        if combined:
+            path = output_dir / "all_results.json"
+            combined_metrics = read_json(path) if path.exists() else {}
+            combined_metrics.update(metrics)
+            write_json_atomic(path, combined_metrics)
+
+    def save_state(self) -> None:
+        """Trainer.save_state, replaced atomically (same JSON as TrainerState.save_to_json)."""
+        if not self.is_world_process_zero():
+            return
+        import dataclasses
+        import json
+
+        text = json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n"
+        write_text_atomic(Path(self.args.output_dir) / "trainer_state.json", text)
 
     def evaluate(
         self,

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from clm_runner.checkpoints import seal_checkpoint
 from clm_runner.errors import OutputDirError
 from clm_runner.outputs import latest_checkpoint, list_checkpoints, plan_output_dir, write_json_atomic
 
 
 def make_checkpoint(run: Path, step: int) -> Path:
-    path = run / f"checkpoint-{step}"
-    path.mkdir(parents=True)
-    (path / "trainer_state.json").write_text("{}")
-    return path
+    """A complete checkpoint as clm_runner.checkpoints writes it: staged, sealed with its marker, renamed."""
+    staging = run / f"tmp-checkpoint-{step}"
+    staging.mkdir(parents=True)
+    (staging / "trainer_state.json").write_text("{}")
+    return seal_checkpoint(staging, run / f"checkpoint-{step}", step=step)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -41,7 +43,7 @@ def test_non_empty_without_checkpoint_is_refused_and_untouched(tmp_path: Path) -
 def test_resumes_from_newest_by_step_not_by_name(tmp_path: Path) -> None:
     for step in (9, 10, 100):
         make_checkpoint(tmp_path, step)
-    (tmp_path / "checkpoint-200").mkdir()  # no trainer_state.json: not a checkpoint
+    (tmp_path / "checkpoint-200").mkdir()  # no completion marker: torn, not a checkpoint
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-10", "checkpoint-100"]
     plan = plan_output_dir(tmp_path)
     assert plan.resume_from == tmp_path / "checkpoint-100"

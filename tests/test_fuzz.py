@@ -1,0 +1,173 @@
+"""Fuzzing the recipe reader and `--set`: whatever the input, a recipe or a ClmError, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import tomli_w
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clm_runner.cli import cli
+from clm_runner.errors import ClmError
+from clm_runner.recipe import ALL_SECTIONS, SECTIONS, load_recipe, parse_override, training_argument_types
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_TEXT = (REPO / "recipes" / "smoke.toml").read_text(encoding="utf-8")
+
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+SECTION_NAMES = st.sampled_from([*ALL_SECTIONS, "modle", "trainer", "", "model.x", "Data"])
+# Real keys most of the time (they reach the type checks and cross-field rules), some near misses.
+KEYS = st.sampled_from(
+    sorted(
+        {f.name for cls in SECTIONS.values() for f in __import__("dataclasses").fields(cls)}
+        | set(list(training_argument_types())[:60])
+        | {"output_dir", "max_steps", "blok_size", "learnig_rate", "", "token", "trust_remote_code"}
+    )
+)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(
+        ["gpt2", "auto", "concat", "run_clm", "replace", "steps", "epoch", "no", "float16", "hf_x"]
+    ),
+    st.dates(),
+    st.datetimes(),
+    st.times(),
+)
+VALUES = st.recursive(
+    SCALARS.filter(lambda v: v is not None),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+TABLES = st.dictionaries(SECTION_NAMES, st.dictionaries(KEYS, VALUES, max_size=6), max_size=5)
+
+
+def _toml_text(tables: dict) -> str | None:
+    try:
+        return tomli_w.dumps(tables)
+    except (TypeError, ValueError):  # a value TOML cannot write (e.g. a time with tzinfo): skip the example
+        return None
+
+
+def _load(text: str, overrides: list[str] = ()) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.toml"
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        try:
+            load_recipe(path, overrides)
+        except ClmError as exc:
+            assert str(exc).strip(), "an error must say something"
+
+
+@FUZZ
+@given(TABLES)
+def test_structured_recipes_load_or_raise_clm_error(tables: dict) -> None:
+    text = _toml_text(tables)
+    if text is not None:
+        _load(text)
+
+
+@FUZZ
+@given(st.text(max_size=300))
+def test_arbitrary_text_loads_or_raises_clm_error(text: str) -> None:
+    _load(text.encode("utf-8", "replace").decode("utf-8"))
+
+
+@FUZZ
+@given(st.data())
+def test_mutated_smoke_recipe_loads_or_raises_clm_error(data: st.DataObject) -> None:
+    """A real recipe with a few characters inserted, deleted or replaced: the typos people make."""
+    text = SMOKE_TEXT
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(text)))
+        cut = data.draw(st.integers(0, 3))
+        insert = data.draw(st.text(alphabet="[]{}=\"'.,#\n 0123456789abcxyz-_+e", max_size=3))
+        text = text[:at] + insert + text[at + cut :]
+    _load(text)
+
+
+OVERRIDES = st.one_of(
+    st.text(max_size=40),
+    st.builds(
+        lambda section, key, value: f"{section}.{key}={value}",
+        SECTION_NAMES,
+        KEYS,
+        st.one_of(st.text(max_size=20), VALUES.map(lambda v: _toml_value(v) or "x")),
+    ),
+)
+
+
+def _toml_value(value: object) -> str | None:
+    """A TOML value as written after `=` on one line (inline tables and arrays)."""
+    if isinstance(value, dict):
+        items = (f"{json.dumps(k)} = {_toml_value(v) or '0'}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) or "0" for v in value) + "]"
+    text = _toml_text({"v": value})
+    return text.split("=", 1)[1].strip() if text else None
+
+
+@FUZZ
+@given(st.lists(OVERRIDES, max_size=4))
+def test_set_overrides_load_or_raise_clm_error(overrides: list[str]) -> None:
+    _load(SMOKE_TEXT, overrides)
+
+
+@FUZZ
+@given(OVERRIDES)
+def test_parse_override_returns_or_raises_clm_error(item: str) -> None:
+    try:
+        section, key, _ = parse_override(item)
+    except ClmError:
+        return
+    assert section in ALL_SECTIONS and key
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(TABLES.map(_toml_text), st.text(max_size=200)), st.lists(OVERRIDES, max_size=3))
+def test_cli_never_shows_a_traceback(text: str | None, overrides: list[str]) -> None:
+    if text is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.toml"
+        path.write_text(text.encode("utf-8", "replace").decode("utf-8"), encoding="utf-8")
+        sets = [a for o in overrides for a in ("--set", o)]
+        for command in (["recipe", "check"], ["recipe", "show"]):
+            result = CliRunner().invoke(cli, [*command, "--recipe", str(path), *sets])
+            assert result.exit_code in (0, 2), (result.output, result.exception)
+            assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+            assert "Traceback" not in result.output
+            if result.exit_code == 2:
+                assert sum(line.startswith("error:") for line in result.output.splitlines()) == 1
+
+
+@pytest.mark.parametrize("depth", [2000, 20000])
+def test_deep_nesting_is_a_clear_error(depth: int, tmp_path: Path) -> None:
+    """tomllib recurses once per nesting level: a RecursionError used to escape as a traceback."""
+    nested = "[" * depth + "]" * depth
+    path = tmp_path / "deep.toml"
+    path.write_text(f"[training]\nx = {nested}\n")
+    with pytest.raises(ClmError, match="too deeply"):
+        load_recipe(path)
+    with pytest.raises(ClmError, match="too deeply"):
+        parse_override(f"training.x={nested}")
+
+
+def test_the_fuzz_strategies_reach_valid_recipes() -> None:
+    """Guard against a fuzzer that only ever produces errors: the smoke recipe with overrides still loads."""
+    recipe = load_recipe(REPO / "recipes" / "smoke.toml", ["training.max_steps=3", "data.block_size=64"])
+    assert recipe.training["max_steps"] == 3 and recipe.data.block_size == 64
+    assert not math.isnan(recipe.training["learning_rate"])

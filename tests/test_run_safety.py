@@ -1,0 +1,305 @@
+"""One run per output dir, run.json (content, status, no secret), rotation at the end, and the security defaults."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from runhelpers import REPO, SMOKE, run_cli, snapshot, subprocess_env, train_args
+
+from clm_runner.checkpoints import scan_checkpoints
+from clm_runner.cli import cli
+from clm_runner.errors import ClmError, ModelError
+from clm_runner.manifest import recipe_hash, redact_argv, resume_command, scrub
+from clm_runner.runlock import LOCK_NAME, RunLock, ensure_free, read_owner
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CLM_RUNNER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def clm_log() -> list[str]:
+    """Messages of the clm_runner logger (it does not propagate, so caplog cannot see them)."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("clm_runner")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from clm_runner.runlock import RunLock
+lock = RunLock.acquire(Path(sys.argv[1]), "clm-runner train --recipe holder.toml")
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The lock
+
+
+def test_a_live_owner_is_refused_naming_it_and_nothing_changes(tmp_path: Path, cache: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("keep")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        before = snapshot(run)
+        result = invoke("train", *train_args(run)[1:])
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1
+        assert f"in use by pid {holder.pid} on {socket.gethostname()}" in errors[0]
+        assert "holder.toml" in errors[0] and "another training.output_dir" in errors[0]
+        assert "Traceback" not in result.output
+        assert snapshot(run) == before
+        with pytest.raises(ClmError, match=f"pid {holder.pid}"):
+            RunLock.acquire(run)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The holder died without releasing: its lock is stale now, and is taken over.
+    assert read_owner(run / LOCK_NAME).pid == holder.pid
+    with RunLock.acquire(run, "me") as lock:
+        assert read_owner(lock.path).pid == os.getpid()
+        with pytest.raises(ClmError, match=f"pid {os.getpid()}"):
+            ensure_free(run)  # a second user in this very process is refused too
+    assert not (run / LOCK_NAME).exists()
+
+
+def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path: Path, cache: Path, clm_log: list[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    pid = dead_pid()
+    record = {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "command": "clm-runner train old",
+        "started_at": time.time(),
+    }
+    (run / LOCK_NAME).write_text(json.dumps(record))
+    result = invoke("train", *train_args(run, max_steps=2)[1:])
+    assert result.exit_code == 0, result.output
+    takeover = [m for m in clm_log if "Taking over the stale lock" in m]
+    assert len(takeover) == 1 and f"pid {pid}" in takeover[0]
+    assert not (run / LOCK_NAME).exists()  # released at the end
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+def test_a_lock_from_another_host_is_not_stolen(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {"pid": dead_pid(), "host": "some-other-node", "command": "", "started_at": 0}
+    (run / LOCK_NAME).write_text(json.dumps(record))
+    with pytest.raises(ClmError, match=f"some-other-node.*delete {run / LOCK_NAME}"):
+        ensure_free(run)
+
+
+# ---------------------------------------------------------------------------------------------------
+# run.json
+
+
+def test_run_json_records_what_produced_the_run_and_no_secret(tmp_path: Path) -> None:
+    """A real process, so its whole log is checked too; three secrets, three routes."""
+    model_token = "hf_" + "M" * 34
+    env_token = "hf_" + "E" * 34
+    hub_token = "hf_" + "H" * 34
+    run = tmp_path / "run"
+    args = train_args(run, f"model.token={model_token}", f"training.hub_token={hub_token}", max_steps=4)
+    env = subprocess_env(tmp_path / "cache", HF_TOKEN=env_token)
+    code, log = run_cli(args, env, tmp_path / "train.log")
+    assert code == 0, log
+
+    for secret in (model_token, env_token, hub_token):
+        assert secret not in log
+        for path in run.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), f"{secret[:5]}... found in {path}"
+
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["global_step"] == 4
+    assert manifest["command"][:3] == ["clm-runner", "train", "--recipe"]
+    assert "model.token=<redacted>" in manifest["command"]
+    assert manifest["recipe"]["model"]["token"] == "<redacted>"
+    assert manifest["recipe"]["training"]["max_steps"] == 4
+    assert manifest["recipe_hash"] == recipe_hash(manifest["recipe"])
+    for package in ("clm_runner", "transformers", "torch", "datasets", "accelerate", "python"):
+        assert manifest["versions"][package]
+    import torch
+    import transformers
+
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["versions"]["transformers"] == transformers.__version__
+    assert manifest["platform"]["system"] and manifest["devices"]["device"] == "cpu"
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert manifest["git"]["commit"] == head
+    train_file = REPO / "recipes" / "smoke" / "train.txt"
+    (listed,) = manifest["data"]["splits"]["train"]["files"]
+    assert listed["sha256"] == hashlib.sha256(train_file.read_bytes()).hexdigest()
+    assert listed["size"] == train_file.stat().st_size
+    assert manifest["seed"] == 42
+    assert manifest["started_at"] <= manifest["ended_at"]
+    assert manifest["previous_attempts"] == []
+
+
+def test_a_crash_marks_the_run_failed_and_frees_the_dir(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from clm_runner.trainer import ClmTrainer
+
+    def explode(self, *args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(ClmTrainer, "train", explode)
+    run = tmp_path / "run"
+    result = invoke("train", *train_args(run, max_steps=2)[1:])
+    assert isinstance(result.exception, RuntimeError)
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"] == "RuntimeError: disk on fire"
+    assert manifest["ended_at"]
+    assert not (run / LOCK_NAME).exists()
+
+
+def test_redaction_helpers() -> None:
+    secret = "hf_" + "x" * 34
+    argv = ["clm-runner", "train", "--set", f"model.token={secret}", "--set", "training.hub_token=abc123"]
+    assert redact_argv(argv) == [
+        "clm-runner",
+        "train",
+        "--set",
+        "model.token=<redacted>",
+        "--set",
+        "training.hub_token=<redacted>",
+    ]
+    assert scrub(f"token {secret} and sekrit", ["sekrit"]) == "token <redacted> and <redacted>"
+    command = resume_command(
+        [
+            "/bin/clm-runner",
+            "train",
+            "-r",
+            "r.toml",
+            "--no-resume",
+            "--overwrite",
+            "--resume-from",
+            "x/checkpoint-3",
+        ],
+        Path("out"),
+    )
+    assert command == "clm-runner train -r r.toml"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rotation at the end of training
+
+
+def test_save_total_limit_1_with_best_model_keeps_the_newest_complete(tmp_path: Path, cache: Path) -> None:
+    """Upstream deletes the newest checkpoint at the end here (save_total_limit=1 and a best one); we don't."""
+    run = tmp_path / "run"
+    extra = (
+        "training.eval_strategy=steps",
+        "training.eval_steps=2",
+        "training.save_steps=2",
+        "training.save_total_limit=1",
+        "training.load_best_model_at_end=true",
+        "training.metric_for_best_model=loss",
+        "training.greater_is_better=true",  # the loss falls, so "best" is the first eval: not the newest
+    )
+    result = invoke("train", *train_args(run, *extra, max_steps=6)[1:])
+    assert result.exit_code == 0, result.output
+    state = json.loads((run / "trainer_state.json").read_text())
+    best = Path(state["best_model_checkpoint"]).name
+    complete = [p.name for p in scan_checkpoints(run).complete]
+    assert "checkpoint-6" in complete and best in complete
+    assert best != "checkpoint-6", "the scenario needs a best checkpoint that is not the newest"
+    assert complete == sorted([best, "checkpoint-6"], key=lambda name: int(name.split("-")[1]))
+    assert not scan_checkpoints(run).torn
+
+
+# ---------------------------------------------------------------------------------------------------
+# Security
+
+
+def test_trust_remote_code_is_off_by_default_and_warns_when_set(tmp_path: Path, cache: Path, clm_log) -> None:
+    from clm_runner.recipe import load_recipe
+
+    assert load_recipe(SMOKE).model.trust_remote_code is False
+    result = invoke("train", *train_args(tmp_path / "run", "model.trust_remote_code=true", max_steps=1)[1:])
+    assert result.exit_code == 0, result.output
+    assert any(
+        "trust_remote_code = true" in m and "code shipped with the model will run" in m for m in clm_log
+    )
+
+
+def test_pickled_weights_are_refused(tmp_path: Path) -> None:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from clm_runner.modeling import load_trained
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8))
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="safetensors"):
+        load_trained(str(tmp_path))
+
+
+def unsafe_torch_loads(source: str) -> list[str]:
+    """torch.load calls that do not pass weights_only=True (they could unpickle arbitrary code)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("torch.load"):
+            keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            if keywords.get("weights_only") != "True":
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_every_torch_load_in_clm_runner_uses_weights_only() -> None:
+    probe = "import torch\ntorch.load('a')\ntorch.load('b', weights_only=False)\ntorch.load('c', weights_only=True)\n"
+    assert unsafe_torch_loads(probe) == ["torch.load('a')", "torch.load('b', weights_only=False)"]
+    for path in sorted((REPO / "clm_runner").glob("*.py")):
+        assert unsafe_torch_loads(path.read_text()) == [], path
