@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clm_runner.errors import DataError, HubUnreachableError
+from clm_runner.hub import is_connection_failure, offline_reason, prepare_hub_access
 
 if TYPE_CHECKING:
     import datasets
@@ -419,38 +420,10 @@ def _hub_kwargs(data: DataConfig, model: ModelConfig) -> dict[str, Any]:
 
 
 def hub_unreachable_message(name: str) -> str:
-    reason = "HF_HUB_OFFLINE=1 is set" if _hub_offline() else "no network"
     return (
-        f"Can't reach the Hugging Face Hub to fetch dataset {name!r} ({reason}). "
+        f"Can't reach the Hugging Face Hub to fetch dataset {name!r} ({offline_reason()}). "
         "Use local files (data.train_file=...) or recipes/smoke.toml."
     )
-
-
-def _hub_offline() -> bool:
-    return any(
-        os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def _is_connection_problem(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        names = {cls.__name__ for cls in type(current).__mro__}
-        if names & {
-            "ConnectionError",
-            "OfflineModeIsEnabled",
-            "LocalEntryNotFoundError",
-            "ConnectTimeout",
-            "ConnectError",
-            "TimeoutException",
-            "Timeout",
-        }:
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> dict[str, Any]:
@@ -458,10 +431,11 @@ def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> di
 
     name = data.dataset_name
     assert name is not None
+    prepare_hub_access([name])
     try:
         loaded = datasets.load_dataset(name, data.dataset_config_name, **_hub_kwargs(data, model))
     except Exception as exc:
-        if _is_connection_problem(exc):
+        if is_connection_failure(exc):
             raise HubUnreachableError(hub_unreachable_message(name)) from None
         if type(exc).__name__ in ("DatasetNotFoundError", "FileNotFoundError"):
             raise DataError(

@@ -33,6 +33,7 @@ def looks_like_hub_id(name: str | None) -> bool:
 
 
 _probed: bool | None = None
+_switched_offline = False  # True once this process went offline because the Hub did not answer
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -58,6 +59,8 @@ def prepare_hub_access(names: list[str | None]) -> None:
 
 
 def set_offline() -> None:
+    global _switched_offline
+    _switched_offline = True
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     # The libraries read the variable at import; patch the module constants if they are loaded already.
@@ -74,23 +77,32 @@ def set_offline() -> None:
 
 
 def offline_reason() -> str:
-    return "HF_HUB_OFFLINE=1 is set" if is_offline() else "no network"
+    if is_offline() and not _switched_offline:
+        return "HF_HUB_OFFLINE=1 is set"
+    return "no network"
 
 
-def _is_connection_failure(exc: BaseException) -> bool:
+CONNECTION_ERRORS = {
+    "ConnectionError",
+    "OfflineModeIsEnabled",
+    "LocalEntryNotFoundError",
+    "ConnectTimeout",
+    "ConnectError",
+    "TimeoutException",
+    "Timeout",
+}
+CONNECTION_MESSAGES = ("couldn't connect to", "offline mode", "outgoing traffic has been disabled")
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Whether an exception (or one it was raised from) means the Hub could not be reached."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        name = type(current).__name__
-        text = str(current)
-        if name in {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectionError", "ConnectError"}:
+        if {cls.__name__ for cls in type(current).__mro__} & CONNECTION_ERRORS:
             return True
-        if (
-            "couldn't connect to" in text
-            or "offline mode" in text
-            or "outgoing traffic has been disabled" in text
-        ):
+        if any(fragment in str(current) for fragment in CONNECTION_MESSAGES):
             return True
         current = current.__cause__ or current.__context__
     return False
@@ -102,7 +114,7 @@ def hub_errors(kind: str, name: str | None, *, fix: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError) as exc:
-        if _is_connection_failure(exc):
+        if is_connection_failure(exc):
             raise HubUnreachableError(
                 f"Can't reach the Hugging Face Hub to fetch {kind} '{name}' ({offline_reason()}) and it is not "
                 f"in the local cache. {fix}, {SMOKE_HINT}."

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import tomllib
 
 from clm_runner.errors import OutputDirError
+from clm_runner.outputs import latest_checkpoint
 
 TRAINER_STATE = "trainer_state.json"
 RESULT_FILES = ("all_results.json", "train_results.json", "eval_results.json")
@@ -50,12 +50,9 @@ def _read_json(path: Path) -> Any:
 
 
 def _newest_checkpoint_state(run_dir: Path) -> Path | None:
-    checkpoints = []
-    for child in run_dir.glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        if match and (child / TRAINER_STATE).is_file():
-            checkpoints.append((int(match.group(1)), child / TRAINER_STATE))
-    return max(checkpoints)[1] if checkpoints else None
+    """The newest complete checkpoint's state (torn checkpoints are skipped, as resume skips them)."""
+    newest = latest_checkpoint(run_dir, warn=False)
+    return newest / TRAINER_STATE if newest is not None else None
 
 
 def _points(log_history: Sequence[Mapping[str, Any]], key: str) -> tuple[tuple[int, float], ...]:

@@ -257,11 +257,13 @@ EXPECTED_FILES = {
     "generation_config.json",
     "model.safetensors",
     "recipe.toml",
+    "run.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "train_results.json",
     "trainer_state.json",
     "training_args.bin",
+    "train.log",
     f"checkpoint-{MAX_STEPS}",
 }
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from clm_runner.checkpoints import seal_checkpoint
 from clm_runner.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,9 +41,10 @@ def run_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("evalrun") / "run"
     save_tiny_model(run, seed=0)
     for step, seed in ((10, 1), (20, 2)):
-        checkpoint = run / f"checkpoint-{step}"
-        save_tiny_model(checkpoint, seed=seed)
-        (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        staging = run / f"tmp-checkpoint-{step}"
+        save_tiny_model(staging, seed=seed)
+        (staging / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        seal_checkpoint(staging, run / f"checkpoint-{step}", step=step)  # complete, as `train` writes them
     (run / "recipe.toml").write_text(
         f"""
 [model]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from clm_runner.checkpoints import seal_checkpoint
 from clm_runner.errors import OutputDirError
 from clm_runner.report import load_run, plot_runs, render_table, summarize
 
@@ -152,8 +153,13 @@ def test_bad_directories_raise_output_dir_errors(tmp_path):
 
 def test_interrupted_run_is_read_from_its_newest_checkpoint(tmp_path):
     run_dir = tmp_path / "interrupted"
-    for step in (2, 10):
-        _write_run(run_dir / f"checkpoint-{step}", [{"step": step, "loss": 1.0 / step}], global_step=step)
+    for step in (2, 10, 12):
+        staging = run_dir / f"tmp-checkpoint-{step}"
+        _write_run(staging, [{"step": step, "loss": 1.0 / step}], global_step=step)
+        if step < 12:  # checkpoint-12 stays torn (never sealed): it must be skipped
+            seal_checkpoint(staging, run_dir / f"checkpoint-{step}", step=step)
+        else:
+            staging.rename(run_dir / f"checkpoint-{step}")
     run = load_run(run_dir)
     assert run.state_file == run_dir / "checkpoint-10" / "trainer_state.json"
     assert run.global_step == 10
