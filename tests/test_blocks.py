@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from clm_runner import blocks
+from clm_runner import blocks, tokenization
 from clm_runner.blocks import PreparedSplit, prepare_splits, resolve_block_size
 from clm_runner.errors import DataError
 from clm_runner.recipe import load_recipe
@@ -323,17 +323,17 @@ def test_rows_are_int64_tensors_and_labels_equal_input_ids(tmp_path, tokenizer):
 def test_worker_count_never_changes_the_blocks(tmp_path, tokenizer, monkeypatch):
     tokenizer.save_pretrained(tmp_path / "tok")
     write_lines(tmp_path / "train.txt", make_lines(3000, seed=6))
-    monkeypatch.setattr(blocks, "TOKENIZE_CHUNK_ROWS", 97)
-    monkeypatch.setattr(blocks, "MIN_ROWS_PER_WORKER", 1)
+    monkeypatch.setattr(tokenization, "TOKENIZE_CHUNK_ROWS", 97)
+    monkeypatch.setattr(tokenization, "MIN_ROWS_PER_WORKER", 1)
     pid_log = tmp_path / "pids"
-    real_tokenize = blocks.tokenize_rows
+    real_tokenize = tokenization.tokenize_rows
 
     def logging_tokenize(texts, encoder):
         with pid_log.open("a") as handle:
             handle.write(f"{os.getpid()}\n")
         return real_tokenize(texts, encoder)
 
-    monkeypatch.setattr(blocks, "tokenize_rows", logging_tokenize)
+    monkeypatch.setattr(tokenization, "tokenize_rows", logging_tokenize)
     results = {}
     for workers in (1, 2):
         monkeypatch.setenv("CLM_RUNNER_CACHE", str(tmp_path / f"cache-{workers}"))
@@ -414,8 +414,11 @@ def test_cache_hit_does_not_tokenize_and_overwrite_cache_rebuilds(
         calls.append(1)
         raise AssertionError("tokenized on a cache hit")
 
-    real_tokenize_split, real_load_raw_splits = blocks.tokenize_split, blocks.data_sources.load_raw_splits
-    monkeypatch.setattr(blocks, "tokenize_split", refuse)
+    real_tokenize_split, real_load_raw_splits = (
+        tokenization.tokenize_split,
+        blocks.data_sources.load_raw_splits,
+    )
+    monkeypatch.setattr(tokenization, "tokenize_split", refuse)
     monkeypatch.setattr(blocks.data_sources, "load_raw_splits", refuse)
     second = prepare_splits(
         recipe_for(tmp_path, *args), tokenizer, 16, ["train", "validation"], progress=False
@@ -433,7 +436,7 @@ def test_cache_hit_does_not_tokenize_and_overwrite_cache_rebuilds(
     monkeypatch.setattr(blocks, "_IMPORTED_AT", time.time() + 1)
     with pytest.raises(AssertionError, match="tokenized on a cache hit"):
         prepare_splits(overwrite, tokenizer, 16, ["train"], progress=False)
-    monkeypatch.setattr(blocks, "tokenize_split", real_tokenize_split)
+    monkeypatch.setattr(tokenization, "tokenize_split", real_tokenize_split)
     monkeypatch.setattr(blocks.data_sources, "load_raw_splits", real_load_raw_splits)
     rebuilt = prepare_splits(overwrite, tokenizer, 16, ["train"], progress=False)
     assert not rebuilt["train"].from_cache and as_lists(rebuilt["train"]) == as_lists(first["train"])
@@ -609,7 +612,7 @@ def test_tokenizer_whose_python_call_differs_from_its_backend_is_followed_exactl
 @pytest.mark.parametrize("pieces", [[], [[]], [[1, 2, 3]], [[5], [], list(range(100_000))]])
 def test_npy_stream_writer_writes_a_loadable_array(tmp_path, pieces):
     path = tmp_path / "stream.npy"
-    writer = blocks.NpyStreamWriter(path, np.dtype("int32"))
+    writer = tokenization.NpyStreamWriter(path, np.dtype("int32"))
     for piece in pieces:
         writer.write(np.array(piece, dtype=np.int64))
     writer.close()
