@@ -1,7 +1,7 @@
 """Token blocks: raw text splits -> exact, cached blocks of block_size tokens (run_clm's preprocessing, fast).
 
 Each split is tokenized row by row with `tokenizer(text)` semantics (the tokenizer's default special tokens
-per row) by the Rust backend in contiguous row shards across processes, concatenated in row order into one
+per row) by the Rust backend in contiguous row shards across processes (clm_runner.tokenization), concatenated in row order into one
 token stream (so the result never depends on the worker count), then cut into blocks with numpy. The stream
 (`.npy`) and the blocks (arrow, int32) are cached under `$CLM_RUNNER_CACHE` (default ~/.cache/clm-runner),
 keyed on everything that decides the tokens.
