@@ -89,13 +89,23 @@ def train_tokenizer(text: str, vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
 
 
-def build_model(vocab_size: int, seed: int):
+def build_model(tokenizer, seed: int):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=1024, n_embd=256, n_layer=4, n_head=4)
-    return GPT2LMHeadModel(config).eval()
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=1024,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    model.loss_type = "ForCausalLM"  # what transformers falls back to for GPT-2 anyway, minus the warning
+    return model
 
 
 def hf_guide_strided_loop(model, stream, *, context: int, stride: int) -> tuple[float, int, int]:
@@ -141,7 +151,7 @@ def main() -> None:
     text, corpus_description = read_corpus(args.corpus)
     tokenizer = train_tokenizer(text, args.vocab_size)
     stream = np.asarray(tokenizer(text)["input_ids"][: args.max_tokens], dtype=np.int64)
-    model = build_model(len(tokenizer), args.seed)
+    model = build_model(tokenizer, args.seed)
     n_parameters = sum(p.numel() for p in model.parameters())
 
     print(f"corpus: {corpus_description}")
