@@ -180,9 +180,10 @@ def evaluate_blocks(
     """Score every token but the first of each block, as run_clm's eval does with labels = input_ids.
 
     `blocks` is a 2-D numpy array of token ids, a `datasets.Dataset` with an `input_ids` column, or any
-    sequence of token-id rows; the result's `context` is the first block's length. `shard=(rank, world)` evaluates rows rank, rank + world, ... with no
-    padding and no duplicates, so the shards' results add up to the unsharded result. `progress` is
-    called with the number of this shard's blocks done so far.
+    sequence of token-id rows; the result's `context` is the first block's length.
+    `shard=(rank, world)` evaluates rows rank, rank + world, ... with no padding and no duplicates, so
+    the shards' results add up to the unsharded result. `progress` is called with the number of this
+    shard's blocks done so far.
     """
     rank, world = _check_shard(shard)
     _check_batch_size(batch_size)
