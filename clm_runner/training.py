@@ -100,7 +100,8 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
         )
 
     plan = decide_on_rank0(decide_plan)
-    created_dir = not plan.output_dir.exists()
+    # Only rank 0 writes into the output dir, so only rank 0 may clean up after a failed start.
+    created_dir = is_main_process() and not plan.output_dir.exists()
     command = " ".join(redact_argv(options.argv, secret_values(recipe)))
     # Rank 0 holds the lock; the other ranks learn that it was taken (or all stop with its error).
     lock = decide_on_rank0(lambda: RunLock.acquire(plan.output_dir, command), share=lambda held: None)
