@@ -206,6 +206,8 @@ def _train(
         logger.info("*** Evaluate ***")
         eval_metrics = trainer.evaluate()
         eval_metrics["eval_samples"] = _count(eval_dataset, recipe.data.max_eval_samples)
+        # How the number was computed, as `clm-runner eval` labels it.
+        eval_metrics.update(method="blocks", block_size=block_size, split="validation")
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         results["eval"] = eval_metrics
