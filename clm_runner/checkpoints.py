@@ -23,6 +23,8 @@ from typing import Any
 logger = logging.getLogger("clm_runner")
 
 MARKER = "clm_runner_complete.json"
+TRAINER_STATE = "trainer_state.json"
+"""The Trainer's state and log history, in the run dir and in each checkpoint."""
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STAGING_PREFIX = "tmp-checkpoint-"
 DELETING_PREFIX = "tmp-deleting-checkpoint-"
@@ -55,7 +57,7 @@ def checkpoint_problem(path: Path) -> str | None:
             raise TypeError("files is not a table")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable completion marker ({exc})"
-    if "trainer_state.json" not in listed:
+    if TRAINER_STATE not in listed:
         return "its marker lists no trainer_state.json"
     for name, size in listed.items():
         file = path / name
@@ -65,10 +67,6 @@ def checkpoint_problem(path: Path) -> str | None:
         if actual != size:
             return f"{name} is {actual:,} bytes, expected {size:,} (truncated or changed)"
     return None
-
-
-def is_complete(path: Path) -> bool:
-    return checkpoint_problem(path) is None
 
 
 @dataclass(frozen=True)
@@ -270,7 +268,7 @@ def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: i
                 trainer.state.stateful_callbacks[name].append(cb.state())
             else:
                 trainer.state.stateful_callbacks[name] = cb.state()
-        trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        trainer.state.save_to_json(str(staging / TRAINER_STATE))
 
     trainer.accelerator.wait_for_everyone()
     if args.should_save:

@@ -11,13 +11,11 @@ from typing import Any
 import click
 
 from clm_runner.errors import OutputDirError, RecipeError
-from clm_runner.outputs import list_checkpoints, read_json, write_json_atomic
+from clm_runner.outputs import RECIPE_FILE, list_checkpoints, save_metrics, write_json_atomic
 from clm_runner.recipe import Recipe, load_recipe
 from clm_runner.tables import render_table
 
 logger = logging.getLogger("clm_runner")
-
-RECIPE_FILE = "recipe.toml"
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     if request.output:
         write_json_atomic(Path(request.output), metrics)
     if run_dir is not None and request.checkpoint is None:
-        update_run_results(run_dir, metrics)
+        save_metrics(run_dir, "eval", metrics)  # where run_clm keeps a run's evaluation
     return metrics
 
 
@@ -163,15 +161,6 @@ def evaluate_all_checkpoints(recipe: Recipe, run_dir: Path, request: EvalRequest
     if request.output:
         write_json_atomic(Path(request.output), history)
     return history
-
-
-def update_run_results(run_dir: Path, metrics: dict[str, Any]) -> None:
-    """Record a run's evaluation where run_clm keeps it: eval_results.json and all_results.json."""
-    write_json_atomic(run_dir / "eval_results.json", metrics)
-    all_path = run_dir / "all_results.json"
-    combined = read_json(all_path) if all_path.exists() else {}
-    combined.update(metrics)
-    write_json_atomic(all_path, combined)
 
 
 def print_table(rows: list[dict[str, Any]], *, label: str = "split") -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from clm_runner.checkpoints import (
     CHECKPOINT_PATTERN,
+    TRAINER_STATE,
     checkpoint_problem,
     checkpoint_step,
     scan_checkpoints,
@@ -27,7 +28,11 @@ from clm_runner.runlock import LOCK_NAME
 logger = logging.getLogger("clm_runner")
 
 # Re-exported: callers found checkpoints here before clm_runner.checkpoints existed.
-__all__ = ["CHECKPOINT_PATTERN", "checkpoint_step", "latest_checkpoint", "list_checkpoints"]
+__all__ = ["CHECKPOINT_PATTERN", "TRAINER_STATE", "checkpoint_step", "latest_checkpoint", "list_checkpoints"]
+
+
+RECIPE_FILE = "recipe.toml"
+"""The resolved recipe a run was trained with; `eval --run` and `report` read it."""
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -163,3 +168,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def save_metrics(output_dir: Path, split: str, metrics: dict[str, Any]) -> None:
+    """`{split}_results.json`, merged into `all_results.json` (run_clm's files), each replaced atomically."""
+    write_json_atomic(output_dir / f"{split}_results.json", metrics)
+    combined_path = output_dir / "all_results.json"
+    combined = read_json(combined_path) if combined_path.exists() else {}
+    combined.update(metrics)
+    write_json_atomic(combined_path, combined)

@@ -12,9 +12,8 @@ from typing import Any
 import tomllib
 
 from clm_runner.errors import OutputDirError
-from clm_runner.outputs import latest_checkpoint
+from clm_runner.outputs import RECIPE_FILE, TRAINER_STATE, latest_checkpoint
 
-TRAINER_STATE = "trainer_state.json"
 RESULT_FILES = ("all_results.json", "train_results.json", "eval_results.json")
 
 
@@ -89,9 +88,9 @@ def load_run(path: str | Path) -> RunHistory:
                 results.update(loaded)
 
     recipe = None
-    if (run_dir / "recipe.toml").is_file():
+    if (run_dir / RECIPE_FILE).is_file():
         try:
-            recipe = tomllib.loads((run_dir / "recipe.toml").read_text(encoding="utf-8"))
+            recipe = tomllib.loads((run_dir / RECIPE_FILE).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
             raise OutputDirError(f"{run_dir / 'recipe.toml'} cannot be parsed ({error})") from error
 

@@ -19,7 +19,7 @@ from transformers import Trainer
 
 from clm_runner.checkpoints import save_checkpoint_atomically
 from clm_runner.interrupts import GracefulStop
-from clm_runner.outputs import read_json, write_json_atomic, write_text_atomic
+from clm_runner.outputs import TRAINER_STATE, save_metrics, write_json_atomic, write_text_atomic
 
 
 class ClmTrainer(Trainer):
@@ -85,13 +85,10 @@ class ClmTrainer(Trainer):
         """Trainer.save_metrics, each file replaced atomically."""
         if not self.is_world_process_zero():
             return
-        output_dir = Path(self.args.output_dir)
-        write_json_atomic(output_dir / f"{split}_results.json", metrics)
         if combined:
-            path = output_dir / "all_results.json"
-            combined_metrics = read_json(path) if path.exists() else {}
-            combined_metrics.update(metrics)
-            write_json_atomic(path, combined_metrics)
+            save_metrics(Path(self.args.output_dir), split, metrics)
+        else:
+            write_json_atomic(Path(self.args.output_dir) / f"{split}_results.json", metrics)
 
     def save_state(self) -> None:
         """Trainer.save_state, replaced atomically (same JSON as TrainerState.save_to_json)."""
@@ -101,7 +98,7 @@ class ClmTrainer(Trainer):
         import json
 
         text = json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n"
-        write_text_atomic(Path(self.args.output_dir) / "trainer_state.json", text)
+        write_text_atomic(Path(self.args.output_dir) / TRAINER_STATE, text)
 
     def evaluate(
         self,

@@ -28,12 +28,10 @@ from clm_runner.distributed import (
 )
 from clm_runner.errors import RecipeError
 from clm_runner.interrupts import GracefulStop, RunInterrupted, StopNow, signal_name
-from clm_runner.outputs import OutputPlan, latest_checkpoint, plan_output_dir, write_text_atomic
+from clm_runner.outputs import RECIPE_FILE, OutputPlan, latest_checkpoint, plan_output_dir, write_text_atomic
 from clm_runner.recipe import Recipe, render_toml, resolved_dict
 
 logger = logging.getLogger("clm_runner")
-
-RECIPE_FILE = "recipe.toml"
 
 
 @dataclass(frozen=True)
@@ -52,11 +50,9 @@ def training_kwargs(recipe: Recipe, *, with_device_defaults: bool = True) -> dic
     recipe leaves out; without them this is what recipe.toml records, so a rerun elsewhere gets its own.
     """
     kwargs = dict(recipe.training)
-    hub_token = kwargs.pop("hub_token", None)
-    if hub_token:
-        # TrainingArguments is pickled into every checkpoint (training_args.bin): a token there would be
-        # on disk in clear. huggingface_hub reads the same token from the environment.
-        os.environ["HF_TOKEN"] = hub_token
+    # TrainingArguments is pickled into every checkpoint (training_args.bin): a token there would be on
+    # disk in clear. run_training hands it to huggingface_hub through the environment instead.
+    kwargs.pop("hub_token", None)
     kwargs["do_train"] = True
     # run_clm is always called with --do_eval in its docs; evaluating at the end is the default here.
     kwargs.setdefault("do_eval", True)
@@ -85,6 +81,8 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
 
     setup_logging(quiet=options.quiet)
     quiet_replica_logging()
+    if recipe.training.get("hub_token"):
+        os.environ["HF_TOKEN"] = str(recipe.training["hub_token"])  # read by huggingface_hub
     kwargs = training_kwargs(recipe)
     # Built first: in a multi-process run this creates the process group that the decisions are shared on.
     args = build_training_args(kwargs)
