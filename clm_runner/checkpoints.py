@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clm_runner.files import default_file_mode, fsync_path
+
 logger = logging.getLogger("clm_runner")
 
 MARKER = "clm_runner_complete.json"
@@ -113,21 +115,6 @@ def warn_torn(torn: list[tuple[Path, str]], warn: Callable[[str], Any] = logger.
 # Sealing
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's entry list must reach the disk for a rename to last)."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # some filesystems refuse to open directories; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def seal_checkpoint(staging: Path, final: Path, *, step: int) -> Path:
     """Make the fully written `staging` directory the complete checkpoint `final`, atomically.
 
@@ -135,20 +122,23 @@ def seal_checkpoint(staging: Path, final: Path, *, step: int) -> Path:
     it. A `final` already there (the same step saved twice) is moved aside first and removed after.
     """
     files: dict[str, int] = {}
+    mode = default_file_mode()
     for file in sorted(p for p in staging.rglob("*") if p.is_file()):
         if file.name == MARKER:
             continue
-        _fsync_path(file)
+        # The safetensors writer makes its files private (0600); the team may read every other file.
+        os.chmod(file, mode)
+        fsync_path(file)
         files[file.relative_to(staging).as_posix()] = file.stat().st_size
     for directory in sorted({p.parent for p in staging.rglob("*")} | {staging}, key=lambda p: -len(p.parts)):
-        _fsync_path(directory)
+        fsync_path(directory)
     marker = {"format": MARKER_FORMAT, "step": step, "sealed_at": time.time(), "files": files}
     marker_path = staging / MARKER
     with open(marker_path, "w", encoding="utf-8") as handle:
         json.dump(marker, handle, indent=2, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
-    _fsync_path(staging)
+    fsync_path(staging)
 
     run_dir = final.parent
     replaced = None
@@ -157,7 +147,7 @@ def seal_checkpoint(staging: Path, final: Path, *, step: int) -> Path:
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
     os.replace(staging, final)
-    _fsync_path(run_dir)
+    fsync_path(run_dir)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     return final

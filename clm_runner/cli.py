@@ -27,7 +27,8 @@ class ClmGroup(click.Group):
         except ClmError as exc:
             if ctx.meta.get("clm_runner.debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            if not exc.quiet:
+                click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
 
 
@@ -76,25 +77,37 @@ def recipe_show(recipe_path: str, overrides: tuple[str, ...]) -> None:
     Example:
       clm-runner recipe show --recipe recipes/smoke.toml --set data.block_size=64
     """
-    from clm_runner.recipe import load_recipe, render_toml, resolved_dict
+    from clm_runner.recipe import load_recipe, render_toml, resolved_dict, unrecorded_secrets
+    from clm_runner.training import training_kwargs
 
     loaded = load_recipe(recipe_path, overrides)
-    click.echo(render_toml(resolved_dict(loaded), header=f"Resolved from {recipe_path}"), nl=False)
+    # The values `train` will use here: what it always sets (do_train, do_eval) and this device's defaults.
+    resolved = resolved_dict(loaded, training_overrides=training_kwargs(loaded))
+    header = f"Resolved from {recipe_path}: every key with the value `clm-runner train` uses on this machine"
+    click.echo(render_toml(resolved, header=header, unrecorded=unrecorded_secrets(loaded)), nl=False)
 
 
 @recipe.command("check")
 @recipe_options()
 def recipe_check(recipe_path: str, overrides: tuple[str, ...]) -> None:
-    """Validate a recipe (keys, types, cross-field rules) without running it.
+    """Run every check `train` runs before any heavy work, without training.
+
+    Keys, types and values; the TrainingArguments train would build; files and directories the recipe
+    names; the tokenizer, config and block size; the hub where it is needed; and what the output dir
+    allows (new, resume, refused).
 
     \b
     Example:
-      clm-runner recipe check --recipe recipes/gpt2-wikitext.toml
+      clm-runner recipe check --recipe recipes/smoke.toml
     """
+    from clm_runner.logs import setup_logging
     from clm_runner.recipe import load_recipe
+    from clm_runner.training import TrainOptions, prepare_run
 
+    setup_logging(quiet=True)
     loaded = load_recipe(recipe_path, overrides)
-    click.echo(f"{recipe_path}: ok (output_dir = {loaded.output_dir})")
+    setup = prepare_run(loaded, TrainOptions())
+    click.echo(f"{recipe_path}: ok (block_size {setup.block_size}). {setup.plan.note}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,9 +146,6 @@ def train(
     from clm_runner.recipe import load_recipe
 
     loaded = load_recipe(recipe_path, overrides)
-    if no_resume and resume_from:
-        raise click.UsageError("--no-resume and --resume-from contradict each other; choose one.")
-
     from clm_runner.training import TrainOptions, run_training
 
     run_training(
@@ -196,7 +206,7 @@ def eval_command(
         )
     from clm_runner.evaluation import EvalRequest, run_eval
 
-    run_eval(
+    outcome = run_eval(
         EvalRequest(
             run_dir=run_dir,
             recipe_path=recipe_path,
@@ -210,6 +220,28 @@ def eval_command(
             quiet=quiet,
         )
     )
+    click.echo(render_eval_table(outcome.rows, label=outcome.label))
+    for path in outcome.written:
+        click.echo(f"Wrote {path}")
+
+
+def render_eval_table(rows: list[dict], *, label: str = "split") -> str:
+    from clm_runner.tables import render_table
+
+    headers = [label, "method", "blocks", "tokens", "loss", "perplexity", "accuracy"]
+    lines = [
+        [
+            str(r.get(label, r.get("split"))),
+            str(r.get("method", "blocks")),
+            f"{r['eval_samples']:,}",
+            f"{r['eval_tokens']:,}",
+            f"{r['eval_loss']:.4f}",
+            f"{r['perplexity']:.3f}",
+            f"{r['eval_accuracy']:.4f}",
+        ]
+        for r in rows
+    ]
+    return render_table(headers, lines, left_columns=2)
 
 
 @cli.command()

@@ -20,8 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import click
-
 from clm_runner.errors import ClmError
 from clm_runner.recipe import Recipe
 
@@ -154,16 +152,19 @@ def _object_device() -> Any:
     return None
 
 
-class ReplicaStopped(click.exceptions.Exit):
+class ReplicaStopped(ClmError):
     """Raised on ranks other than 0 when rank 0's decision failed.
 
     Rank 0 reports the error once, with its message; the other ranks leave with the same exit status
-    and print nothing, so a refused run shows one error, not one per process. The status, message and
-    error type are kept for callers that are not the CLI.
+    and print nothing (`quiet`), so a refused run shows one error, not one per process. The status,
+    message and error type are kept for callers that are not the CLI.
     """
 
+    quiet = True
+
     def __init__(self, exit_code: int, message: str, error_type: str) -> None:
-        super().__init__(exit_code)
+        super().__init__(message)
+        self.exit_code = exit_code
         self.message = message
         self.error_type = error_type
 
@@ -243,17 +244,6 @@ def recipe_for_preprocessing(recipe: Recipe, environ: Mapping[str, str] | None =
     if local_rank(environ) == 0 or not recipe.data.overwrite_cache:
         return recipe
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, overwrite_cache=False))
-
-
-def shard_batches(n_rows: int, rank: int, world: int, batch_size: int) -> int:
-    """Forward batches the exact eval runs on `rank`: its rows are rank, rank + world, ... (no padding)."""
-    rows = len(range(rank, n_rows, world))
-    return -(-rows // batch_size)
-
-
-def lockstep_padding(n_rows: int, rank: int, world: int, batch_size: int) -> int:
-    """Extra forward passes `rank` must run so that every rank runs as many as rank 0 (0 or 1)."""
-    return shard_batches(n_rows, 0, world, batch_size) - shard_batches(n_rows, rank, world, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -44,10 +44,12 @@ class StopNow(BaseException):
 class RunInterrupted(ClmError):
     """The run was stopped by a signal; the CLI exits with 130 (SIGINT) or 143 (SIGTERM)."""
 
-    def __init__(self, message: str, *, signum: int) -> None:
+    def __init__(self, message: str, *, signum: int, quiet: bool = False) -> None:
         super().__init__(message)
         self.signum = signum
         self.exit_code = exit_code_for(signum)
+        self.quiet = quiet
+        """True on ranks other than 0: rank 0 says it once, the others leave with the same status."""
 
 
 class GracefulStop:

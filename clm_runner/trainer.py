@@ -41,6 +41,8 @@ class ClmTrainer(Trainer):
 
     graceful_stop: GracefulStop | None = None
     """Set by `train` to stop after the step in which a SIGINT/SIGTERM arrived."""
+    run_totals: Any = None
+    """clm_runner.callbacks.RunTotals, set by `train`: the whole run's totals, saved in every checkpoint."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -51,12 +53,33 @@ class ClmTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self.args.save_total_limit = None
+        # eval_on_start is the untrained model's baseline: a resumed run has it in its log already.
+        eval_on_start = self.args.eval_on_start
+        if kwargs.get("resume_from_checkpoint"):
+            self.args.eval_on_start = False
         try:
             return super().train(*args, **kwargs)
         finally:
             self.args.save_total_limit = self.checkpoint_limit
+            self.args.eval_on_start = eval_on_start
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A tied output head (GPT-2's lm_head is the token embedding) is saved once, so its key is "missing"
+        # from every checkpoint; the tie restores it. Only other missing keys are worth a warning.
+        aliases = _tied_aliases(self.model)
+        missing = [key for key in load_result.missing_keys if key not in aliases]
+        if len(missing) != len(load_result.missing_keys):
+            self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self.run_totals is not None:
+            # The summed loss so far, as upstream computes it at a logging step (mean over ranks): a resumed
+            # attempt continues from it, so train_loss covers the whole run.
+            from transformers.trainer_pt_utils import nested_gather
+
+            pending = nested_gather(self._tr_loss.detach().clone(), self.args.parallel_mode).mean().item()
+            self.run_totals.loss_this_attempt = self._total_loss_scalar + pending
         # training_args.bin inside the checkpoint records the user's limit, not the None set during train.
         self.args.save_total_limit = self.checkpoint_limit
         try:
@@ -126,7 +149,6 @@ class ClmTrainer(Trainer):
         import torch
 
         from clm_runner.callbacks import evaluation_progress
-        from clm_runner.distributed import lockstep_padding
         from clm_runner.perplexity import evaluate_blocks, reduce_across_ranks
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -141,16 +163,10 @@ class ClmTrainer(Trainer):
                 device=self.args.device,
                 shard=(self.args.process_index, self.args.world_size),
                 progress=progress,
-            )
-            if self.args.world_size > 1 and self.parameters_are_sharded():
                 # Under FSDP / ZeRO-3 each forward gathers parameters from every rank, so a rank with one
                 # batch fewer runs a throw-away batch: otherwise the others wait for it forever.
-                args = self.args
-                missing = lockstep_padding(
-                    len(dataset), args.process_index, args.world_size, args.per_device_eval_batch_size
-                )
-                for _ in range(missing):
-                    evaluate_blocks(model, dataset.select(range(1)), batch_size=1, device=args.device)
+                lockstep=self.args.world_size > 1 and self.parameters_are_sharded(),
+            )
         if was_training:
             model.train()
         if self.args.world_size > 1 and torch.distributed.is_initialized():
@@ -169,3 +185,15 @@ class ClmTrainer(Trainer):
         if self.state.epoch is not None:
             metrics["epoch"] = self.state.epoch
         return metrics
+
+
+def _tied_aliases(model: Any) -> set[str]:
+    """Parameter names that are the same tensor as a parameter named earlier (tied weights)."""
+    seen: dict[int, str] = {}
+    aliases = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            aliases.add(name)
+        else:
+            seen[id(parameter)] = name
+    return aliases

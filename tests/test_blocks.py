@@ -16,7 +16,7 @@ import torch
 
 from clm_runner import blocks, tokenization
 from clm_runner.blocks import PreparedSplit, prepare_splits, resolve_block_size
-from clm_runner.errors import DataError
+from clm_runner.errors import DataError, RecipeError
 from clm_runner.recipe import load_recipe
 
 WORDS = [
@@ -212,12 +212,23 @@ def test_block_size_given_within_limit_is_kept():
         resolve_block_size(
             100,
             FakeTokenizer(model_max_length=128),
-            SimpleNamespace(max_position_embeddings=64),
+            SimpleNamespace(max_position_embeddings=128),
             warnings.append,
         )
         == 100
     )
     assert warnings == []
+
+
+def test_block_size_longer_than_the_models_positions_is_refused_with_the_fix():
+    """run_clm caps a block at model_max_length only: 100 tokens on a 64-position model passed, and failed
+    at the first evaluation after the whole training. The one place that decides the size refuses it."""
+    with pytest.raises(
+        RecipeError, match=r"data.block_size = 100 is longer than the model's 64 positions.*64 or less"
+    ):
+        resolve_block_size(
+            100, FakeTokenizer(model_max_length=128), SimpleNamespace(max_position_embeddings=64), print
+        )
 
 
 def test_block_size_given_above_model_max_length_is_capped_with_warning():

@@ -103,24 +103,31 @@ def test_decide_on_rank0_alone_just_runs_the_decision(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize(("n_rows", "world", "batch_size"), [(33, 2, 8), (32, 2, 8), (7, 4, 2), (5, 8, 1)])
+@pytest.mark.parametrize("streamed", [False, True], ids=["indexed", "streamed"])
 def test_lockstep_padding_gives_every_rank_as_many_forwards_as_rank0(
-    n_rows: int, world: int, batch_size: int
+    n_rows: int, world: int, batch_size: int, streamed: bool
 ) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from clm_runner.perplexity import evaluate_blocks
+    from clm_runner.perplexity import evaluate_blocks, shard_batches
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
     forwards = []
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
     blocks = torch.randint(0, 50, (n_rows, 8)).numpy()
+
+    def rows():  # a stream has no length: the padding is found after reading it
+        return iter(list(blocks)) if streamed else blocks
+
     counts = []
     for r in range(world):
         forwards.clear()
-        evaluate_blocks(model, blocks, batch_size=batch_size, shard=(r, world))
-        assert len(forwards) == distributed.shard_batches(n_rows, r, world, batch_size)
-        counts.append(len(forwards) + distributed.lockstep_padding(n_rows, r, world, batch_size))
-    assert counts == [counts[0]] * world
+        evaluate_blocks(model, rows(), batch_size=batch_size, shard=(r, world))
+        assert len(forwards) == shard_batches(n_rows, r, world, batch_size)
+        forwards.clear()
+        evaluate_blocks(model, rows(), batch_size=batch_size, shard=(r, world), lockstep=True)
+        counts.append(len(forwards))
+    assert counts == [shard_batches(n_rows, 0, world, batch_size)] * world
 
 
 def free_port() -> int:

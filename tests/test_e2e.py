@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from runhelpers import snapshot
 
 from clm_runner.cli import cli
 
@@ -122,13 +124,33 @@ def test_eval_equals_an_independent_forward_pass(trained_run: Path, tmp_path: Pa
     assert "perplexity" in result.output and "validation" in result.output
 
 
-def test_rerun_resumes_from_the_newest_checkpoint(trained_run: Path) -> None:
-    before = json.loads((trained_run / "trainer_state.json").read_text())["global_step"]
+def test_rerunning_a_finished_run_leaves_it_untouched(trained_run: Path) -> None:
+    before = snapshot(trained_run)
     result = invoke("train", "--recipe", str(SMOKE), "--quiet", *smoke_overrides(trained_run))
     assert result.exit_code == 0, result.output
-    assert "resuming from" in result.output
-    after = json.loads((trained_run / "trainer_state.json").read_text())["global_step"]
-    assert after == before  # already at the end: nothing retrained
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is complete at step" in lines[0] and "all_results.json" in lines[0]
+    assert snapshot(trained_run) == before  # no step trained, no checkpoint rotated, no result rewritten
+
+
+def test_a_longer_recipe_continues_a_finished_run(trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "longer"
+    shutil.copytree(trained_run, run)
+    state = json.loads((run / "trainer_state.json").read_text())
+    steps_per_epoch = state["global_step"] // 2
+    result = invoke(
+        "train", "--recipe", str(SMOKE), "--quiet", *smoke_overrides(run, "training.num_train_epochs=3")
+    )
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output and "training.num_train_epochs: 2 -> 3" in result.output
+    after = json.loads((run / "trainer_state.json").read_text())
+    assert after["global_step"] == 3 * steps_per_epoch
+    results = json.loads((run / "train_results.json").read_text())
+    # The results describe the whole run (3 epochs of every training block), not the attempt that added
+    # the third; each block is 128 tokens.
+    assert results["train_tokens"] == 3 * results["train_samples"] * 128
+    assert results["train_attempts"] == 2
+    assert results["train_runtime"] > results["train_runtime_this_attempt"]
 
 
 def test_non_empty_dir_without_checkpoint_is_refused(tmp_path: Path) -> None:

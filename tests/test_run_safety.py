@@ -21,7 +21,8 @@ from runhelpers import REPO, SMOKE, run_cli, snapshot, subprocess_env, train_arg
 from clm_runner.checkpoints import scan_checkpoints
 from clm_runner.cli import cli
 from clm_runner.errors import ClmError, ModelError
-from clm_runner.manifest import recipe_hash, redact_argv, resume_command, scrub
+from clm_runner.manifest import recipe_hash, resume_command
+from clm_runner.secrets import redact_argv, scrub
 from clm_runner.runlock import LOCK_NAME, RunLock, ensure_free, read_owner
 
 pytestmark = pytest.mark.slow
@@ -161,8 +162,12 @@ def test_run_json_records_what_produced_the_run_and_no_secret(tmp_path: Path) ->
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["status"] == "completed" and manifest["global_step"] == 4
     assert manifest["command"][:3] == ["clm-runner", "train", "--recipe"]
-    assert "model.token=<redacted>" in manifest["command"]
-    assert manifest["recipe"]["model"]["token"] == "<redacted>"
+    assert "model.token=<redacted>" in manifest["command"]  # a record of what was typed, never read back
+    # No placeholder where a secret was: a placeholder read back would be sent to the Hub as the token.
+    assert "token" not in manifest["recipe"]["model"] and "hub_token" not in manifest["recipe"]["training"]
+    assert manifest["secrets_not_recorded"] == ["model.token", "training.hub_token"]
+    recipe_toml = (run / "recipe.toml").read_text()
+    assert "<redacted>" not in recipe_toml and "# model.token was set and is not recorded" in recipe_toml
     assert manifest["recipe"]["training"]["max_steps"] == 4
     assert manifest["recipe_hash"] == recipe_hash(manifest["recipe"])
     for package in ("clm_runner", "transformers", "torch", "datasets", "accelerate", "python"):
@@ -202,6 +207,55 @@ def test_a_crash_marks_the_run_failed_and_frees_the_dir(
     assert manifest["status"] == "failed" and manifest["error"] == "RuntimeError: disk on fire"
     assert manifest["ended_at"]
     assert not (run / LOCK_NAME).exists()
+
+
+def test_a_rerun_from_recipe_toml_sends_no_placeholder_as_a_token(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """recipe.toml used to hold token = "<redacted>": the documented rerun sent it to the Hub and set HF_TOKEN
+    to it, overriding the user's real token."""
+    real = "hf_" + "R" * 34
+    monkeypatch.setenv("HF_TOKEN", real)
+    run = tmp_path / "run"
+    result = invoke(
+        "train", *train_args(run, f"model.token={real}", f"training.hub_token={real}", max_steps=2)[1:]
+    )
+    assert result.exit_code == 0, result.output
+    rerun = tmp_path / "rerun"
+    result = invoke("train", "--recipe", str(run / "recipe.toml"), "--set", f"training.output_dir={rerun}")
+    assert result.exit_code == 0, result.output
+    assert os.environ["HF_TOKEN"] == real
+    from clm_runner.recipe import load_recipe
+
+    reread = load_recipe(run / "recipe.toml")
+    assert reread.model.token is None and "hub_token" not in reread.training
+    # A recipe.toml written by clm-runner 0.1.0 held the placeholder: refused with the fix, never sent.
+    old = tmp_path / "old.toml"
+    old.write_text((run / "recipe.toml").read_text().replace("[model]\n", '[model]\ntoken = "<redacted>"\n'))
+    result = invoke("eval", "--recipe", str(old))
+    assert result.exit_code == 2
+    assert "model.token = '<redacted>' is a placeholder" in result.output and "HF_TOKEN" in result.output
+
+
+def test_the_printed_resume_command_leaves_a_secret_out_and_says_so() -> None:
+    secret = "hf_" + "s" * 34
+    command = resume_command(
+        [
+            "clm-runner",
+            "train",
+            "-r",
+            "r.toml",
+            "--set",
+            f"model.token={secret}",
+            "--set",
+            "data.block_size=8",
+        ],
+        Path("out"),
+        [secret],
+    )
+    assert secret not in command and "<redacted>" not in command
+    assert command.startswith("clm-runner train -r r.toml --set data.block_size=8")
+    assert "add --set model.token=YOUR_TOKEN again, or set HF_TOKEN" in command
 
 
 def test_redaction_helpers() -> None:
