@@ -46,6 +46,7 @@ HONOURED: dict[str, str] = {
     "per_device_eval_batch_size": "the batch of clm-runner's exact evaluation",
     "metric_for_best_model": "one of the metrics clm-runner's evaluation logs",
     "disable_tqdm": "true gives plain log lines, as --quiet",
+    "eval_on_start": "the untrained baseline, evaluated once: a resumed run has it in its log already",
 }
 
 CLM_RUNNER_DEFAULTS: dict[str, Any] = {"do_train": True, "do_eval": True}
