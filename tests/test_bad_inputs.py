@@ -194,7 +194,12 @@ def test_empty_or_blank_data(world: World, content: str) -> None:
     ), line
 
 
-def test_data_too_short_for_one_block(world: World) -> None:
+@pytest.mark.parametrize("out_dir", ["absent", "pre-created empty"])
+def test_data_too_short_for_one_block(world: World, out_dir: str) -> None:
+    """Found while preparing data, after the output dir is locked: the start must still leave it as it was
+    (a pre-created empty dir used to keep a train.log, so the retry was refused as non-empty)."""
+    if out_dir != "absent":
+        world.out.mkdir()
     (world.root / "train.txt").write_text("Only a few words here.\n")
     refuse(
         world,
@@ -202,6 +207,27 @@ def test_data_too_short_for_one_block(world: World) -> None:
         "too few for one block of 32 tokens",
         "Give it more text, or lower data.block_size",
     )
+    (world.root / "train.txt").write_text(TEXT, encoding="utf-8")
+    result = CliRunner().invoke(cli, train(world, "training.max_steps=1"))
+    assert result.exit_code == 0, result.output  # the retry needs no --overwrite
+
+
+def test_block_longer_than_the_models_positions(world: World, tmp_path_factory) -> None:
+    """Accepted by train (run_clm's rule caps by model_max_length only) and failing at the final evaluation,
+    after the whole training; now refused before any data is prepared."""
+    cache = Path(os.environ["CLM_RUNNER_CACHE"])
+    refuse(
+        world,
+        train(world, "data.block_size=128"),
+        "data.block_size = 128 is longer than the model's 64 positions",
+        "set data.block_size to 64 or less",
+    )
+    refuse(
+        world,
+        ["recipe", "check", "--recipe", str(world.recipe), "--set", "data.block_size=128"],
+        "64 positions",
+    )
+    assert not (cache / "blocks").exists()  # nothing was tokenized
 
 
 @pytest.mark.parametrize("size", [0, -4])

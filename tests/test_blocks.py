@@ -680,3 +680,68 @@ def test_truncation_left_on_the_backend_neither_cuts_rows_nor_changes_the_key(tm
     )["train"]
     rows = reference_rows(tokenizer, [lines[0] + "\n"] * 28)
     assert len(rows[0]) > 8 and as_lists(fresh) == as_lists(clean) == reference_concat(rows, 16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# run_clm with worker processes, null rows
+
+
+@pytest.mark.parametrize("workers", [2, 3, 7])
+def test_run_clm_grouping_reproduces_run_clm_run_with_worker_processes(tmp_path, tokenizer, workers):
+    """datasets.map(num_proc=N) cuts the rows into N contiguous shards and restarts the 1000-row batches in
+    each: run_clm's dropped remainders, and so its blocks, depend on --preprocessing_num_workers."""
+    import datasets
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    lines = make_lines(2500, seed=21)
+    write_lines(tmp_path / "train.txt", lines)
+    write_lines(tmp_path / "valid.txt", make_lines(50, seed=22))
+    recipe = recipe_for(
+        tmp_path,
+        f"data.train_file={tmp_path / 'train.txt'}",
+        f"data.validation_file={tmp_path / 'valid.txt'}",
+        "data.grouping=run_clm",
+        f"data.run_clm_preprocessing_num_workers={workers}",
+    )
+    ours = as_lists(prepare_splits(recipe, tokenizer, 24, ["train"], progress=False)["train"])
+
+    # run_clm's own calls: tokenize, then group_texts with datasets.map(batched=True, num_proc=N).
+    raw = datasets.Dataset.from_dict({"text": [line + "\n" for line in lines]})
+    tokenized = raw.map(
+        lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"], num_proc=workers
+    )
+
+    def group_texts(examples):
+        ids = list(chain(*examples["input_ids"]))
+        total = len(ids) // 24 * 24
+        return {"input_ids": [ids[i : i + 24] for i in range(0, total, 24)]}
+
+    grouped = tokenized.map(
+        group_texts, batched=True, num_proc=workers, remove_columns=tokenized.column_names
+    )
+    assert ours == grouped["input_ids"]
+    single = reference_run_clm(reference_rows(tokenizer, [line + "\n" for line in lines]), 24)
+    assert ours != single  # the worker count really changes run_clm's blocks on this data
+
+
+def test_null_text_rows_are_skipped_and_counted(tmp_path, caplog):
+    """A null row used to become "" and, with a tokenizer that adds BOS/EOS, a stray pair of special tokens."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer = train_tokenizer(tmp_path / "tok", template=True)
+    texts = [line + "\n" for line in make_lines(300, seed=23)]
+    with_nulls = [None if i % 10 == 3 else text for i, text in enumerate(texts)]
+    pq.write_table(pa.table({"text": with_nulls}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"text": texts[:40]}), tmp_path / "valid.parquet")
+    recipe = recipe_for(
+        tmp_path,
+        f"data.train_file={tmp_path / 'train.parquet'}",
+        f"data.validation_file={tmp_path / 'valid.parquet'}",
+    )
+    with caplog.at_level(logging.WARNING, logger="clm_runner.blocks"):
+        split = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    rows = reference_rows(tokenizer, [t for t in with_nulls if t is not None])
+    assert split.stream.tolist() == list(chain(*rows))  # no tokens at all for a null row
+    assert split.stats.null_rows == 30 and split.stats.rows == 300
+    assert "Skipped 30 of the 300 rows of the train split: their text is null" in caplog.text

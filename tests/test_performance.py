@@ -30,9 +30,11 @@ def fake_cuda(
     monkeypatch.setattr(performance, "dataloader_workers", lambda gpus: 4)
 
 
-def test_cpu_gets_nothing(monkeypatch) -> None:
+def test_cpu_gets_fp32_and_no_pinned_memory(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert device_defaults({"learning_rate": 1e-3}) == {}
+    # Pinned memory only speeds copies to a GPU; on a CPU torch warns about it at every run.
+    assert device_defaults({"learning_rate": 1e-3}) == {"dataloader_pin_memory": False}
+    assert device_defaults({"dataloader_pin_memory": True}) == {}
     described = describe({})
     assert (described["device"], described["precision"], described["torch_compile"]) == ("cpu", "fp32", False)
     assert described["dataloader_num_workers"] == 0

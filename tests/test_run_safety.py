@@ -357,3 +357,70 @@ def test_every_torch_load_in_clm_runner_uses_weights_only() -> None:
     assert unsafe_torch_loads(probe) == ["torch.load('a')", "torch.load('b', weights_only=False)"]
     for path in sorted((REPO / "clm_runner").glob("*.py")):
         assert unsafe_torch_loads(path.read_text()) == [], path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Starting over, and what a run dir is readable by
+
+
+def complete_names(run: Path) -> list[str]:
+    return [p.name for p in scan_checkpoints(run).complete]
+
+
+def test_starting_over_moves_the_old_run_aside_so_the_two_never_mix(tmp_path: Path, cache: Path) -> None:
+    """--no-resume --overwrite used to train beside the old checkpoints: rotation then deleted the new run's
+    checkpoints as soon as they were sealed, and the next resume picked the old run's newest."""
+    run = tmp_path / "run"
+    old = invoke(
+        "train", *train_args(run, "training.save_steps=2", "training.save_total_limit=2", max_steps=8)[1:]
+    )
+    assert old.exit_code == 0, old.output
+    assert complete_names(run) == ["checkpoint-6", "checkpoint-8"]
+    before = snapshot(run)
+
+    new = invoke(
+        "train",
+        *train_args(
+            run,
+            "training.save_steps=1",
+            "training.save_total_limit=2",
+            max_steps=4,
+            flags=("--no-resume", "--overwrite"),
+        )[1:],
+    )
+    assert new.exit_code == 0, new.output
+    (archived,) = (run / "previous-runs").iterdir()
+    assert snapshot(archived) == before  # nothing of the old run deleted or changed
+    assert complete_names(run) == ["checkpoint-3", "checkpoint-4"]  # the new run's, none rotated away
+    assert json.loads((run / "run.json").read_text())["previous_attempts"] == []  # a new run, its own record
+
+    # The next automatic resume continues the new run, not the old one.
+    more = invoke(
+        "train", *train_args(run, "training.save_steps=1", "training.save_total_limit=2", max_steps=6)[1:]
+    )
+    assert more.exit_code == 0, more.output
+    assert f"resuming from {run / 'checkpoint-4'}" in more.output
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 6
+    assert snapshot(archived) == before
+
+
+def test_every_file_of_a_run_dir_gets_the_mode_a_plain_open_would(tmp_path: Path, cache: Path) -> None:
+    """The safetensors writer made model.safetensors 0600 (final and in every checkpoint): colleagues on a
+    shared cluster could read the metrics but not load the model."""
+    run = tmp_path / "run"
+    result = invoke("train", *train_args(run, "training.save_steps=2", max_steps=4)[1:])
+    assert result.exit_code == 0, result.output
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert {p.relative_to(run).as_posix() for p in files} >= {
+        "model.safetensors",
+        "checkpoint-4/model.safetensors",
+    }
+    wrong = {
+        p.relative_to(run).as_posix(): oct(p.stat().st_mode & 0o777)
+        for p in files
+        if p.stat().st_mode & 0o777 != expected
+    }
+    assert wrong == {}

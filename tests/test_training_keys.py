@@ -50,7 +50,9 @@ def test_the_policy_names_only_real_keys_and_each_once() -> None:
 def test_each_refused_key_is_refused_naming_the_clm_runner_way(key: str) -> None:
     with pytest.raises(RecipeError) as caught:
         load_recipe(SMOKE, [f"training.{key}={_non_default(key)!r}".replace("'", '"')])
-    assert str(caught.value).startswith(f"training.{key} is not used by clm-runner: {training_keys.REFUSED[key]}")
+    assert str(caught.value).startswith(
+        f"training.{key} is not used by clm-runner: {training_keys.REFUSED[key]}"
+    )
     # At its default (as recipe.toml records every key) it is accepted.
     assert load_recipe(SMOKE).training.get(key) is None
 
