@@ -42,7 +42,7 @@ def test_cpu_gets_fp32_and_no_pinned_memory(monkeypatch) -> None:
 
 def test_use_cpu_wins_over_a_visible_gpu(monkeypatch) -> None:
     fake_cuda(monkeypatch, name="NVIDIA H100 80GB HBM3", bf16=True, capability=(9, 0))
-    assert device_defaults({"use_cpu": True}) == {}
+    assert device_defaults({"use_cpu": True}) == {"dataloader_pin_memory": False}  # the CPU default
 
 
 def test_cuda_with_bf16_gets_bf16_tf32_compile_workers(monkeypatch) -> None:
