@@ -357,6 +357,19 @@ def model_command(recipe_path: str, overrides: tuple[str, ...]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for the console script and `python -m clm_runner`; returns the exit status."""
+    from clm_runner.streams import survive_closed_output
+
+    survive_closed_output()
+    try:
+        return _run(argv)
+    finally:
+        if "torch.distributed" in sys.modules:  # never imported by --help and the light commands
+            from clm_runner.distributed import leave_process_group
+
+            leave_process_group()
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         # With standalone_mode=False click returns ctx.exit()'s status instead of raising it.
         status = cli.main(

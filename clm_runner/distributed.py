@@ -13,6 +13,7 @@ rank, so all ranks go on with the same decision or all stop with the same exit s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -216,6 +217,30 @@ def decide_on_rank0(fn: Callable[[], T], *, share: Callable[[T], Any] | None = N
         dist.barrier()
         raise ReplicaStopped(outcome.exit_code, outcome.message, outcome.error_type)
     return outcome.value
+
+
+def leave_process_group(timeout_s: float = 60.0) -> None:
+    """Leave the process group together and tear it down before the process exits.
+
+    A rank that exits while a peer's gloo connection to it is open can make that peer abort (SIGABRT)
+    instead of leaving with its own exit status; a monitored barrier (which names a missing rank instead of
+    waiting forever) and an explicit teardown let every rank leave with the status it chose.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except Exception:  # a peer already gone: nothing to wait for
+        pass
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
 
 
 def _broadcast(outcome: _Outcome | None, dist: Any) -> _Outcome:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tolerances import FORWARD_RTOL
 
 from clm_runner import distributed
 from clm_runner.cli import cli
@@ -307,7 +308,7 @@ def test_two_processes_exit_0_and_leave_one_set_of_results(launches: dict, launc
     state = json.loads((run_dir / "trainer_state.json").read_text())
     assert state["global_step"] == MAX_STEPS
     # Data parallel, not 2 lone runs: each step consumed PER_DEVICE blocks on each of the 2 processes.
-    assert state["epoch"] == pytest.approx(MAX_STEPS * PER_DEVICE * PROCESSES / TRAIN_BLOCKS)
+    assert state["epoch"] == MAX_STEPS * PER_DEVICE * PROCESSES / TRAIN_BLOCKS  # 0.75: exact in binary
     evaluation = json.loads((run_dir / "eval_results.json").read_text())
     assert evaluation["eval_samples"] == EVAL_BLOCKS  # each block scored once, not once per rank
     assert evaluation["eval_tokens"] == EVAL_BLOCKS * (BLOCK_SIZE - 1)
@@ -341,7 +342,9 @@ def test_both_launchers_give_the_same_eval_loss(launches: dict) -> None:
     for launcher, launch in launches.items():
         assert launch["proc"].returncode == 0
         losses[launcher] = json.loads((launch["run"] / "eval_results.json").read_text())["eval_loss"]
-    assert losses["accelerate"] == pytest.approx(losses["torchrun"], rel=1e-4)
+    # The same recipe, seeds, data order, thread count (1) and gloo all-reduce of two ranks under either
+    # launcher: the same float operations in the same order, so the same bits.
+    assert losses["accelerate"] == losses["torchrun"]
 
 
 @pytest.mark.slow
@@ -356,7 +359,8 @@ def test_two_process_eval_equals_one_process_eval_of_the_saved_model(
     assert result.exit_code == 0, result.output
     alone = json.loads(out.read_text())
     assert alone["eval_tokens"] == written["eval_tokens"]
-    assert alone["eval_loss"] == pytest.approx(written["eval_loss"], rel=1e-5)
+    # Each rank scored every other block in its own batches; alone, the blocks sit in other batches.
+    assert alone["eval_loss"] == pytest.approx(written["eval_loss"], rel=FORWARD_RTOL)
 
 
 @pytest.mark.slow

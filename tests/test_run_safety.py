@@ -22,8 +22,8 @@ from clm_runner.checkpoints import scan_checkpoints
 from clm_runner.cli import cli
 from clm_runner.errors import ClmError, ModelError
 from clm_runner.manifest import recipe_hash, resume_command
-from clm_runner.secrets import redact_argv, scrub
 from clm_runner.runlock import LOCK_NAME, RunLock, ensure_free, read_owner
+from clm_runner.secrets import redact_argv, scrub
 
 pytestmark = pytest.mark.slow
 
@@ -424,3 +424,26 @@ def test_every_file_of_a_run_dir_gets_the_mode_a_plain_open_would(tmp_path: Path
         if p.stat().st_mode & 0o777 != expected
     }
     assert wrong == {}
+
+
+def test_a_closed_console_does_not_end_the_run(tmp_path: Path) -> None:
+    """`clm-runner train ... | head -2` used to mark the run failed on a broken pipe, with nothing in train.log."""
+    import subprocess as sp
+
+    from runhelpers import WRAPPER
+
+    run = tmp_path / "run"
+    env = subprocess_env(tmp_path / "cache")
+    args = train_args(run, "training.logging_steps=1", max_steps=12)
+    args.remove("--quiet")
+    process = sp.Popen(
+        [sys.executable, "-c", WRAPPER, *args], env=env, stdout=sp.PIPE, stderr=sp.STDOUT, cwd=REPO
+    )
+    for _ in range(2):
+        process.stdout.readline()
+    process.stdout.close()  # as `head -2` does once it has its lines
+    assert process.wait(timeout=120) == 0
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["global_step"] == 12
+    log = (run / "train.log").read_text()
+    assert "Standard output was closed" in log and "step 12/12" in log
