@@ -46,6 +46,15 @@ def staging_dir(run_dir: Path, step: int) -> Path:
 # Completeness
 
 
+def read_marker(path: Path) -> dict[str, Any]:
+    """A complete checkpoint's marker (its files and the facts its run recorded); {} when unreadable."""
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why `path` is not a complete checkpoint (None: it is). Reads only the marker and file sizes."""
     if not path.is_dir():
@@ -115,7 +124,7 @@ def warn_torn(torn: list[tuple[Path, str]], warn: Callable[[str], Any] = logger.
 # Sealing
 
 
-def seal_checkpoint(staging: Path, final: Path, *, step: int) -> Path:
+def seal_checkpoint(staging: Path, final: Path, *, step: int, facts: dict[str, Any] | None = None) -> Path:
     """Make the fully written `staging` directory the complete checkpoint `final`, atomically.
 
     Every file is fsynced, the marker (file names and sizes) is written last, then one rename publishes
@@ -132,7 +141,13 @@ def seal_checkpoint(staging: Path, final: Path, *, step: int) -> Path:
         files[file.relative_to(staging).as_posix()] = file.stat().st_size
     for directory in sorted({p.parent for p in staging.rglob("*")} | {staging}, key=lambda p: -len(p.parts)):
         fsync_path(directory)
-    marker = {"format": MARKER_FORMAT, "step": step, "sealed_at": time.time(), "files": files}
+    marker = {
+        "format": MARKER_FORMAT,
+        "step": step,
+        "sealed_at": time.time(),
+        "files": files,
+        **(facts or {}),
+    }
     marker_path = staging / MARKER
     with open(marker_path, "w", encoding="utf-8") as handle:
         json.dump(marker, handle, indent=2, sort_keys=True)
@@ -262,7 +277,13 @@ def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: i
 
     trainer.accelerator.wait_for_everyone()
     if args.should_save:
-        seal_checkpoint(staging, final, step=step)
+        # What a resume must know about the run that wrote it: how many processes shared each step.
+        facts = {
+            "world_size": int(args.world_size),
+            "per_device_train_batch_size": int(args.per_device_train_batch_size),
+            "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+        }
+        seal_checkpoint(staging, final, step=step, facts=facts)
     trainer.accelerator.wait_for_everyone()
 
     if args.push_to_hub:

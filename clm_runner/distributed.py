@@ -67,6 +67,32 @@ def is_main_process(environ: Mapping[str, str] | None = None) -> bool:
     return rank(environ) == 0
 
 
+def launcher_prefix(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(the launcher and its process options, a note) to repeat this process's launch; ("", "") alone.
+
+    torchrun (and `accelerate launch`, which starts its processes through torchrun's agent) describes the
+    job in the environment: WORLD_SIZE, LOCAL_WORLD_SIZE, and the rendezvous of a multi-node job.
+    """
+    env = os.environ if environ is None else environ
+    world = world_size(env)
+    if world <= 1:
+        return "", ""
+    local = _int_from_env(("LOCAL_WORLD_SIZE",), world, env)
+    nodes = max(1, world // max(1, local))
+    if any(name.startswith("ACCELERATE_") for name in env):
+        prefix = f"accelerate launch --multi_gpu --num_processes {world}"
+        if nodes > 1:
+            prefix += f" --num_machines {nodes} --machine_rank $NODE_RANK"
+        return prefix + " -m clm_runner", " (with the accelerate options you launched it with)"
+    prefix = f"torchrun --nproc_per_node {local}"
+    note = ""
+    if nodes > 1:
+        endpoint = f"{env.get('MASTER_ADDR', 'HOST')}:{env.get('MASTER_PORT', '29500')}"
+        prefix = f"torchrun --nnodes {nodes} --nproc_per_node {local} --rdzv-backend c10d --rdzv-endpoint {endpoint}"
+        note = " (on each node)"
+    return prefix + " -m clm_runner", note
+
+
 # ---------------------------------------------------------------------------------------------------
 # Backend choice
 

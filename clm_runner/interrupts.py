@@ -87,11 +87,14 @@ class GracefulStop:
     def _handle(self, signum: int, frame: Any) -> None:
         if self._graceful and self.signum is None:
             self.signum = signum
-            logger.warning(
-                "Received %s: finishing this step, then writing a checkpoint and stopping. "
-                "Send it again to stop at once without a checkpoint.",
-                signal_name(signum),
-            )
+            from clm_runner.distributed import is_main_process
+
+            if is_main_process():  # a launcher forwards the signal to every rank; one line says it
+                logger.warning(
+                    "Received %s: finishing this step, then writing a checkpoint and stopping. "
+                    "Send it again to stop at once without a checkpoint.",
+                    signal_name(signum),
+                )
             return
         self.signum = self.signum or signum
         raise StopNow(signum)

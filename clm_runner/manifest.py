@@ -207,9 +207,13 @@ def resume_command(argv: Sequence[str], output_dir: Path, secrets: Iterable[str]
 
     A token given with `--set model.token=...` is left out (it is never printed); the command says so.
     """
+    from clm_runner.distributed import launcher_prefix
+
+    launcher, launcher_note = launcher_prefix()
+    program = launcher or "clm-runner"
     args = list(argv[1:]) if argv else []
     if "train" not in args:
-        return f"clm-runner train --recipe {shlex.quote(str(output_dir / 'recipe.toml'))}"
+        return f"{program} train --recipe {shlex.quote(str(output_dir / 'recipe.toml'))}{launcher_note}"
     kept: list[str] = []
     skip_next = False
     for arg in args:
@@ -225,7 +229,7 @@ def resume_command(argv: Sequence[str], output_dir: Path, secrets: Iterable[str]
             continue
         kept.append(arg)
     kept, dropped = drop_secret_sets(kept)
-    command = "clm-runner " + shlex.join(redact_argv(kept, secrets))
+    command = f"{program} " + shlex.join(redact_argv(kept, secrets)) + launcher_note
     if dropped:
         command += f"  (add --set {dropped[0]}=YOUR_TOKEN again, or set HF_TOKEN: tokens are never printed)"
     return command

@@ -245,6 +245,10 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
         built = sorted(name for name, split in prepared.items() if split.cache_path and not split.from_cache)
         logger.info(describe_preprocessing(gather_to_all(built)))
     model = load_model(recipe.model, setup.config, setup.tokenizer, resuming=plan.resume_from is not None)
+    if plan.resume_from is not None and args.should_log:
+        changed = global_batch_change(plan.resume_from, args, setup.block_size)
+        if changed:
+            logger.warning(changed)
 
     train_dataset = prepared["train"].blocks
     eval_dataset = prepared["validation"].blocks if args.do_eval else None
@@ -403,6 +407,29 @@ class _RunSession:
 
         self.finish("failed", None, scrub(f"{type(exc).__name__}: {exc}", secret_values(self.recipe)))
         raise exc
+
+
+def global_batch_change(checkpoint: Path, args: Any, block_size: int) -> str | None:
+    """A warning when a run resumes with another global batch than the checkpoint was trained with."""
+    from clm_runner.checkpoints import read_marker
+
+    marker = read_marker(checkpoint)
+    keys = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
+    if not all(isinstance(marker.get(key), int) for key in keys):
+        return None
+    before = (
+        marker["world_size"] * marker["per_device_train_batch_size"] * marker["gradient_accumulation_steps"]
+    )
+    now = global_batch(args, block_size)
+    if before == now.blocks:
+        return None
+    processes = f"{marker['world_size']} process{'es' if marker['world_size'] != 1 else ''}"
+    return (
+        f"Resuming {checkpoint.name}, trained with {processes} and {before} blocks per optimizer step, with "
+        f"{now.world_size} and {now.blocks} ({before * block_size:,} -> {now.tokens:,} tokens per step): the "
+        "global batch changed, and so do the steps per epoch and the losses. To keep it, launch as many "
+        "processes as before, or set training.gradient_accumulation_steps to make up the difference."
+    )
 
 
 def _count(dataset: Any, limit: int | None) -> int:

@@ -317,3 +317,49 @@ def test_eval_on_a_directory_that_is_not_a_run(world: World) -> None:
     refuse(world, ["eval", "--run", str(world.root / "missing")], "no such directory", "output_dir of a")
     # A recipe but no trained model (world holds recipe.toml): named too.
     refuse(world, ["eval", "--run", str(world.root)], "holds no saved model (no config.json)", "checkpoint-N")
+
+
+# ---------------------------------------------------------------------------------------------------
+# recipe check runs what train runs before any heavy work
+
+
+@pytest.mark.parametrize(
+    ("sets", "fragment"),
+    [
+        (["data.train_file=absent.txt"], "absent.txt does not exist"),
+        (["training.eval_strategy=epochs"], "did you mean 'epoch'?"),
+        (["training.lr_scheduler_type=cosin"], "did you mean 'cosine'?"),
+        (["model.config_overrides=n_layer=two"], "model.config_overrides 'n_layer=two'"),
+        ([f"model.tokenizer_name={ASSETS / 'tokenizr'}"], "no such directory"),
+        (["data.block_size=128"], "longer than the model's 64 positions"),
+        (["training.per_device_train_batch_size=0"], "at least 1 block"),
+        (["training.report_to=wandb"], "not installed"),
+    ],
+    ids=[
+        "train_file",
+        "eval_strategy",
+        "scheduler",
+        "config_overrides",
+        "tokenizer",
+        "block",
+        "batch",
+        "report",
+    ],
+)
+def test_check_refuses_what_train_refuses_with_the_same_line(
+    world: World, sets: list[str], fragment: str
+) -> None:
+    """`recipe check` said ok to recipes that `train` then rejected (or that failed later with a traceback)."""
+    check = ["recipe", "check", "--recipe", str(world.recipe), *[a for s in sets for a in ("--set", s)]]
+    checked = refuse(world, check, fragment)
+    trained = refuse(world, train(world, *sets), fragment)
+    assert checked == trained
+
+
+def test_check_says_what_train_would_do_with_the_output_dir(world: World) -> None:
+    result = CliRunner().invoke(cli, ["recipe", "check", "--recipe", str(world.recipe)])
+    assert result.exit_code == 0, result.output
+    assert "ok (block_size 32). Training into new output dir" in result.output
+    world.out.mkdir()
+    (world.out / "notes.txt").write_text("x")
+    refuse(world, ["recipe", "check", "--recipe", str(world.recipe)], "not empty", "--overwrite")

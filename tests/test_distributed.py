@@ -382,3 +382,53 @@ def test_non_empty_output_dir_is_refused_on_every_rank_with_one_error(tmp_path: 
     assert len(errors) == 1 and "not empty" in errors[0] and errors[0] in per_rank[0]
     assert "Traceback" not in per_rank[0] + per_rank[1]
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+
+
+def test_the_resume_command_keeps_the_launcher_and_its_process_count(monkeypatch) -> None:
+    from clm_runner.manifest import resume_command
+
+    argv = ["/x/clm_runner/__main__.py", "train", "--recipe", "r.toml", "--overwrite"]
+    torchrun = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "RANK": "0", "TORCHELASTIC_RUN_ID": "x"}
+    for name in list(os.environ):
+        if name.startswith("ACCELERATE_") or name in distributed.WORLD_SIZE_VARS:
+            monkeypatch.delenv(name)
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    assert (
+        resume_command(argv, Path("out")) == "torchrun --nproc_per_node 4 -m clm_runner train --recipe r.toml"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert resume_command(argv, Path("out")) == (
+        "torchrun --nnodes 4 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 "
+        "-m clm_runner train --recipe r.toml (on each node)"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert resume_command(argv, Path("out")).startswith(
+        "accelerate launch --multi_gpu --num_processes 2 -m clm_runner train --recipe r.toml"
+    )
+
+
+def test_resuming_with_another_global_batch_says_so(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from clm_runner.checkpoints import seal_checkpoint
+    from clm_runner.training import global_batch_change
+
+    staging = tmp_path / "tmp-checkpoint-4"
+    staging.mkdir()
+    (staging / "trainer_state.json").write_text("{}")
+    facts = {"world_size": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
+    checkpoint = seal_checkpoint(staging, tmp_path / "checkpoint-4", step=4, facts=facts)
+    same = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=2)
+    assert global_batch_change(checkpoint, same, 128) is None
+    alone = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1)
+    message = global_batch_change(checkpoint, alone, 128)
+    assert "trained with 2 processes and 8 blocks per optimizer step, with 1 and 4" in message
+    assert "1,024 -> 512 tokens per step" in message and "gradient_accumulation_steps" in message
+    # Made up by accumulation: the same global batch, nothing to say.
+    made_up = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=1)
+    assert global_batch_change(checkpoint, made_up, 128) is None
