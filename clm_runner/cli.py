@@ -197,7 +197,7 @@ def eval_command(
     \b
     Examples:
       clm-runner eval --run runs/smoke
-      clm-runner eval --run runs/smoke --checkpoint runs/smoke/checkpoint-40
+      clm-runner eval --run runs/smoke --checkpoint checkpoint-111 --split test
       clm-runner eval --recipe recipes/gpt2-wikitext.toml --set model.model_name_or_path=gpt2 --stride 512
     """
     if run_dir is None and recipe_path is None:
@@ -276,7 +276,9 @@ def report(runs: tuple[str, ...]) -> None:
     Writes report.png into the first run's directory; several runs are overlaid.
 
     \b
-    Example:
+    Examples:
+      clm-runner report runs/smoke
+      clm-runner train --recipe recipes/smoke.toml --set training.learning_rate=3e-3 --set training.output_dir=runs/smoke-lr3e-3
       clm-runner report runs/smoke runs/smoke-lr3e-3
     """
     from pathlib import Path

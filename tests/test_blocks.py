@@ -655,7 +655,9 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, tokenizer, damage):
     assert prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"].from_cache
 
 
-def test_truncation_left_on_the_backend_neither_cuts_rows_nor_changes_the_key(tmp_path, tokenizer):
+def test_truncation_left_on_the_backend_neither_cuts_rows_nor_changes_the_key(
+    tmp_path, tokenizer, monkeypatch
+):
     tokenizer.save_pretrained(tmp_path / "tok")
     lines = [" ".join(make_lines(40, seed=12))]  # one long row
     write_lines(tmp_path / "train.txt", lines * 30)
@@ -664,20 +666,16 @@ def test_truncation_left_on_the_backend_neither_cuts_rows_nor_changes_the_key(tm
 
     clean = prepare_splits(
         recipe, AutoTokenizer.from_pretrained(tmp_path / "tok"), 16, ["train"], progress=False
-    )
-    clean = clean["train"]
+    )["train"]
     truncating = AutoTokenizer.from_pretrained(tmp_path / "tok")
     truncating.backend_tokenizer.enable_truncation(max_length=8)
     truncating.backend_tokenizer.enable_padding(length=8)
     again = prepare_splits(recipe, truncating, 16, ["train"], progress=False)["train"]
-    assert again.from_cache and again.cache_path == clean.cache_path
-    fresh = prepare_splits(
-        recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}", "data.overwrite_cache=true"),
-        truncating,
-        16,
-        ["train"],
-        progress=False,
-    )["train"]
+    assert again.from_cache and again.cache_path.name == clean.cache_path.name  # the same key
+    # Built afresh (an empty cache) by the truncating tokenizer: no row is cut, none padded.
+    monkeypatch.setenv("CLM_RUNNER_CACHE", str(tmp_path / "fresh-cache"))
+    fresh = prepare_splits(recipe, truncating, 16, ["train"], progress=False)["train"]
+    assert not fresh.from_cache and fresh.cache_path.name == clean.cache_path.name
     rows = reference_rows(tokenizer, [lines[0] + "\n"] * 28)
     assert len(rows[0]) > 8 and as_lists(fresh) == as_lists(clean) == reference_concat(rows, 16)
 
