@@ -320,6 +320,7 @@ def _build_split(
     started = time.perf_counter()
     data = recipe.data
     column = data_sources.resolve_text_column(raw, data.text_column)
+    _log_text_column(name, column, data.text_column)
     workers = data.preprocessing_num_workers or tokenization.default_workers()
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target.parent)
@@ -364,12 +365,27 @@ def _build_split(
         )
         del stream
         stats = dataclasses.replace(stats, seconds=round(time.perf_counter() - started, 3))
-        meta = {"split": name, "key": key, "stats": dataclasses.asdict(stats), "created": time.time()}
+        meta = {
+            "split": name,
+            "key": key,
+            "stats": dataclasses.asdict(stats),
+            "text_column": column,
+            "created": time.time(),
+        }
         (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         _commit(temporary, target)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _log_text_column(split: str, column: str | None, configured: str | None) -> None:
+    if configured is None and column is not None:
+        logger.info(
+            "The %s split's text is in column %r (data.text_column is unset; set it to choose another).",
+            split,
+            column,
+        )
 
 
 def _remove_stale_temporaries(root: Path) -> None:
@@ -431,6 +447,7 @@ def _streaming_split(
     import datasets
 
     column = data_sources.resolve_text_column(raw, recipe.data.text_column)
+    _log_text_column(name, column, recipe.data.text_column)
     value = datasets.Value(encoder.dtype)
     features = datasets.Features(
         {
@@ -560,6 +577,8 @@ def _finish(
     started: float,
 ) -> PreparedSplit:
     blocks, stream, starts, meta = cached
+    if from_cache:
+        _log_text_column(name, meta.get("text_column"), recipe.data.text_column)
     limit = recipe.data.max_train_samples if name == "train" else recipe.data.max_eval_samples
     limited = limit is not None and limit < len(blocks)
     if limited:

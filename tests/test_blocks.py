@@ -743,3 +743,17 @@ def test_null_text_rows_are_skipped_and_counted(tmp_path, caplog):
     assert split.stream.tolist() == list(chain(*rows))  # no tokens at all for a null row
     assert split.stats.null_rows == 30 and split.stats.rows == 300
     assert "Skipped 30 of the 300 rows of the train split: their text is null" in caplog.text
+
+
+def test_the_text_column_picked_when_none_is_set_is_logged(tmp_path, tokenizer, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    pq.write_table(pa.table({"id": list(range(300)), "body": make_lines(300)}), tmp_path / "train.parquet")
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.parquet'}")
+    for _ in ("built", "from the cache"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="clm_runner.blocks"):
+            prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)
+        assert "The train split's text is in column 'body' (data.text_column is unset" in caplog.text

@@ -97,3 +97,19 @@ def test_help_examples_name_only_paths_that_exist_or_that_an_example_creates() -
             if args[1] in ("report", "generate"):
                 runs = [a for a in args[2:] if not a.startswith("-")][: None if args[1] == "report" else 1]
                 assert all(r in made for r in runs), args
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["train"], ["eval", "--stride", "x"], ["recipe", "check", "--recipe", "absent.toml"], ["nonsense"]],
+    ids=["missing option", "bad option value", "user error", "unknown command"],
+)
+def test_every_error_is_one_lowercase_error_line(args: list[str], capsys: pytest.CaptureFixture) -> None:
+    """Some errors began `Error:` (click's own) and others `error:`."""
+    from clm_runner.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Error:" not in err
