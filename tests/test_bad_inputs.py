@@ -194,6 +194,7 @@ def test_empty_or_blank_data(world: World, content: str) -> None:
     ), line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("out_dir", ["absent", "pre-created empty"])
 def test_data_too_short_for_one_block(world: World, out_dir: str) -> None:
     """Found while preparing data, after the output dir is locked: the start must still leave it as it was
@@ -235,6 +236,7 @@ def test_block_size_zero_or_less(world: World, size: int) -> None:
     refuse(world, train(world, f"data.block_size={size}"), "data.block_size must be a positive number")
 
 
+@pytest.mark.slow
 def test_non_utf8_data_is_a_clear_error_or_replaced_on_request(world: World) -> None:
     (world.root / "train.txt").write_bytes(TEXT.encode("utf-8") + b"caf\xe9 latin-1 bytes\n")
     refuse(world, train(world), "train.txt", "UTF-8", 'encoding_errors = "replace"')

@@ -76,6 +76,7 @@ def test_every_key_clm_runner_sets_or_overrides_is_in_the_policy(monkeypatch: py
     assert touched <= set(training_keys.HONOURED), sorted(touched - set(training_keys.HONOURED))
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_in_the_recipe_resumes_as_resume_from(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CLM_RUNNER_CACHE", str(tmp_path / "cache"))
     first = tmp_path / "first"
