@@ -380,7 +380,8 @@ def _build_split(
 
 
 def _log_text_column(split: str, column: str | None, configured: str | None) -> None:
-    if configured is None and column is not None:
+    # A column named "text" is what anyone expects; any other one picked on its own is worth a line.
+    if configured is None and column is not None and column != "text":
         logger.info(
             "The %s split's text is in column %r (data.text_column is unset; set it to choose another).",
             split,

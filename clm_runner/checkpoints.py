@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clm_runner import faults
 from clm_runner.files import default_file_mode, fsync_path
 
 logger = logging.getLogger("clm_runner")
@@ -154,6 +155,7 @@ def seal_checkpoint(staging: Path, final: Path, *, step: int, facts: dict[str, A
         handle.flush()
         os.fsync(handle.fileno())
     fsync_path(staging)
+    faults.point("checkpoint.marker", marker_path)
 
     run_dir = final.parent
     replaced = None
@@ -165,6 +167,7 @@ def seal_checkpoint(staging: Path, final: Path, *, step: int, facts: dict[str, A
     fsync_path(run_dir)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
+    faults.point("checkpoint.renamed", final)
     return final
 
 
@@ -188,6 +191,7 @@ def delete_checkpoint(path: Path) -> None:
     doomed = path.parent / f"{DELETING_PREFIX}{step}"
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
+    faults.point("rotation.delete", doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -244,8 +248,12 @@ def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: i
     # Every rank writes into the staging dir (its RNG state, sharded states): none may start before the
     # stale one is gone, and the rename must wait until all are done.
     trainer.accelerator.wait_for_everyone()
+    if args.should_save:
+        staging.mkdir(parents=True, exist_ok=True)
+    faults.point("checkpoint.staging", staging)
 
     trainer.save_model(str(staging), _internal_call=True)
+    faults.point("checkpoint.model", staging)
 
     if (
         args.save_strategy in [SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST]
@@ -260,6 +268,7 @@ def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: i
         trainer._save_optimizer_and_scheduler(str(staging))
         trainer._save_scaler(str(staging))
         trainer._save_rng_state(str(staging))
+        faults.point("checkpoint.optimizer", staging)
 
     if args.should_save:
         exportable = [
@@ -274,6 +283,7 @@ def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: i
             else:
                 trainer.state.stateful_callbacks[name] = cb.state()
         trainer.state.save_to_json(str(staging / TRAINER_STATE))
+        faults.point("checkpoint.state", staging / TRAINER_STATE)
 
     trainer.accelerator.wait_for_everyone()
     if args.should_save:

@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from clm_runner import faults
+
 
 def _read_umask() -> int:
     mask = os.umask(0o022)
@@ -58,6 +60,10 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+ATOMIC_TEMPORARY = ".{name}.*.tmp"
+"""What write_text_atomic's temporary files look like (a kill can leave one; the next start removes it)."""
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a reader never sees half a file (nor, after a crash, none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +75,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        faults.point(f"write.{path.name}", path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

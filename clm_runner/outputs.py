@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ __all__ = [
 RECIPE_FILE = "recipe.toml"
 """The resolved recipe a run was trained with; `eval --run` and `report` read it."""
 STAGING_PREFIXES = (STAGING_PREFIX, DELETING_PREFIX)
+FINAL_STAGING = "tmp-final"
+"""Where the final model is written before its files are renamed into the output dir."""
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -105,6 +108,36 @@ class OutputPlan:
     """Move the run the directory holds to previous-runs/<time>/ when this run starts."""
     recipe_changes: tuple[str, ...] = ()
     """Keys whose value differs from the run in the directory ("training.max_steps: 6 -> 12")."""
+
+
+def is_leftover(name: str) -> bool:
+    """What a killed attempt can leave half written: staging dirs and atomic writes' temporary files."""
+    return (
+        name.startswith(STAGING_PREFIXES)
+        or name == FINAL_STAGING
+        or (name.startswith(".") and name.endswith(".tmp"))
+        or name.startswith(f".{LOCK_NAME}.")  # RunLock's record, written in full before it is linked
+    )
+
+
+def remove_leftovers(output_dir: Path) -> list[Path]:
+    """Remove what killed attempts left half written (only call while holding the run's lock)."""
+    from clm_runner.runlock import pid_alive
+
+    removed = []
+    for path in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
+        if not is_leftover(path.name):
+            continue
+        if path.name.startswith(f".{LOCK_NAME}."):
+            pid = path.name.rpartition(".")[2]
+            if pid.isdigit() and pid_alive(int(pid)):
+                continue  # another process taking the lock right now: its own temporary file
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _entries(output_dir: Path) -> list[str]:
@@ -191,10 +224,10 @@ def plan_output_dir(
         )
 
     entries = _entries(output_dir)
-    if not entries:
+    if all(is_leftover(name) for name in entries):  # nothing but what a killed start left half written
         return OutputPlan(output_dir, None, f"Training into new output dir {output_dir}.")
     holds_run = any(name in entries for name in RUN_MARKERS) or any(
-        checkpoint_step(Path(name)) is not None or name.startswith(STAGING_PREFIX) for name in entries
+        checkpoint_step(Path(name)) is not None or is_leftover(name) for name in entries
     )
     if overwrite and not resume:
         if holds_run:
@@ -229,7 +262,7 @@ def plan_output_dir(
             "--no-resume --overwrite to start over (the old run is moved aside, nothing is deleted)."
         )
     torn = scan_checkpoints(output_dir).torn
-    early = set(entries) <= EARLY_RUN_FILES | {n for n in entries if n.startswith(STAGING_PREFIXES)}
+    early = all(name in EARLY_RUN_FILES or is_leftover(name) for name in entries)
     if manifest is not None and early and not torn and resume and identity is not None:
         if changes:
             raise OutputDirError(

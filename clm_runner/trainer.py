@@ -52,16 +52,58 @@ class ClmTrainer(Trainer):
         self._last_checkpoint_step: int | None = None
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        checkpoint = kwargs.get("resume_from_checkpoint")
+        if checkpoint and self._steps_left(checkpoint) <= 0:
+            return self._end_at_checkpoint(checkpoint)
         self.args.save_total_limit = None
         # eval_on_start is the untrained model's baseline: a resumed run has it in its log already.
         eval_on_start = self.args.eval_on_start
-        if kwargs.get("resume_from_checkpoint"):
+        if checkpoint:
             self.args.eval_on_start = False
         try:
             return super().train(*args, **kwargs)
         finally:
             self.args.save_total_limit = self.checkpoint_limit
             self.args.eval_on_start = eval_on_start
+
+    def _steps_left(self, checkpoint: str) -> int:
+        """Optimizer steps the run has left after `checkpoint` (upstream would train one more at 0)."""
+        import json
+
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return 1  # their own loading path: leave it to upstream
+        try:
+            done = int(json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["global_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 1
+        target = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        return target - done
+
+    def _end_at_checkpoint(self, checkpoint: str) -> Any:
+        """Resumed at the run's last step: nothing to train, so finish from the checkpoint as it is.
+
+        Upstream's loop resumed there trains one step past the end (it checks max_steps after a step), which
+        would change the final model and the results of a run that was only cut short while finishing.
+        """
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+        self._total_loss_scalar = 0.0
+        self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_model()
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        metrics = {
+            "train_runtime": 0.0,
+            "train_samples_per_second": 0.0,
+            "train_steps_per_second": 0.0,
+            "total_flos": self.state.total_flos,
+            "train_loss": 0.0,
+            "epoch": self.state.epoch,
+        }
+        return TrainOutput(self.state.global_step, 0.0, metrics)
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         # A tied output head (GPT-2's lm_head is the token embedding) is saved once, so its key is "missing"
@@ -148,9 +190,11 @@ class ClmTrainer(Trainer):
         """run_clm's metric keys (eval_loss, perplexity, eval_accuracy, eval_samples) plus eval_tokens."""
         import torch
 
+        from clm_runner import faults
         from clm_runner.callbacks import evaluation_progress
         from clm_runner.perplexity import evaluate_blocks, reduce_across_ranks
 
+        faults.point("evaluate")
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         start = time.perf_counter()
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=True)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clm_runner import faults
 from clm_runner.distributed import (
     check_one_job,
     decide_on_rank0,
@@ -272,9 +274,8 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
         train_result = trainer.train(resume_from_checkpoint=resume_from)
     if session.stop.stopped_at_step is not None:
         raise session.interrupted(trainer.state.global_step)
-    trainer.save_model()  # the tokenizer too, so the output dir loads on its own
-    if trainer.is_world_process_zero():
-        give_default_modes(plan.output_dir, since=session.started_at)
+    faults.point("train.end")
+    save_final_model(trainer, plan.output_dir)  # the tokenizer too, so the output dir loads on its own
 
     metrics = totals.whole_run_metrics(dict(train_result.metrics), trainer, throughput)
     if args.should_log:
@@ -295,6 +296,7 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
         trainer.save_metrics("eval", eval_metrics)
         results["eval"] = eval_metrics
 
+    faults.point("card.write", plan.output_dir / "README.md")
     if args.push_to_hub:
         trainer.push_to_hub(**model_card_kwargs(recipe))  # writes the model card, then uploads
     else:
@@ -303,6 +305,36 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
         give_default_modes(plan.output_dir, since=session.started_at)
     session.finish("completed", trainer.state.global_step)
     return results
+
+
+def save_final_model(trainer: Any, output_dir: Path) -> None:
+    """The final model, written whole: staged in tmp-final, synced, then each file renamed into place.
+
+    Saved in place, a kill mid-write would leave a torn model.safetensors in the output dir; renamed, each
+    file is either the old one or the new one, complete.
+    """
+    from clm_runner.files import fsync_path
+    from clm_runner.outputs import FINAL_STAGING
+
+    staging = output_dir / FINAL_STAGING
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return
+    give_default_modes(staging)
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    for file in files:
+        fsync_path(file)
+    faults.point("final.save", staging)
+    for file in files:
+        target = output_dir / file.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, target)
+    fsync_path(output_dir)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 class _RunSession:
@@ -325,16 +357,19 @@ class _RunSession:
         self.started_at = time.time()
         if not is_main_process():
             return
-        from clm_runner.checkpoints import remove_stale_temporaries
+        from clm_runner.outputs import remove_leftovers
 
         if self.plan.archive:
             archive_previous_run(self.plan.output_dir)
-        for leftover in remove_stale_temporaries(self.plan.output_dir):
-            logger.info("Removed %s, left by an attempt that was stopped while saving.", leftover)
+        for leftover in remove_leftovers(self.plan.output_dir):
+            logger.info("Removed %s, left half written by an attempt that was stopped.", leftover)
+        # run.json first: a directory holding it (and its log) is known to be this run's, if the start is
+        # cut short here, and the same command starts it over in place.
+        self.start_manifest(prepared)
         if self.log is not None:
             self.log.start_file(self.plan.output_dir / LOG_FILE_NAME)
         save_resolved_recipe(self.recipe, self.plan, self.setup.resolved)
-        self.start_manifest(prepared)
+        faults.point("startup.begun", self.plan.output_dir)
 
     def start_manifest(self, prepared: dict[str, Any]) -> None:
         from clm_runner.data import data_fingerprint
@@ -367,8 +402,12 @@ class _RunSession:
         )
 
     def finish(self, status: str, global_step: int | None = None, error: str | None = None) -> None:
-        if self.manifest is not None:
+        if self.manifest is None:
+            return
+        try:
             self.manifest.finish(status, global_step=global_step, error=error)
+        except OSError as exc:  # the disk that failed the run may fail this too; say so, keep the first error
+            logger.warning("Could not record the run's end in run.json (%s).", exc)
 
     def resume_command(self) -> str:
         from clm_runner.manifest import resume_command
@@ -404,8 +443,12 @@ class _RunSession:
             self.finish("interrupted", None, f"stopped at once by {signal_name(signum)}")
             raise RunInterrupted(message, signum=signum, quiet=not is_main_process()) from None
         from clm_runner.secrets import scrub, secret_values
+        from clm_runner.storage import storage_error
 
+        stored = storage_error(exc, self.plan.output_dir)
         self.finish("failed", None, scrub(f"{type(exc).__name__}: {exc}", secret_values(self.recipe)))
+        if stored is not None:
+            raise stored from None
         raise exc
 
 
