@@ -44,26 +44,27 @@ EXTRA = (
 
 # (point, hit): where SIGKILL strikes. A hit of 1 at a checkpoint point strikes the first checkpoint (none is
 # sealed yet: the same command must start the run over), 2 the second (resume from the first).
+NEW, RESTART, RESUME = "Training into new output dir", "starting it over in place", "resuming from"
 KILL_POINTS = [
-    ("startup.lock", 1),
-    ("write.run.json", 1),
-    ("startup.begun", 1),
-    ("checkpoint.staging", 1),
-    ("checkpoint.model", 1),
-    ("checkpoint.optimizer", 2),
-    ("checkpoint.state", 2),
-    ("checkpoint.marker", 2),
-    ("checkpoint.renamed", 2),
-    ("rotation.delete", 1),
-    ("evaluate", 1),
-    ("write.trainer_state.json", 1),
-    ("train.end", 1),
-    ("final.save", 1),
-    ("write.train_results.json", 1),
-    ("write.eval_results.json", 1),
-    ("write.all_results.json", 2),
-    ("card.write", 1),
-    ("write.run.json", 3),  # the last run.json write: the run's end is about to be recorded
+    ("startup.lock", 1, NEW),  # only the lock's leftovers: as good as empty
+    ("write.run.json", 1, NEW),
+    ("startup.begun", 1, RESTART),  # run.json, train.log, recipe.toml: this run's start
+    ("checkpoint.staging", 1, RESTART),
+    ("checkpoint.model", 1, RESTART),
+    ("checkpoint.optimizer", 2, RESUME),
+    ("checkpoint.state", 2, RESUME),
+    ("checkpoint.marker", 2, RESUME),
+    ("checkpoint.renamed", 2, RESUME),
+    ("rotation.delete", 1, RESUME),
+    ("evaluate", 1, RESUME),
+    ("write.trainer_state.json", 1, RESUME),
+    ("train.end", 1, RESUME),
+    ("final.save", 1, RESUME),
+    ("write.train_results.json", 1, RESUME),
+    ("write.eval_results.json", 1, RESUME),
+    ("write.all_results.json", 2, RESUME),
+    ("card.write", 1, RESUME),
+    ("write.run.json", 3, RESUME),  # the last run.json write: the run's end is about to be recorded
 ]
 
 
@@ -117,9 +118,9 @@ def assert_whole_and_equal(run: Path, reference: Path) -> None:
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
 
 
-@pytest.mark.parametrize(("point", "hit"), KILL_POINTS, ids=[f"{p}@{h}" for p, h in KILL_POINTS])
+@pytest.mark.parametrize(("point", "hit", "says"), KILL_POINTS, ids=[f"{p}@{h}" for p, h, _ in KILL_POINTS])
 def test_killed_at_a_fault_point_the_same_command_finishes_the_run(
-    workdir: Path, env: dict[str, str], reference: Path, point: str, hit: int
+    workdir: Path, env: dict[str, str], reference: Path, point: str, hit: int, says: str
 ) -> None:
     run = workdir / f"kill-{point}-{hit}"
     args = args_for(run)
@@ -129,7 +130,7 @@ def test_killed_at_a_fault_point_the_same_command_finishes_the_run(
     assert code == -signal.SIGKILL, f"the fault point was not reached:\n{log[-2000:]}"
     code, log = run_cli(args, env, workdir / f"{run.name}-2.log")
     assert code == 0, log[-3000:]
-    assert "error:" not in log
+    assert "error:" not in log and says in log, log[-3000:]
     assert_whole_and_equal(run, reference)
 
 
