@@ -11,7 +11,8 @@ failpoint idea of etcd, and FoundationDB's simulation testing):
 - POINT: a name below (`write.run.json`, `checkpoint.model`, ...).
 - HIT: fire the N-th time the point is reached in this process (default 1).
 - ACTION: `kill` (SIGKILL this process, the default), `enospc` (the write fails: no space left on the
-  device), `eacces` (permission denied), `erofs` (read-only file system).
+  device), `eacces` (permission denied), `erofs` (read-only file system), `delayS` (sleep S seconds at every
+  hit from the N-th on: a slow machine, so a test can signal a run mid-way).
 - rankR: only on global rank R of a multi-process run.
 
 tests/test_faults.py (`make fault-test`) kills a real `train` at every point in turn and resumes it.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from pathlib import Path
 
 ENV = "CLM_RUNNER_FAULT"
@@ -36,6 +38,7 @@ POINTS = (
     "checkpoint.marker",  # the completion marker is written; the rename has not happened
     "checkpoint.renamed",  # tmp-checkpoint-N became checkpoint-N; rotation has not run
     "rotation.delete",  # an old checkpoint is renamed to tmp-deleting-checkpoint-N, not yet removed
+    "train.step",  # a training step starts
     "evaluate",  # an evaluation starts
     "train.end",  # the last step is done; nothing of the end of the run is written
     "final.save",  # the final model is staged in tmp-final, not yet moved into place
@@ -60,9 +63,17 @@ def _parse(spec: str | None) -> tuple[str, int, str, int | None] | None:
             rank = int(part[4:])
         else:
             action = part
-    if action not in ACTIONS:
-        raise ValueError(f"{ENV}={spec!r}: the action must be one of {', '.join(ACTIONS)}")
+    if action not in ACTIONS and not (action.startswith("delay") and _is_number(action[5:])):
+        raise ValueError(f"{ENV}={spec!r}: the action must be one of {', '.join(ACTIONS)} or delayS")
     return name, int(hit or 1), action, rank
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 _ACTIVE = _parse(os.environ.get(ENV))
@@ -78,6 +89,10 @@ def point(name: str, path: str | Path | None = None) -> None:
     if rank is not None and int(os.environ.get("RANK", "0")) != rank:
         return
     _hits += 1
+    if action.startswith("delay"):
+        if _hits >= hit:
+            time.sleep(float(action[5:]))
+        return
     if _hits != hit:
         return
     if action == "kill":

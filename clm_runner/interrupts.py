@@ -49,7 +49,8 @@ class RunInterrupted(ClmError):
         self.signum = signum
         self.exit_code = exit_code_for(signum)
         self.quiet = quiet
-        """True on ranks other than 0: rank 0 says it once, the others leave with the same status."""
+        """True once the run has said it (rank 0 logs the stop and the resume command, to the console and
+        train.log): the CLI then leaves with the status and prints nothing more."""
 
 
 class GracefulStop:

@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import Trainer
 
+from clm_runner import faults
 from clm_runner.checkpoints import save_checkpoint_atomically
 from clm_runner.interrupts import GracefulStop
 from clm_runner.outputs import TRAINER_STATE, save_metrics, write_json_atomic, write_text_atomic
@@ -27,6 +28,7 @@ class ClmTrainer(Trainer):
     tokens_trained: int = 0
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        faults.point("train.step")
         # numel reads the shape only: no device sync.
         self.tokens_trained += int(inputs["input_ids"].numel()) * self.args.world_size
         return super().training_step(model, inputs, num_items_in_batch)

@@ -425,7 +425,7 @@ class _RunSession:
         if is_main_process():
             logger.warning(message)
         self.finish("interrupted", global_step, f"stopped by {signal_name(signum)}")
-        return RunInterrupted(message, signum=signum, quiet=not is_main_process())
+        return RunInterrupted(message, signum=signum, quiet=True)
 
     def fail(self, exc: BaseException) -> None:
         """Record how the attempt ended and raise what the CLI should report."""
@@ -441,7 +441,7 @@ class _RunSession:
             if is_main_process():
                 logger.warning(message)
             self.finish("interrupted", None, f"stopped at once by {signal_name(signum)}")
-            raise RunInterrupted(message, signum=signum, quiet=not is_main_process()) from None
+            raise RunInterrupted(message, signum=signum, quiet=True) from None
         from clm_runner.secrets import scrub, secret_values
         from clm_runner.storage import storage_error
 

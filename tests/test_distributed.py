@@ -432,3 +432,55 @@ def test_resuming_with_another_global_batch_says_so(tmp_path: Path) -> None:
     # Made up by accumulation: the same global batch, nothing to say.
     made_up = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=1)
     assert global_batch_change(checkpoint, made_up, 128) is None
+
+
+@pytest.mark.slow
+def test_an_interrupted_torchrun_says_so_once_with_the_launcher_and_resumes(tmp_path: Path) -> None:
+    """The printed resume command used to be a single-process `clm-runner train ...`: resumed that way the
+    global batch silently changed; and each rank printed the interruption."""
+    import shlex
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = launch_env(tmp_path / "cache", tmp_path / "home")
+    logs = tmp_path / "logs"
+    sets = tiny_overrides(run) + ["--set", "training.save_steps=2", "--set", "training.max_steps=40"]
+    command = torchrun(logs, "train", "--recipe", str(SMOKE), "--quiet", *sets)
+    slow = {"CLM_RUNNER_FAULT": "train.step:delay0.3"}  # a slow machine: time to signal mid-run
+    process = subprocess.Popen(
+        command, env={**env, **slow}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not (run / "checkpoint-2" / "clm_runner_complete.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # as a scheduler pre-empting the job signals the launcher
+    stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    per_rank = rank_logs(logs)
+    stopped = [
+        line for text in per_rank.values() for line in text.splitlines() if "Stopped by SIGTERM" in line
+    ]
+    assert len(stopped) == 1 and stopped[0] in per_rank[0], stopped
+    resume = stopped[0].partition("Resume with: ")[2]
+    assert resume.startswith("torchrun --nproc_per_node 2 -m clm_runner train --recipe "), resume
+    received = [
+        line for text in per_rank.values() for line in text.splitlines() if "Received SIGTERM" in line
+    ]
+    assert len(received) == 1
+    argv = shlex.split(resume)
+    port = str(free_port())
+    resumed = run_subprocess(
+        [sys.executable, "-m", "torch.distributed.run", *argv[1:3], "--master_addr", "127.0.0.1",
+         "--master_port", port, *argv[3:]],
+        env,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert state["global_step"] == 40
+
+
+def run_subprocess(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=REPO
+    )
