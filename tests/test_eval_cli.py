@@ -46,6 +46,9 @@ def run_dir(tmp_path_factory) -> Path:
         save_tiny_model(staging, seed=seed)
         (staging / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         seal_checkpoint(staging, run / f"checkpoint-{step}", step=step)  # complete, as `train` writes them
+    # A test split of its own text, so a split mixed up with another would show.
+    test_text = run.parent / "test.txt"
+    test_text.write_text((ASSETS / "train.txt").read_text(encoding="utf-8")[-20000:], encoding="utf-8")
     (run / "recipe.toml").write_text(
         f"""
 [model]
@@ -55,7 +58,7 @@ tokenizer_name = "{ASSETS / "tokenizer"}"
 [data]
 train_file = "{ASSETS / "train.txt"}"
 validation_file = "{ASSETS / "validation.txt"}"
-test_file = "{ASSETS / "validation.txt"}"
+test_file = "{test_text}"
 block_size = {BLOCK}
 
 [training]
@@ -209,7 +212,7 @@ def test_test_split_equals_plain_forward_passes_over_the_test_file(run_dir: Path
     assert result.exit_code == 0, result.output
     test_metrics = json.loads(out.read_text())
     assert test_metrics["split"] == "test"
-    total, count = blocks_nll(run_dir, token_stream(run_dir, ASSETS / "validation.txt"))  # the test_file
+    total, count = blocks_nll(run_dir, token_stream(run_dir, run_dir.parent / "test.txt"))
     assert test_metrics["eval_tokens"] == count
     assert test_metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=FORWARD_RTOL)
 
