@@ -56,7 +56,8 @@ KILL_POINTS = [
     ("checkpoint.marker", 2, RESUME),
     ("checkpoint.renamed", 2, RESUME),
     ("rotation.delete", 1, RESUME),
-    ("evaluate", 1, RESUME),
+    ("evaluate", 1, RESTART),  # eval_on_start (the smoke recipe's), before any checkpoint
+    ("evaluate", 2, RESUME),  # the evaluation at step 6, after checkpoint-4
     ("write.trainer_state.json", 1, RESUME),
     ("train.end", 1, RESUME),
     ("final.save", 1, RESUME),
