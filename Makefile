@@ -17,7 +17,7 @@ endif
 # Tests and the smoke test never touch the network.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install smoke-test test lint format clean
+.PHONY: install smoke-test test fault-test fuzz lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ smoke-test: install
 
 test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q
+
+# Kill a real run at every named fault point (and fill its disk, take its permissions) and resume it.
+fault-test: install
+	$(OFFLINE) $(BIN)/python -m pytest -q -m fault tests/test_faults.py
+
+# A longer, freshly random search of the recipe reader (make test runs a fixed, reproducible one).
+fuzz: install
+	$(OFFLINE) HYPOTHESIS_PROFILE=explore $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 lint: install
 	$(BIN)/ruff check clm_runner tests benchmarks scripts

@@ -28,7 +28,8 @@ import numpy as np
 
 from clm_runner import data as data_sources
 from clm_runner import tokenization
-from clm_runner.errors import DataError
+from clm_runner.errors import DataError, RecipeError
+from clm_runner.text_counts import BlockContext
 
 if TYPE_CHECKING:
     import datasets
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+"""2: block starts stored beside the blocks; null rows skipped."""
 STALE_TEMPORARY_SECONDS = 24 * 3600
 """Leftovers of builds that crashed or were killed are removed after this long."""
 _IMPORTED_AT = time.time()
@@ -55,16 +57,21 @@ def resolve_block_size(
     config: Any,
     warn: Callable[[str], None] = logger.warning,
 ) -> int:
-    """run_clm's block size rule, exactly.
+    """run_clm's block size rule, and the one place that decides the block size.
 
     Unset: the tokenizer's model_max_length, or min(1024, max_position_embeddings) when that is larger
     than the model's positions (run_clm assumes 1024 positions for a config without the attribute).
-    Set: capped at model_max_length.
+    Set: capped at model_max_length. Either way never longer than the model's positions: run_clm lets such
+    a block through and the model fails on it; here it is refused before any heavy work.
     """
-    max_positions = getattr(config, "max_position_embeddings", None)
-    if max_positions is None:
-        max_positions = 1024
+    declared_positions = getattr(config, "max_position_embeddings", None)
+    max_positions = declared_positions if declared_positions is not None else 1024
     model_max_length = tokenizer.model_max_length
+    if requested is not None and declared_positions is not None and requested > declared_positions:
+        raise RecipeError(
+            f"data.block_size = {requested} is longer than the model's {declared_positions} positions "
+            f"(max_position_embeddings): set data.block_size to {declared_positions} or less."
+        )
     if requested is None:
         block_size = model_max_length
         if block_size > max_positions:
@@ -99,6 +106,8 @@ class SplitStats:
     """Tokens in no block: the final remainder (concat), or every batch's remainder (run_clm)."""
     seconds: float
     """Time this call spent on the split (building it, or opening the cache)."""
+    null_rows: int = 0
+    """Rows whose text is null (a missing value): skipped, as if they were not there."""
 
 
 @dataclass(frozen=True)
@@ -116,19 +125,61 @@ class PreparedSplit:
     """The cache directory the split was read from (None when streaming)."""
     from_cache: bool = False
     """True when the cache already held the split and no text was tokenized."""
+    starts: np.ndarray | None = None
+    """Where each block (of `blocks`, after max_*_samples) starts in `stream`; None when streaming."""
+    block_size: int = 0
+    grouping: str = "concat"
+    limited: bool = False
+    """True when max_*_samples kept fewer blocks than the split has."""
+
+    def eval_text(self) -> dict[str, Any]:
+        """How evaluate_blocks finds each block's place in the token stream (for bytes and words)."""
+        if self.stream is not None and self.starts is not None:
+            return {"context": BlockContext(self.stream, self.starts, self.block_size)}
+        # A stream's consecutive concat blocks are adjacent in the text (tokens carry over between them).
+        return {"contiguous": self.grouping == "concat"}
+
+    def scored_stream(self) -> np.ndarray:
+        """The token stream the blocks cover (through the end of the last block kept by max_*_samples): the
+        text a strided evaluation scores, so both methods score the same text."""
+        if self.stream is None:
+            raise DataError("a streamed split has no token stream to evaluate with strided windows")
+        if not self.limited or self.starts is None or len(self.starts) == 0:
+            return self.stream
+        return self.stream[: int(self.starts[-1]) + self.block_size]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Grouping
 
 
-def block_starts(row_lengths: np.ndarray, block_size: int, grouping: str) -> np.ndarray:
+def run_clm_batch_edges(n_rows: int, workers: int | None = None) -> np.ndarray:
+    """Row indices where run_clm's `group_texts` batches begin, plus n_rows at the end.
+
+    datasets.map(batched=True, num_proc=N) cuts the rows into N contiguous shards (Dataset.shard with
+    contiguous=True: the first n % N shards one row longer) and starts 1000-row batches at each shard's
+    first row; N above the row count is lowered to it, as datasets does.
+    """
+    shards = max(1, min(workers or 1, n_rows))
+    div, mod = divmod(n_rows, shards)
+    edges: list[np.ndarray] = []
+    for index in range(shards):
+        start = div * index + min(index, mod)
+        end = start + div + (1 if index < mod else 0)
+        edges.append(np.arange(start, end, RUN_CLM_BATCH_ROWS, dtype=np.int64))
+    return np.concatenate([*edges, np.array([n_rows], dtype=np.int64)])
+
+
+def block_starts(
+    row_lengths: np.ndarray, block_size: int, grouping: str, run_clm_workers: int | None = None
+) -> np.ndarray:
     """Stream offsets at which each block starts, in order.
 
     concat: every block_size tokens of the whole stream, the final remainder dropped.
     run_clm: run_clm's `group_texts` over 1000-row batches: each batch cut into whole blocks, its remainder
-    dropped. A batch shorter than one block gives no block: run_clm's newest version raises there instead,
-    older ones skipped such a batch, and skipping keeps a valid split usable.
+    dropped (with `run_clm_workers`, the batches of run_clm run with --preprocessing_num_workers N). A
+    batch shorter than one block gives no block: run_clm's newest version raises there instead, older
+    ones skipped such a batch, and skipping keeps a valid split usable.
     """
     total = int(row_lengths.sum(dtype=np.int64))
     if grouping == "concat":
@@ -136,7 +187,7 @@ def block_starts(row_lengths: np.ndarray, block_size: int, grouping: str) -> np.
     if grouping != "run_clm":
         raise DataError(f"data.grouping must be 'concat' or 'run_clm'; got {grouping!r}.")
     offsets = np.concatenate([[0], np.cumsum(row_lengths, dtype=np.int64)])
-    batch_edges = offsets[np.r_[np.arange(0, len(row_lengths), RUN_CLM_BATCH_ROWS), len(row_lengths)]]
+    batch_edges = offsets[run_clm_batch_edges(len(row_lengths), run_clm_workers)]
     batch_starts, batch_tokens = batch_edges[:-1], np.diff(batch_edges)
     per_batch = batch_tokens // block_size
     first = np.repeat(batch_starts, per_batch)
@@ -187,6 +238,7 @@ def cache_key(recipe: Recipe, split_inputs: dict, tokenizer_id: dict, block_size
         "tokenizer": tokenizer_id,
         "block_size": block_size,
         "grouping": data.grouping,
+        "run_clm_workers": data.run_clm_preprocessing_num_workers,
         "text_column": data.text_column,
         "keep_linebreaks": data.keep_linebreaks,
         "encoding_errors": data.encoding_errors,
@@ -197,7 +249,7 @@ def _split_cache_dir(key: dict) -> Path:
     return cache_root() / "blocks" / _digest(key)[:40]
 
 
-def _load_cached(path: Path, name: str) -> tuple[Any, np.ndarray, dict] | None:
+def _load_cached(path: Path, name: str) -> tuple[Any, np.ndarray, np.ndarray, dict] | None:
     import datasets
 
     meta_file = path / "meta.json"
@@ -206,14 +258,16 @@ def _load_cached(path: Path, name: str) -> tuple[Any, np.ndarray, dict] | None:
     try:
         meta = json.loads(meta_file.read_text())
         stream = np.load(path / "stream.npy", mmap_mode="r")
+        starts = np.load(path / "starts.npy", mmap_mode="r")
         blocks = datasets.Dataset.from_file(str(path / "blocks.arrow"))
     except (OSError, ValueError) as exc:
         logger.warning("Ignoring the unreadable cache %s (%s); rebuilding it.", path, exc)
         return None
-    if len(blocks) != meta["stats"]["blocks"] or len(stream) != meta["stats"]["tokens"]:
+    stats = meta.get("stats", {})
+    if len(blocks) != stats.get("blocks") or len(starts) != len(blocks) or len(stream) != stats.get("tokens"):
         logger.warning("Ignoring the inconsistent cache %s; rebuilding it.", path)
         return None
-    return blocks, stream, meta
+    return blocks, stream, starts, meta
 
 
 def _write_blocks(
@@ -266,13 +320,14 @@ def _build_split(
     started = time.perf_counter()
     data = recipe.data
     column = data_sources.resolve_text_column(raw, data.text_column)
+    _log_text_column(name, column, data.text_column)
     workers = data.preprocessing_num_workers or tokenization.default_workers()
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target.parent)
     temporary = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temporary.mkdir()
     try:
-        row_lengths = tokenization.tokenize_split(
+        row_lengths, null_rows = tokenization.tokenize_split(
             raw,
             column,
             encoder,
@@ -282,7 +337,14 @@ def _build_split(
             progress=progress,
         )
         stream = np.load(temporary / "stream.npy", mmap_mode="r")
-        starts = block_starts(row_lengths, block_size, data.grouping)
+        starts = block_starts(row_lengths, block_size, data.grouping, data.run_clm_preprocessing_num_workers)
+        if null_rows:
+            logger.warning(
+                "Skipped %d of the %d rows of the %s split: their text is null (a missing value).",
+                null_rows,
+                len(raw),
+                name,
+            )
         if len(starts) == 0:
             raise DataError(
                 f"The {name} split has {len(stream)} tokens, too few for one block of {block_size} tokens"
@@ -295,18 +357,36 @@ def _build_split(
             blocks=len(starts),
             dropped_tokens=len(stream) - len(starts) * block_size,
             seconds=0.0,
+            null_rows=null_rows,
         )
+        np.save(temporary / "starts.npy", starts)
         _write_blocks(
             temporary / "blocks.arrow", stream, starts, block_size, desc=f"Grouping {name}", progress=progress
         )
         del stream
         stats = dataclasses.replace(stats, seconds=round(time.perf_counter() - started, 3))
-        meta = {"split": name, "key": key, "stats": dataclasses.asdict(stats), "created": time.time()}
+        meta = {
+            "split": name,
+            "key": key,
+            "stats": dataclasses.asdict(stats),
+            "text_column": column,
+            "created": time.time(),
+        }
         (temporary / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         _commit(temporary, target)
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _log_text_column(split: str, column: str | None, configured: str | None) -> None:
+    # A column named "text" is what anyone expects; any other one picked on its own is worth a line.
+    if configured is None and column is not None and column != "text":
+        logger.info(
+            "The %s split's text is in column %r (data.text_column is unset; set it to choose another).",
+            split,
+            column,
+        )
 
 
 def _remove_stale_temporaries(root: Path) -> None:
@@ -344,8 +424,10 @@ def _stream_blocks(source: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
     raw, column, encoder = source["raw"], source["column"], source["encoder"]
     block_size, grouping = source["block_size"], source["grouping"]
     carry = np.zeros(0, dtype=encoder.dtype)
+    null_rows = 0
     for batch in raw.iter(batch_size=RUN_CLM_BATCH_ROWS):
-        ids, _ = tokenization.tokenize_rows(batch[column], encoder)
+        ids, _, nulls = tokenization.tokenize_rows(batch[column], encoder)
+        null_rows += nulls
         if grouping == "concat":
             ids = np.concatenate([carry, ids])
         whole = len(ids) // block_size
@@ -354,6 +436,10 @@ def _stream_blocks(source: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
             yield {"input_ids": block, "labels": block}
         if grouping == "concat":
             carry = ids[whole * block_size :]
+    if null_rows:
+        logger.warning(
+            "Skipped %d rows of a streamed split: their text is null (a missing value).", null_rows
+        )
 
 
 def _streaming_split(
@@ -362,6 +448,7 @@ def _streaming_split(
     import datasets
 
     column = data_sources.resolve_text_column(raw, recipe.data.text_column)
+    _log_text_column(name, column, recipe.data.text_column)
     value = datasets.Value(encoder.dtype)
     features = datasets.Features(
         {
@@ -382,7 +469,14 @@ def _streaming_split(
     limit = recipe.data.max_train_samples if name == "train" else recipe.data.max_eval_samples
     if limit is not None:
         blocks = blocks.take(limit)
-    return PreparedSplit(name=name, blocks=blocks, stream=None, stats=None)
+    return PreparedSplit(
+        name=name,
+        blocks=blocks,
+        stream=None,
+        stats=None,
+        block_size=block_size,
+        grouping=recipe.data.grouping,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -446,14 +540,16 @@ def _prepare_cached(
     for name in splits:
         started = time.perf_counter()
         cached = _load_cached(_split_cache_dir(keys[name]), name)
-        if cached is not None and data.overwrite_cache and cached[2].get("created", 0) < _IMPORTED_AT:
+        if cached is not None and data.overwrite_cache and cached[3].get("created", 0) < _IMPORTED_AT:
             # Rebuild what earlier processes wrote, once: in a distributed run rank 0 rebuilds under
             # main_process_first and the other ranks then take its fresh cache.
             cached = None
         if cached is None:
             missing.append(name)
             continue
-        out[name] = _finish(recipe, name, *cached, _split_cache_dir(keys[name]), True, started)
+        out[name] = _finish(
+            recipe, name, cached, _split_cache_dir(keys[name]), from_cache=True, started=started
+        )
     if missing:
         started = time.perf_counter()
         if raw is None:
@@ -467,7 +563,7 @@ def _prepare_cached(
                 raise DataError(
                     f"The cache {target} could not be read back after writing it. Check the disk."
                 )
-            out[name] = _finish(recipe, name, *cached, target, False, started)
+            out[name] = _finish(recipe, name, cached, target, from_cache=False, started=started)
             started = time.perf_counter()
     return {name: out[name] for name in splits}
 
@@ -475,18 +571,31 @@ def _prepare_cached(
 def _finish(
     recipe: Recipe,
     name: str,
-    blocks: Any,
-    stream: np.ndarray,
-    meta: dict,
+    cached: tuple[Any, np.ndarray, np.ndarray, dict],
     path: Path,
+    *,
     from_cache: bool,
     started: float,
 ) -> PreparedSplit:
+    blocks, stream, starts, meta = cached
+    if from_cache:
+        _log_text_column(name, meta.get("text_column"), recipe.data.text_column)
     limit = recipe.data.max_train_samples if name == "train" else recipe.data.max_eval_samples
-    if limit is not None and limit < len(blocks):
+    limited = limit is not None and limit < len(blocks)
+    if limited:
         blocks = blocks.select(range(limit))
+        starts = starts[:limit]
     blocks = blocks.with_format("torch")
     stats = SplitStats(**{**meta["stats"], "seconds": round(time.perf_counter() - started, 3)})
     return PreparedSplit(
-        name=name, blocks=blocks, stream=stream, stats=stats, cache_path=path, from_cache=from_cache
+        name=name,
+        blocks=blocks,
+        stream=stream,
+        stats=stats,
+        cache_path=path,
+        from_cache=from_cache,
+        starts=starts,
+        block_size=int(meta["key"]["block_size"]),
+        grouping=recipe.data.grouping,
+        limited=limited,
     )

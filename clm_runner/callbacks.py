@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import ExportableState, PrinterCallback
 from transformers.trainer_callback import ProgressCallback as HfProgressCallback
 
 logger = logging.getLogger("clm_runner")
@@ -155,6 +155,92 @@ class ThroughputCallback(TrainerCallback):
         return metrics
 
 
+class RunTotals(TrainerCallback, ExportableState):
+    """The whole run's totals across attempts, kept in every checkpoint's trainer_state.json.
+
+    A resumed attempt starts from the totals of the checkpoint it resumes from (work an interrupted attempt
+    did after its last checkpoint is redone, so it is counted once): seconds of training, tokens trained and
+    measured training seconds (tokens/s), the summed per-step loss (the run's mean train loss), attempts.
+    """
+
+    KEYS = ("train_seconds", "step_seconds", "tokens", "loss_sum", "attempts")
+
+    def __init__(self, throughput: ThroughputCallback, block_size: int) -> None:
+        self.throughput = throughput
+        self.block_size = block_size
+        self.base: dict[str, float] = dict.fromkeys(self.KEYS, 0.0)
+        self.started: float | None = None
+        self.loss_this_attempt = 0.0
+        """Summed per-step loss of this attempt so far: ClmTrainer sets it before each checkpoint."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+        if state.global_step == 0:
+            return  # a new run (the Trainer fills stateful_callbacks with our own fresh state)
+        stored = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(stored, dict) and isinstance(stored.get("attributes"), dict):
+            self.base.update({k: float(v) for k, v in stored["attributes"].items() if k in self.KEYS})
+        else:
+            self.base.update(_estimated_totals(args, state, self.block_size))
+
+    def totals(self) -> dict[str, float]:
+        elapsed = time.time() - self.started if self.started is not None else 0.0
+        return {
+            "train_seconds": self.base["train_seconds"] + elapsed,
+            "step_seconds": self.base["step_seconds"] + self.throughput.seconds,
+            "tokens": self.base["tokens"] + self.throughput.tokens,
+            "loss_sum": self.base["loss_sum"] + self.loss_this_attempt,
+            "attempts": self.base["attempts"] + 1,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {}, "attributes": self.totals()}
+
+    def whole_run_metrics(
+        self, metrics: dict[str, Any], trainer: Any, throughput: ThroughputCallback
+    ) -> dict:
+        """train_results' metrics for the whole run, from this attempt's `metrics` and the stored totals."""
+        self.loss_this_attempt = float(getattr(trainer, "_total_loss_scalar", 0.0))
+        speed = throughput.metrics()  # closes the last stretch of this attempt
+        totals = self.totals()
+        steps = int(trainer.state.global_step)
+        runtime = self.base["train_seconds"] + float(metrics.get("train_runtime", 0.0))
+        out = dict(metrics)
+        out.update(speed)
+        out["train_runtime"] = round(runtime, 4)
+        out["train_runtime_this_attempt"] = metrics.get("train_runtime")
+        out["train_attempts"] = int(totals["attempts"])
+        out["train_tokens"] = int(totals["tokens"])
+        if totals["step_seconds"] > 0:
+            rate = totals["tokens"] / totals["step_seconds"]
+            out["train_tokens_per_second"] = round(rate, 1)
+            mfu = throughput.mfu(rate)
+            if mfu is not None:
+                out["train_mfu"] = round(mfu, 4)
+        if steps > 0:
+            out["train_loss"] = totals["loss_sum"] / steps
+        if runtime > 0:
+            out["train_steps_per_second"] = round(steps / runtime, 3)
+            blocks = (
+                steps * trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+            )
+            out["train_samples_per_second"] = round(blocks * trainer.args.world_size / runtime, 3)
+        return out
+
+
+def _estimated_totals(args: Any, state: Any, block_size: int) -> dict[str, float]:
+    """Totals of a checkpoint written before RunTotals existed: tokens from the batch arithmetic, the loss
+    from the logged (per-interval mean) losses; its seconds are unknown and counted as 0."""
+    blocks = state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    tokens = float(blocks * args.world_size * block_size)
+    loss_sum, last = 0.0, 0
+    for entry in state.log_history:
+        if "loss" in entry and "step" in entry:
+            loss_sum += float(entry["loss"]) * (int(entry["step"]) - last)
+            last = int(entry["step"])
+    return {"tokens": tokens, "loss_sum": loss_sum, "attempts": 1.0}
+
+
 class TrainProgressCallback(TrainerCallback):
     """The training phase's live bar (loss, learning rate, tokens/s, rate, ETA) or, quiet, plain lines.
 
@@ -266,8 +352,10 @@ def throughput_line(metrics: dict[str, Any]) -> str:
     return line
 
 
-def install_callbacks(trainer: Any, *, config: Any, block_size: int, quiet: bool) -> ThroughputCallback:
-    """Replace the Trainer's dict-printing progress with ours and add throughput measurement."""
+def install_callbacks(
+    trainer: Any, *, config: Any, block_size: int, quiet: bool
+) -> tuple[ThroughputCallback, RunTotals]:
+    """Replace the Trainer's dict-printing progress with ours; add throughput and whole-run measurement."""
     import torch
 
     from clm_runner import performance
@@ -302,8 +390,10 @@ def install_callbacks(trainer: Any, *, config: Any, block_size: int, quiet: bool
         cuda=cuda,
     )
     trainer.add_callback(throughput)
+    totals = RunTotals(throughput, block_size)
+    trainer.add_callback(totals)
     trainer.add_callback(TrainProgressCallback(quiet=quiet or bool(args.disable_tqdm)))
-    return throughput
+    return throughput, totals
 
 
 def _tf32_enabled(args: Any) -> bool:

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clm_runner import faults
+from clm_runner.files import default_file_mode, fsync_path
+
 logger = logging.getLogger("clm_runner")
 
 MARKER = "clm_runner_complete.json"
@@ -42,6 +45,15 @@ def staging_dir(run_dir: Path, step: int) -> Path:
 
 # ---------------------------------------------------------------------------------------------------
 # Completeness
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """A complete checkpoint's marker (its files and the facts its run recorded); {} when unreadable."""
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -113,42 +125,37 @@ def warn_torn(torn: list[tuple[Path, str]], warn: Callable[[str], Any] = logger.
 # Sealing
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's entry list must reach the disk for a rename to last)."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:  # some filesystems refuse to open directories; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def seal_checkpoint(staging: Path, final: Path, *, step: int) -> Path:
+def seal_checkpoint(staging: Path, final: Path, *, step: int, facts: dict[str, Any] | None = None) -> Path:
     """Make the fully written `staging` directory the complete checkpoint `final`, atomically.
 
     Every file is fsynced, the marker (file names and sizes) is written last, then one rename publishes
     it. A `final` already there (the same step saved twice) is moved aside first and removed after.
     """
     files: dict[str, int] = {}
+    mode = default_file_mode()
     for file in sorted(p for p in staging.rglob("*") if p.is_file()):
         if file.name == MARKER:
             continue
-        _fsync_path(file)
+        # The safetensors writer makes its files private (0600); the team may read every other file.
+        os.chmod(file, mode)
+        fsync_path(file)
         files[file.relative_to(staging).as_posix()] = file.stat().st_size
     for directory in sorted({p.parent for p in staging.rglob("*")} | {staging}, key=lambda p: -len(p.parts)):
-        _fsync_path(directory)
-    marker = {"format": MARKER_FORMAT, "step": step, "sealed_at": time.time(), "files": files}
+        fsync_path(directory)
+    marker = {
+        "format": MARKER_FORMAT,
+        "step": step,
+        "sealed_at": time.time(),
+        "files": files,
+        **(facts or {}),
+    }
     marker_path = staging / MARKER
     with open(marker_path, "w", encoding="utf-8") as handle:
         json.dump(marker, handle, indent=2, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
-    _fsync_path(staging)
+    fsync_path(staging)
+    faults.point("checkpoint.marker", marker_path)
 
     run_dir = final.parent
     replaced = None
@@ -157,9 +164,10 @@ def seal_checkpoint(staging: Path, final: Path, *, step: int) -> Path:
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
     os.replace(staging, final)
-    _fsync_path(run_dir)
+    fsync_path(run_dir)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
+    faults.point("checkpoint.renamed", final)
     return final
 
 
@@ -183,6 +191,7 @@ def delete_checkpoint(path: Path) -> None:
     doomed = path.parent / f"{DELETING_PREFIX}{step}"
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
+    faults.point("rotation.delete", doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -239,8 +248,12 @@ def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: i
     # Every rank writes into the staging dir (its RNG state, sharded states): none may start before the
     # stale one is gone, and the rename must wait until all are done.
     trainer.accelerator.wait_for_everyone()
+    if args.should_save:
+        staging.mkdir(parents=True, exist_ok=True)
+    faults.point("checkpoint.staging", staging)
 
     trainer.save_model(str(staging), _internal_call=True)
+    faults.point("checkpoint.model", staging)
 
     if (
         args.save_strategy in [SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST]
@@ -255,6 +268,7 @@ def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: i
         trainer._save_optimizer_and_scheduler(str(staging))
         trainer._save_scaler(str(staging))
         trainer._save_rng_state(str(staging))
+        faults.point("checkpoint.optimizer", staging)
 
     if args.should_save:
         exportable = [
@@ -269,10 +283,17 @@ def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: i
             else:
                 trainer.state.stateful_callbacks[name] = cb.state()
         trainer.state.save_to_json(str(staging / TRAINER_STATE))
+        faults.point("checkpoint.state", staging / TRAINER_STATE)
 
     trainer.accelerator.wait_for_everyone()
     if args.should_save:
-        seal_checkpoint(staging, final, step=step)
+        # What a resume must know about the run that wrote it: how many processes shared each step.
+        facts = {
+            "world_size": int(args.world_size),
+            "per_device_train_batch_size": int(args.per_device_train_batch_size),
+            "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+        }
+        seal_checkpoint(staging, final, step=step, facts=facts)
     trainer.accelerator.wait_for_everyone()
 
     if args.push_to_hub:

@@ -27,7 +27,8 @@ class ClmGroup(click.Group):
         except ClmError as exc:
             if ctx.meta.get("clm_runner.debug"):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            if not exc.quiet:
+                click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
 
 
@@ -76,25 +77,37 @@ def recipe_show(recipe_path: str, overrides: tuple[str, ...]) -> None:
     Example:
       clm-runner recipe show --recipe recipes/smoke.toml --set data.block_size=64
     """
-    from clm_runner.recipe import load_recipe, render_toml, resolved_dict
+    from clm_runner.recipe import load_recipe, render_toml, resolved_dict, unrecorded_secrets
+    from clm_runner.training import training_kwargs
 
     loaded = load_recipe(recipe_path, overrides)
-    click.echo(render_toml(resolved_dict(loaded), header=f"Resolved from {recipe_path}"), nl=False)
+    # The values `train` will use here: what it always sets (do_train, do_eval) and this device's defaults.
+    resolved = resolved_dict(loaded, training_overrides=training_kwargs(loaded))
+    header = f"Resolved from {recipe_path}: every key with the value `clm-runner train` uses on this machine"
+    click.echo(render_toml(resolved, header=header, unrecorded=unrecorded_secrets(loaded)), nl=False)
 
 
 @recipe.command("check")
 @recipe_options()
 def recipe_check(recipe_path: str, overrides: tuple[str, ...]) -> None:
-    """Validate a recipe (keys, types, cross-field rules) without running it.
+    """Run every check `train` runs before any heavy work, without training.
+
+    Keys, types and values; the TrainingArguments train would build; files and directories the recipe
+    names; the tokenizer, config and block size; the hub where it is needed; and what the output dir
+    allows (new, resume, refused).
 
     \b
     Example:
-      clm-runner recipe check --recipe recipes/gpt2-wikitext.toml
+      clm-runner recipe check --recipe recipes/smoke.toml
     """
+    from clm_runner.logs import setup_logging
     from clm_runner.recipe import load_recipe
+    from clm_runner.training import TrainOptions, prepare_run
 
+    setup_logging(quiet=True)
     loaded = load_recipe(recipe_path, overrides)
-    click.echo(f"{recipe_path}: ok (output_dir = {loaded.output_dir})")
+    setup = prepare_run(loaded, TrainOptions())
+    click.echo(f"{recipe_path}: ok (block_size {setup.block_size}). {setup.plan.note}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,9 +146,6 @@ def train(
     from clm_runner.recipe import load_recipe
 
     loaded = load_recipe(recipe_path, overrides)
-    if no_resume and resume_from:
-        raise click.UsageError("--no-resume and --resume-from contradict each other; choose one.")
-
     from clm_runner.training import TrainOptions, run_training
 
     run_training(
@@ -187,7 +197,7 @@ def eval_command(
     \b
     Examples:
       clm-runner eval --run runs/smoke
-      clm-runner eval --run runs/smoke --checkpoint runs/smoke/checkpoint-40
+      clm-runner eval --run runs/smoke --checkpoint checkpoint-111 --split test
       clm-runner eval --recipe recipes/gpt2-wikitext.toml --set model.model_name_or_path=gpt2 --stride 512
     """
     if run_dir is None and recipe_path is None:
@@ -196,7 +206,7 @@ def eval_command(
         )
     from clm_runner.evaluation import EvalRequest, run_eval
 
-    run_eval(
+    outcome = run_eval(
         EvalRequest(
             run_dir=run_dir,
             recipe_path=recipe_path,
@@ -210,6 +220,28 @@ def eval_command(
             quiet=quiet,
         )
     )
+    click.echo(render_eval_table(outcome.rows, label=outcome.label))
+    for path in outcome.written:
+        click.echo(f"Wrote {path}")
+
+
+def render_eval_table(rows: list[dict], *, label: str = "split") -> str:
+    from clm_runner.tables import render_table
+
+    headers = [label, "method", "blocks", "tokens", "loss", "perplexity", "accuracy"]
+    lines = [
+        [
+            str(r.get(label, r.get("split"))),
+            str(r.get("method", "blocks")),
+            f"{r['eval_samples']:,}",
+            f"{r['eval_tokens']:,}",
+            f"{r['eval_loss']:.4f}",
+            f"{r['perplexity']:.3f}",
+            f"{r['eval_accuracy']:.4f}",
+        ]
+        for r in rows
+    ]
+    return render_table(headers, lines, left_columns=2)
 
 
 @cli.command()
@@ -244,7 +276,9 @@ def report(runs: tuple[str, ...]) -> None:
     Writes report.png into the first run's directory; several runs are overlaid.
 
     \b
-    Example:
+    Examples:
+      clm-runner report runs/smoke
+      clm-runner train --recipe recipes/smoke.toml --set training.learning_rate=3e-3 --set training.output_dir=runs/smoke-lr3e-3
       clm-runner report runs/smoke runs/smoke-lr3e-3
     """
     from pathlib import Path
@@ -325,6 +359,19 @@ def model_command(recipe_path: str, overrides: tuple[str, ...]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for the console script and `python -m clm_runner`; returns the exit status."""
+    from clm_runner.streams import survive_closed_output
+
+    survive_closed_output()
+    try:
+        return _run(argv)
+    finally:
+        if "torch.distributed" in sys.modules:  # never imported by --help and the light commands
+            from clm_runner.distributed import leave_process_group
+
+            leave_process_group()
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         # With standalone_mode=False click returns ctx.exit()'s status instead of raising it.
         status = cli.main(
@@ -333,7 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        # One form for every error, click's usage errors included: "error: what (see COMMAND --help)".
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)

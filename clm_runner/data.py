@@ -426,14 +426,11 @@ def hub_unreachable_message(name: str) -> str:
     )
 
 
-def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> dict[str, Any]:
-    import datasets
-
-    name = data.dataset_name
-    assert name is not None
-    prepare_hub_access([name])
+@contextlib.contextmanager
+def hub_dataset_errors(name: str) -> Iterator[None]:
+    """An unreachable Hub, an unknown dataset or a missing config as one clear error."""
     try:
-        loaded = datasets.load_dataset(name, data.dataset_config_name, **_hub_kwargs(data, model))
+        yield
     except Exception as exc:
         if is_connection_failure(exc):
             raise HubUnreachableError(hub_unreachable_message(name)) from None
@@ -445,6 +442,33 @@ def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> di
         if isinstance(exc, ValueError) and "config" in str(exc).lower():
             raise DataError(f"Dataset {name!r}: {exc}. Set data.dataset_config_name.") from None
         raise
+
+
+def check_data_sources(data: DataConfig, model: ModelConfig) -> None:
+    """Before any heavy work: every local file the recipe names exists and is readable as its kind; a hub
+    dataset resolves (its builder only, no data is downloaded)."""
+    if data.dataset_name is None:
+        for split, spec in file_specs(data).items():
+            split_source(split, spec)
+        return
+    import datasets
+
+    name = data.dataset_name
+    prepare_hub_access([name])
+    kwargs = _hub_kwargs(data, model)
+    kwargs.pop("streaming")
+    with hub_dataset_errors(name), datasets_progress(False):
+        datasets.load_dataset_builder(name, data.dataset_config_name, **kwargs)
+
+
+def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> dict[str, Any]:
+    import datasets
+
+    name = data.dataset_name
+    assert name is not None
+    prepare_hub_access([name])
+    with hub_dataset_errors(name):
+        loaded = datasets.load_dataset(name, data.dataset_config_name, **_hub_kwargs(data, model))
     available = list(loaded)
     out: dict[str, Any] = {}
     needs_carving = "validation" not in loaded

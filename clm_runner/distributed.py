@@ -13,14 +13,13 @@ rank, so all ranks go on with the same decision or all stop with the same exit s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-import click
 
 from clm_runner.errors import ClmError
 from clm_runner.recipe import Recipe
@@ -66,6 +65,32 @@ def is_distributed(environ: Mapping[str, str] | None = None) -> bool:
 def is_main_process(environ: Mapping[str, str] | None = None) -> bool:
     """True on global rank 0: the one process that writes the run's files and logs at INFO."""
     return rank(environ) == 0
+
+
+def launcher_prefix(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(the launcher and its process options, a note) to repeat this process's launch; ("", "") alone.
+
+    torchrun (and `accelerate launch`, which starts its processes through torchrun's agent) describes the
+    job in the environment: WORLD_SIZE, LOCAL_WORLD_SIZE, and the rendezvous of a multi-node job.
+    """
+    env = os.environ if environ is None else environ
+    world = world_size(env)
+    if world <= 1:
+        return "", ""
+    local = _int_from_env(("LOCAL_WORLD_SIZE",), world, env)
+    nodes = max(1, world // max(1, local))
+    if any(name.startswith("ACCELERATE_") for name in env):
+        prefix = f"accelerate launch --multi_gpu --num_processes {world}"
+        if nodes > 1:
+            prefix += f" --num_machines {nodes} --machine_rank $NODE_RANK"
+        return prefix + " -m clm_runner", " (with the accelerate options you launched it with)"
+    prefix = f"torchrun --nproc_per_node {local}"
+    note = ""
+    if nodes > 1:
+        endpoint = f"{env.get('MASTER_ADDR', 'HOST')}:{env.get('MASTER_PORT', '29500')}"
+        prefix = f"torchrun --nnodes {nodes} --nproc_per_node {local} --rdzv-backend c10d --rdzv-endpoint {endpoint}"
+        note = " (on each node)"
+    return prefix + " -m clm_runner", note
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,16 +179,19 @@ def _object_device() -> Any:
     return None
 
 
-class ReplicaStopped(click.exceptions.Exit):
+class ReplicaStopped(ClmError):
     """Raised on ranks other than 0 when rank 0's decision failed.
 
     Rank 0 reports the error once, with its message; the other ranks leave with the same exit status
-    and print nothing, so a refused run shows one error, not one per process. The status, message and
-    error type are kept for callers that are not the CLI.
+    and print nothing (`quiet`), so a refused run shows one error, not one per process. The status,
+    message and error type are kept for callers that are not the CLI.
     """
 
+    quiet = True
+
     def __init__(self, exit_code: int, message: str, error_type: str) -> None:
-        super().__init__(exit_code)
+        super().__init__(message)
+        self.exit_code = exit_code
         self.message = message
         self.error_type = error_type
 
@@ -217,6 +245,30 @@ def decide_on_rank0(fn: Callable[[], T], *, share: Callable[[T], Any] | None = N
     return outcome.value
 
 
+def leave_process_group(timeout_s: float = 60.0) -> None:
+    """Leave the process group together and tear it down before the process exits.
+
+    A rank that exits while a peer's gloo connection to it is open can make that peer abort (SIGABRT)
+    instead of leaving with its own exit status; a monitored barrier (which names a missing rank instead of
+    waiting forever) and an explicit teardown let every rank leave with the status it chose.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except Exception:  # a peer already gone: nothing to wait for
+        pass
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
 def _broadcast(outcome: _Outcome | None, dist: Any) -> _Outcome:
     box = [outcome]
     dist.broadcast_object_list(box, src=0, device=_object_device())
@@ -243,17 +295,6 @@ def recipe_for_preprocessing(recipe: Recipe, environ: Mapping[str, str] | None =
     if local_rank(environ) == 0 or not recipe.data.overwrite_cache:
         return recipe
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, overwrite_cache=False))
-
-
-def shard_batches(n_rows: int, rank: int, world: int, batch_size: int) -> int:
-    """Forward batches the exact eval runs on `rank`: its rows are rank, rank + world, ... (no padding)."""
-    rows = len(range(rank, n_rows, world))
-    return -(-rows // batch_size)
-
-
-def lockstep_padding(n_rows: int, rank: int, world: int, batch_size: int) -> int:
-    """Extra forward passes `rank` must run so that every rank runs as many as rank 0 (0 or 1)."""
-    return shard_batches(n_rows, 0, world, batch_size) - shard_batches(n_rows, rank, world, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ class ClmError(Exception):
     """A problem the user can fix: bad recipe, bad data, unreachable hub, unsafe output dir."""
 
     exit_code = 2
+    quiet = False
+    """True when another process (rank 0) reports this error: this one only leaves with its exit status."""
 
 
 class RecipeError(ClmError):
@@ -27,3 +29,7 @@ class HubUnreachableError(ClmError):
 
 class OutputDirError(ClmError):
     """The output directory is unsafe to write to (not empty, in use, not a run)."""
+
+
+class EvalError(ClmError):
+    """An evaluation setting cannot be used (stride, context, batch size, split)."""

@@ -1,21 +1,31 @@
-"""`clm-runner eval`: exact perplexity of a run, a checkpoint, or any model on a recipe's data."""
+"""`clm-runner eval`: exact perplexity of a run, a checkpoint, or any model on a recipe's data.
+
+Where a result goes: `--output FILE` if given; for `--run`, an evaluation identical to the one training
+ran at its end (the final model, the validation split, the blocks method, the run's own [model] and
+[data]) updates the run's eval_results.json and all_results.json, as run_clm keeps them; any other one is
+written under evals/ in the run dir, with a name that says what it measured, and never replaces them.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
-from clm_runner.errors import OutputDirError, RecipeError
+from clm_runner.errors import EvalError, OutputDirError
 from clm_runner.outputs import RECIPE_FILE, list_checkpoints, save_metrics, write_json_atomic
 from clm_runner.recipe import Recipe, load_recipe
-from clm_runner.tables import render_table
 
 logger = logging.getLogger("clm_runner")
+
+EVALS_DIR = "evals"
+"""Evaluations of a run other than training's own (other splits, methods, checkpoints or data)."""
+HISTORY_FILE = "eval_history.json"
+SPLITS = ("validation", "test", "train")
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,15 @@ class EvalRequest:
     context: int | None = None
     output: str | None = None
     quiet: bool = False
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """What an evaluation measured (one row per model) and the files it wrote."""
+
+    rows: list[dict[str, Any]]
+    label: str = "split"
+    written: list[Path] = field(default_factory=list)
 
 
 def load_run_recipe(run_dir: Path, overrides: Sequence[str]) -> Recipe:
@@ -47,41 +66,118 @@ def load_run_recipe(run_dir: Path, overrides: Sequence[str]) -> Recipe:
     return load_recipe(path, overrides, require_output_dir=False)
 
 
-def run_eval(request: EvalRequest) -> dict[str, Any]:
+def resolve_checkpoint(run_dir: Path | None, checkpoint: str) -> Path:
+    """--checkpoint as given, else looked up inside the run ("checkpoint-6" means RUN/checkpoint-6)."""
+    given = Path(checkpoint)
+    if given.is_dir():
+        return given
+    if run_dir is not None and (run_dir / checkpoint).is_dir():
+        return run_dir / checkpoint
+    where = f" (nor {run_dir / checkpoint})" if run_dir is not None else ""
+    known = [p.name for p in list_checkpoints(run_dir)] if run_dir is not None else []
+    listing = f" Checkpoints of {run_dir}: {', '.join(known)}." if known else ""
+    raise OutputDirError(f"--checkpoint {checkpoint}: no such directory{where}.{listing}")
+
+
+def check_request(request: EvalRequest, recipe: Recipe) -> tuple[str, int | None]:
+    """The split and stride to use, refused before any model or data is loaded when they cannot work."""
+    if request.all_checkpoints and request.run_dir is None:
+        raise EvalError("--all-checkpoints needs --run DIR.")
+    if request.all_checkpoints and request.checkpoint:
+        raise EvalError("--all-checkpoints and --checkpoint contradict each other; choose one.")
+    split = request.split or recipe.eval.split
+    if split not in SPLITS:
+        raise EvalError(f"--split {split!r}: choose validation, test or train.")
+    stride = request.stride if request.stride is not None else recipe.eval.stride
+    if stride is None and request.context is not None:
+        raise EvalError("--context only applies with --stride; blocks use data.block_size.")
+    if stride is not None and recipe.data.streaming:
+        raise EvalError(
+            "Strided evaluation needs the whole token stream; it does not work with data.streaming. "
+            "Set data.streaming = false, or evaluate blocks (no --stride)."
+        )
+    return split, stride
+
+
+def run_eval(request: EvalRequest) -> EvalOutcome:
     from clm_runner.logs import setup_logging
 
     setup_logging(quiet=request.quiet)
-    if request.all_checkpoints and request.run_dir is None:
-        raise click.UsageError("--all-checkpoints needs --run DIR.")
-    if request.all_checkpoints and request.checkpoint:
-        raise click.UsageError("--all-checkpoints and --checkpoint contradict each other; choose one.")
-
     run_dir = Path(request.run_dir) if request.run_dir else None
     if run_dir is not None:
         recipe = load_run_recipe(run_dir, request.overrides)
     else:
         recipe = load_recipe(request.recipe_path, request.overrides, require_output_dir=False)
+    split, stride = check_request(request, recipe)
+    checkpoint = resolve_checkpoint(run_dir, request.checkpoint) if request.checkpoint else None
 
     if request.all_checkpoints:
         assert run_dir is not None
-        return evaluate_all_checkpoints(recipe, run_dir, request)
+        return evaluate_all_checkpoints(recipe, run_dir, request, split, stride)
 
-    model_dir = request.checkpoint or (str(run_dir) if run_dir is not None else None)
-    metrics = evaluate_model(recipe, model_dir, request)
-    print_table([metrics])
+    model_dir = checkpoint or run_dir
+    metrics = evaluate_model(recipe, str(model_dir) if model_dir else None, request, split, stride)
+    written: list[Path] = []
     if request.output:
         write_json_atomic(Path(request.output), metrics)
-    if run_dir is not None and request.checkpoint is None:
-        save_metrics(run_dir, "eval", metrics)  # where run_clm keeps a run's evaluation
-    return metrics
+        written.append(Path(request.output))
+    if run_dir is not None:
+        if checkpoint is None and is_trainings_evaluation(run_dir, recipe, metrics):
+            save_metrics(run_dir, "eval", metrics)  # where run_clm keeps a run's evaluation
+            written += [run_dir / "eval_results.json", run_dir / "all_results.json"]
+        else:
+            path = run_dir / EVALS_DIR / evaluation_name(run_dir, recipe, metrics, checkpoint)
+            write_json_atomic(path, metrics)
+            written.append(path)
+    return EvalOutcome([metrics], written=written)
 
 
-def evaluate_model(recipe: Recipe, model_dir: str | None, request: EvalRequest) -> dict[str, Any]:
+def _source_sections(recipe: Recipe) -> dict[str, Any]:
+    """What decides the measured number besides the split and method: the model and the data."""
+    plain = recipe.to_dict()
+    return {"model": plain.get("model", {}), "data": plain.get("data", {})}
+
+
+def _differs_from_run(run_dir: Path, recipe: Recipe) -> str | None:
+    """None when the recipe's [model] and [data] are the run's own; else a short hash of what differs."""
+    trained = load_run_recipe(run_dir, ())
+    ours = _source_sections(recipe)
+    if ours == _source_sections(trained):
+        return None
+    return hashlib.sha256(json.dumps(ours, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def is_trainings_evaluation(run_dir: Path, recipe: Recipe, metrics: dict[str, Any]) -> bool:
+    """Whether an evaluation of a run's final model is the one training ran at its end."""
+    return (
+        metrics.get("split") == "validation"
+        and metrics.get("method") == "blocks"
+        and _differs_from_run(run_dir, recipe) is None
+    )
+
+
+def evaluation_name(run_dir: Path, recipe: Recipe, metrics: dict[str, Any], checkpoint: Path | None) -> str:
+    """evals/ file name that says what was measured: [checkpoint_]split_method[_recipe-HASH].json."""
+    parts = [checkpoint.name] if checkpoint is not None else []
+    parts.append(str(metrics["split"]))
+    if metrics["method"] == "strided":
+        parts.append(f"strided-context{metrics['context']}-stride{metrics['stride']}")
+    else:
+        parts.append(f"blocks{metrics['block_size']}")
+    changed = _differs_from_run(run_dir, recipe)
+    if changed is not None:
+        parts.append(f"recipe-{changed}")
+    return "_".join(parts) + ".json"
+
+
+def evaluate_model(
+    recipe: Recipe, model_dir: str | None, request: EvalRequest, split: str, stride: int | None
+) -> dict[str, Any]:
     """Load the model (a saved dir, or what the recipe names) and score one split of the recipe's data."""
     import torch
 
     from clm_runner.blocks import prepare_splits, resolve_block_size
-    from clm_runner.modeling import load_config, load_model, load_tokenizer, load_trained
+    from clm_runner.modeling import check_model_sources, load_config, load_model, load_tokenizer, load_trained
     from clm_runner.perplexity import evaluate_blocks, evaluate_strided
 
     if model_dir is not None:
@@ -90,30 +186,24 @@ def evaluate_model(recipe: Recipe, model_dir: str | None, request: EvalRequest) 
     else:
         from transformers import set_seed
 
+        check_model_sources(recipe.model)
         tokenizer = load_tokenizer(recipe.model)
         set_seed(int(recipe.training.get("seed", 42)))  # a from-scratch model's random init, reproducibly
         model = load_model(recipe.model, load_config(recipe.model), tokenizer)
         model_name = recipe.model.model_name_or_path or f"{recipe.model.model_type} (random init)"
 
-    split = request.split or recipe.eval.split
-    if split not in ("train", "validation", "test"):
-        raise RecipeError(f"--split {split!r}: choose validation, test or train.")
     block_size = resolve_block_size(recipe.data.block_size, tokenizer, model.config, warn=logger.warning)
+    context = request.context or recipe.eval.context or block_size
     prepared = prepare_splits(recipe, tokenizer, block_size, [split], progress=not request.quiet)[split]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     batch_size = int(recipe.training.get("per_device_eval_batch_size", 8))
-    stride = request.stride if request.stride is not None else recipe.eval.stride
     if stride is not None:
-        context = request.context or recipe.eval.context or block_size
-        if prepared.stream is None:
-            raise RecipeError(
-                "Strided evaluation needs the whole token stream; it does not work with data.streaming."
-            )
+        # data.max_eval_samples keeps the first N blocks; the strided windows score the same text.
         result = evaluate_strided(
             model,
-            prepared.stream,
+            prepared.scored_stream(),
             context=context,
             stride=stride,
             batch_size=batch_size,
@@ -121,20 +211,17 @@ def evaluate_model(recipe: Recipe, model_dir: str | None, request: EvalRequest) 
             device=device,
         )
     else:
-        if request.context is not None:
-            raise click.UsageError("--context only applies with --stride; blocks use data.block_size.")
         result = evaluate_blocks(
-            model, prepared.blocks, batch_size=batch_size, tokenizer=tokenizer, device=device
+            model,
+            prepared.blocks,
+            batch_size=batch_size,
+            tokenizer=tokenizer,
+            device=device,
+            **prepared.eval_text(),
         )
 
     metrics = dict(result.to_metrics())
-    metrics.update(
-        {
-            "split": split,
-            "model": model_name,
-            "data": describe_data(recipe),
-        }
-    )
+    metrics.update({"split": split, "model": model_name, "data": describe_data(recipe)})
     return metrics
 
 
@@ -146,35 +233,21 @@ def describe_data(recipe: Recipe) -> str:
     return ", ".join(str(f) for f in files if f)
 
 
-def evaluate_all_checkpoints(recipe: Recipe, run_dir: Path, request: EvalRequest) -> dict[str, Any]:
+def evaluate_all_checkpoints(
+    recipe: Recipe, run_dir: Path, request: EvalRequest, split: str, stride: int | None
+) -> EvalOutcome:
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise OutputDirError(f"{run_dir} has no checkpoint-N directories to evaluate.")
     rows = []
     for checkpoint in checkpoints:
-        metrics = evaluate_model(recipe, str(checkpoint), request)
+        metrics = evaluate_model(recipe, str(checkpoint), request, split, stride)
         metrics["checkpoint"] = checkpoint.name
         rows.append(metrics)
-    print_table(rows, label="checkpoint")
     history = {"checkpoints": rows}
-    write_json_atomic(run_dir / "eval_history.json", history)
+    written = [run_dir / HISTORY_FILE]
+    write_json_atomic(run_dir / HISTORY_FILE, history)
     if request.output:
         write_json_atomic(Path(request.output), history)
-    return history
-
-
-def print_table(rows: list[dict[str, Any]], *, label: str = "split") -> None:
-    headers = [label, "method", "blocks", "tokens", "loss", "perplexity", "accuracy"]
-    lines = [
-        [
-            str(r.get(label, r.get("split"))),
-            str(r.get("method", "blocks")),
-            f"{r['eval_samples']:,}",
-            f"{r['eval_tokens']:,}",
-            f"{r['eval_loss']:.4f}",
-            f"{r['perplexity']:.3f}",
-            f"{r['eval_accuracy']:.4f}",
-        ]
-        for r in rows
-    ]
-    click.echo(render_table(headers, lines, left_columns=2))
+        written.append(Path(request.output))
+    return EvalOutcome(rows, label="checkpoint", written=written)

@@ -32,6 +32,29 @@ def looks_like_hub_id(name: str | None) -> bool:
     return bool(name) and not Path(name).expanduser().exists()
 
 
+def is_valid_repo_id(name: str) -> bool:
+    """Whether `name` could name a Hub repository ("gpt2", "openai-community/gpt2"); a path like
+    "recipes/smoke/tokenizr" or "./model" could not, so a missing one is a missing directory."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.endswith("/"):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def require_hub_for_push(repo: str) -> None:
+    """push_to_hub needs the Hub from the first checkpoint on: refuse at once when it cannot be reached."""
+    if is_offline() or not hub_reachable():
+        raise HubUnreachableError(
+            f"training.push_to_hub needs the Hugging Face Hub (to create and fill {repo!r}) and it cannot be "
+            f"reached ({offline_reason()}). Set push_to_hub = false and upload the output dir later."
+        )
+
+
 _probed: bool | None = None
 _switched_offline = False  # True once this process went offline because the Hub did not answer
 
@@ -115,9 +138,10 @@ def hub_errors(kind: str, name: str | None, *, fix: str) -> Iterator[None]:
         yield
     except (OSError, ValueError) as exc:
         if is_connection_failure(exc):
+            local = f"; there is no local directory {name!r} either" if name else ""
             raise HubUnreachableError(
                 f"Can't reach the Hugging Face Hub to fetch {kind} '{name}' ({offline_reason()}) and it is not "
-                f"in the local cache. {fix}, {SMOKE_HINT}."
+                f"in the local cache{local}. {fix}, {SMOKE_HINT}."
             ) from None
         if isinstance(exc, OSError) and type(exc).__name__ not in {"FileNotFoundError", "PermissionError"}:
             raise ModelError(f"Can't load {kind} '{name}': {str(exc).splitlines()[0]} {fix}.") from None

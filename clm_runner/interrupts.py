@@ -44,10 +44,13 @@ class StopNow(BaseException):
 class RunInterrupted(ClmError):
     """The run was stopped by a signal; the CLI exits with 130 (SIGINT) or 143 (SIGTERM)."""
 
-    def __init__(self, message: str, *, signum: int) -> None:
+    def __init__(self, message: str, *, signum: int, quiet: bool = False) -> None:
         super().__init__(message)
         self.signum = signum
         self.exit_code = exit_code_for(signum)
+        self.quiet = quiet
+        """True once the run has said it (rank 0 logs the stop and the resume command, to the console and
+        train.log): the CLI then leaves with the status and prints nothing more."""
 
 
 class GracefulStop:
@@ -85,11 +88,14 @@ class GracefulStop:
     def _handle(self, signum: int, frame: Any) -> None:
         if self._graceful and self.signum is None:
             self.signum = signum
-            logger.warning(
-                "Received %s: finishing this step, then writing a checkpoint and stopping. "
-                "Send it again to stop at once without a checkpoint.",
-                signal_name(signum),
-            )
+            from clm_runner.distributed import is_main_process
+
+            if is_main_process():  # a launcher forwards the signal to every rank; one line says it
+                logger.warning(
+                    "Received %s: finishing this step, then writing a checkpoint and stopping. "
+                    "Send it again to stop at once without a checkpoint.",
+                    signal_name(signum),
+                )
             return
         self.signum = self.signum or signum
         raise StopNow(signum)

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
-import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LOG_FILE_NAME = "train.log"
+LOGGED = ("clm_runner", "transformers", "datasets")
+"""The loggers a run's train.log collects."""
 # Records logged with extra={"console": False} go to files only: the live progress bar shows them instead.
 CONSOLE_ATTRIBUTE = "console"
-# Hugging Face user access tokens; anything shaped like one is masked in files we write.
-HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
-SECRET_ENVIRONMENT = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY")
 MASK = "***"
 
 
@@ -63,14 +59,15 @@ class SecretMask(logging.Filter):
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        found = [os.environ.get(name, "") for name in SECRET_ENVIRONMENT]
-        # Short values would mask ordinary words; real tokens are long.
-        self.secrets = sorted({s for s in [*secrets, *found] if s and len(s) >= 8}, key=len, reverse=True)
+        from clm_runner.secrets import MIN_SECRET_LENGTH, secret_values
+
+        known = [s for s in secrets if len(s) >= MIN_SECRET_LENGTH]
+        self.secrets = sorted({*known, *secret_values()}, key=len, reverse=True)
 
     def mask(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, MASK)
-        return HF_TOKEN_PATTERN.sub(MASK, text)
+        from clm_runner.secrets import scrub
+
+        return scrub(text, self.secrets, MASK)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -90,12 +87,60 @@ def attach_log_file(path: Path, *, secrets: Iterable[str] = ()) -> logging.Handl
     handler.setFormatter(logging.Formatter(FILE_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
     handler.setLevel(logging.INFO)
     handler.addFilter(SecretMask(secrets))
-    for name in ("clm_runner", "transformers", "datasets"):
+    for name in LOGGED:
         logging.getLogger(name).addHandler(handler)
     return handler
 
 
 def detach_log_file(handler: logging.Handler) -> None:
-    for name in ("clm_runner", "transformers", "datasets"):
+    for name in LOGGED:
         logging.getLogger(name).removeHandler(handler)
     handler.close()
+
+
+class RunLog:
+    """A run's train.log: held in memory until the run starts, then written to the file and appended to.
+
+    A start that fails (bad data, unreachable hub) thus writes no train.log into the output dir; a run
+    that starts gets every line, the ones from before its start included, with their own times.
+    """
+
+    MAX_BUFFERED = 100_000
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        import logging.handlers
+
+        self.secrets = list(secrets)
+        self.buffer: logging.handlers.MemoryHandler | None = logging.handlers.MemoryHandler(
+            capacity=self.MAX_BUFFERED, flushLevel=logging.CRITICAL + 1, target=None, flushOnClose=False
+        )
+        self.buffer.setLevel(logging.INFO)
+        self.file: logging.Handler | None = None
+        for name in LOGGED:
+            logging.getLogger(name).addHandler(self.buffer)
+
+    def start_file(self, path: Path) -> None:
+        """Write the lines held so far to `path` and append every later one."""
+        self.file = attach_log_file(path, secrets=self.secrets)
+        if self.buffer is not None:
+            for name in LOGGED:
+                logging.getLogger(name).removeHandler(self.buffer)
+            for record in self.buffer.buffer[-self.MAX_BUFFERED :]:
+                if record.levelno >= self.file.level:
+                    self.file.handle(record)
+            self.buffer.buffer.clear()
+            self.buffer = None
+
+    def close(self) -> None:
+        if self.buffer is not None:
+            for name in LOGGED:
+                logging.getLogger(name).removeHandler(self.buffer)
+            self.buffer.buffer.clear()
+            self.buffer = None
+        if self.file is not None:
+            detach_log_file(self.file)
+            self.file = None
+
+
+def buffer_log(*, secrets: Iterable[str] = ()) -> RunLog:
+    return RunLog(secrets)

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shlex
 import socket
 import subprocess
@@ -22,50 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from clm_runner.outputs import read_json, write_text_atomic
-from clm_runner.recipe import REDACTED, Recipe
+from clm_runner.recipe import Recipe
+from clm_runner.secrets import drop_secret_sets, redact_argv, scrub, secret_values
 
 MANIFEST_NAME = "run.json"
 STATUSES = ("running", "completed", "failed", "interrupted")
 MANIFEST_FORMAT = 1
 
-TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
-SECRET_SET_KEYS = ("model.token", "training.hub_token")
-# Anything shaped like a Hugging Face access token (hf_ + 34 letters/digits), even one we were not told about.
-HF_TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 SOFTWARE = ("transformers", "torch", "datasets", "accelerate", "tokenizers", "huggingface_hub", "numpy")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Secrets
-
-
-def secret_values(recipe: Recipe | None = None, environ: Mapping[str, str] | None = None) -> list[str]:
-    """Every secret this process knows: the recipe's tokens and the token variables' values."""
-    environ = os.environ if environ is None else environ
-    found = [environ.get(name, "") for name in TOKEN_ENV_VARS]
-    if recipe is not None:
-        found += [recipe.model.token or "", str(recipe.training.get("hub_token") or "")]
-    # Longest first, so a secret that contains another is replaced whole.
-    return sorted({s for s in found if s and s != REDACTED and len(s) >= 4}, key=len, reverse=True)
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, REDACTED)
-    return HF_TOKEN_SHAPE.sub(REDACTED, text)
-
-
-def redact_argv(argv: Sequence[str], secrets: Iterable[str] = ()) -> list[str]:
-    """The command line with the value of every secret --set (and any known secret) replaced."""
-    secrets = list(secrets)
-    out: list[str] = []
-    for arg in argv:
-        for key in SECRET_SET_KEYS:
-            for prefix in (f"{key}=", f"--set={key}="):
-                if arg.strip().startswith(prefix):
-                    arg = arg.strip()[: len(prefix)] + REDACTED
-        out.append(scrub(arg, secrets))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,10 +203,17 @@ def _previous_attempts(path: Path) -> list[dict[str, Any]]:
 
 
 def resume_command(argv: Sequence[str], output_dir: Path, secrets: Iterable[str] = ()) -> str:
-    """The command that continues this run: the same one, minus flags that would stop it from resuming."""
+    """The command that continues this run: the same one, minus flags that would stop it from resuming.
+
+    A token given with `--set model.token=...` is left out (it is never printed); the command says so.
+    """
+    from clm_runner.distributed import launcher_prefix
+
+    launcher, launcher_note = launcher_prefix()
+    program = launcher or "clm-runner"
     args = list(argv[1:]) if argv else []
     if "train" not in args:
-        return f"clm-runner train --recipe {shlex.quote(str(output_dir / 'recipe.toml'))}"
+        return f"{program} train --recipe {shlex.quote(str(output_dir / 'recipe.toml'))}{launcher_note}"
     kept: list[str] = []
     skip_next = False
     for arg in args:
@@ -258,4 +228,8 @@ def resume_command(argv: Sequence[str], output_dir: Path, secrets: Iterable[str]
         if arg.startswith("--resume-from="):
             continue
         kept.append(arg)
-    return "clm-runner " + shlex.join(redact_argv(kept, secrets))
+    kept, dropped = drop_secret_sets(kept)
+    command = f"{program} " + shlex.join(redact_argv(kept, secrets)) + launcher_note
+    if dropped:
+        command += f"  (add --set {dropped[0]}=YOUR_TOKEN again, or set HF_TOKEN: tokens are never printed)"
+    return command

@@ -36,6 +36,33 @@ def warn_remote_code(model: ModelConfig) -> None:
         )
 
 
+MODEL_SOURCE_KEYS = ("model_name_or_path", "config_name", "tokenizer_name")
+
+
+def check_model_sources(model: ModelConfig) -> None:
+    """A local path the recipe names must exist: say "no such directory", not a hub repo-id error."""
+    from pathlib import Path
+
+    from clm_runner.hub import is_valid_repo_id
+
+    for key in MODEL_SOURCE_KEYS:
+        name = getattr(model, key)
+        if name is None:
+            continue
+        path = Path(name).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise ModelError(
+                    f"model.{key} = {name!r} is a file; point it at the directory that holds it (or a hub id)."
+                )
+            continue
+        if not is_valid_repo_id(name):
+            raise ModelError(
+                f"model.{key} = {name!r}: no such directory ({path.resolve()}). Fix the path (relative paths "
+                "are taken from the directory you run in), or give a hub id such as 'openai-community/gpt2'."
+            )
+
+
 def load_config(model: ModelConfig) -> PretrainedConfig:
     """run_clm's order: config_name, else model_name_or_path, else model_type with config_overrides."""
     from transformers import CONFIG_MAPPING, AutoConfig
@@ -89,9 +116,16 @@ def torch_dtype(name: str | None) -> torch.dtype | str:
 
 
 def load_model(
-    model: ModelConfig, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None
+    model: ModelConfig,
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase | None,
+    *,
+    resuming: bool = False,
 ) -> PreTrainedModel:
-    """Pretrained weights when model_name_or_path is set, else a fresh model from `config`."""
+    """Pretrained weights when model_name_or_path is set, else a fresh model from `config`.
+
+    `resuming`: the weights will come from a checkpoint; the model built here only gives them a shape.
+    """
     from transformers import AutoModelForCausalLM
 
     warn_remote_code(model)
@@ -113,7 +147,14 @@ def load_model(
         except ValueError as exc:
             raise ModelError(f"Can't build a causal LM from model_type {model.model_type!r}: {exc}") from None
         n_params = sum({p.data_ptr(): p.numel() for p in loaded.parameters()}.values())
-        logger.info("Training a new %s from scratch: %s parameters", config.model_type, f"{n_params:,}")
+        if resuming:
+            logger.info(
+                "Resuming a %s of %s parameters: its weights come from the checkpoint.",
+                config.model_type,
+                f"{n_params:,}",
+            )
+        else:
+            logger.info("Training a new %s from scratch: %s parameters", config.model_type, f"{n_params:,}")
     if tokenizer is not None:
         resize_embeddings(loaded, len(tokenizer))
     return mark_causal_loss(loaded)
@@ -147,6 +188,10 @@ def load_trained(path: str, *, dtype: str | None = None) -> tuple[PreTrainedMode
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(path)
+    if not directory.is_dir():
+        raise ModelError(
+            f"{directory}: no such directory. Pass a run's output_dir or one of its checkpoint-N directories."
+        )
     if not (directory / "config.json").exists():
         raise ModelError(
             f"{directory} holds no saved model (no config.json). Pass a run's output_dir or one of its "

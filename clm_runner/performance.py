@@ -105,6 +105,8 @@ def _choose(user_training: Mapping[str, Any], device: DeviceInfo) -> tuple[dict[
     reasons: list[str] = []
     if device.kind != "cuda":
         reasons.append(f"{device.name}: fp32, no compile, data loaded in the main process")
+        if "dataloader_pin_memory" not in user_training:
+            chosen["dataloader_pin_memory"] = False  # pinned memory speeds host-to-GPU copies only
         return chosen, reasons
 
     precision_set = any(key in user_training for key in PRECISION_KEYS)

@@ -19,29 +19,28 @@ leave the first token of every window unscored.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from clm_runner.errors import DataError, ModelError, RecipeError
+from clm_runner.errors import DataError, EvalError
+from clm_runner.scoring import ScoringBatch, max_positions_of, run_forward, score
+from clm_runner.text_counts import (
+    LEFT_CONTEXT_TOKENS,
+    RIGHT_CONTEXT_TOKENS,
+    BlockContext,
+    TextSpan,
+    block_span,
+)
 
 METHODS = ("blocks", "strided")
 
 # Fields that add across shards, in the order `as_tensor` lays them out.
 _ADDITIVE_FIELDS = ("nll_sum", "tokens", "correct", "n_bytes", "n_words", "samples")
-
-# Decoding a token span on its own can differ from decoding it inside the whole stream only near the
-# span's left edge: continuation bytes of a split UTF-8 character (at most 3 byte tokens), a stripped
-# leading space (SentencePiece "▁", one token), a dropped "##" (WordPiece, one token). 16 tokens of
-# left context is far more than any of these reach.
-_DECODE_LEFT_CONTEXT_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -176,48 +175,139 @@ def evaluate_blocks(
     autocast_dtype: torch.dtype | None = None,
     shard: tuple[int, int] = (0, 1),
     progress: Callable[[int], None] | None = None,
+    context: BlockContext | None = None,
+    contiguous: bool = False,
+    lockstep: bool = False,
 ) -> PerplexityResult:
     """Score every token but the first of each block, as run_clm's eval does with labels = input_ids.
 
-    `blocks` is a 2-D numpy array of token ids, a `datasets.Dataset` with an `input_ids` column, or any
-    sequence of token-id rows; the result's `context` is the first block's length.
+    `blocks` is a 2-D numpy array of token ids, a `datasets.Dataset` with an `input_ids` column, a stream
+    of them (`datasets.IterableDataset`, any iterable of rows or of {"input_ids": row}), or any sequence of
+    rows; the result's `context` is the first block's length.
     `shard=(rank, world)` evaluates rows rank, rank + world, ... with no padding and no duplicates, so
     the shards' results add up to the unsharded result. `progress` is called with the number of this
     shard's blocks done so far.
+
+    Bytes and words (with a tokenizer) are counted on each block's scored tokens in their place in the
+    split's token stream: `context` says where each block sits (cached splits); `contiguous` says that a
+    stream's consecutive blocks are adjacent in it (concat grouping); otherwise a block is decoded alone.
+    `lockstep`: every rank runs as many forward passes as rank 0 (FSDP and ZeRO-3 need it, as each forward
+    is a collective there).
     """
     rank, world = _check_shard(shard)
     _check_batch_size(batch_size)
-    rows_source = _block_rows(blocks)
-    n_rows = len(rows_source)
-    if n_rows == 0:
+    source = _BlockSource(blocks, context=context, contiguous=contiguous)
+    max_positions = max_positions_of(model)
+    first_row: list[np.ndarray] = []
+
+    def batches() -> Iterator[ScoringBatch]:
+        for rows, spans in source.batches(rank, world, batch_size):
+            if not first_row:
+                first_row.append(rows[0])
+            length = rows.shape[1]
+            if max_positions is not None and length > max_positions:
+                raise DataError(
+                    f"a block has {length} tokens but the model takes at most {max_positions} "
+                    f"positions: set block_size to {max_positions} or less"
+                )
+            # The logits of a block's last token predict nothing, so the model never sees it; for a causal
+            # model the other positions' logits are unchanged by dropping it.
+            yield ScoringBatch(inputs=rows[:, :-1], targets=rows[:, 1:], spans=spans, samples=len(rows))
+
+    totals = score(
+        model, batches(), tokenizer=tokenizer, device=device, autocast_dtype=autocast_dtype, progress=progress
+    )
+    if source.count == 0:
         raise DataError("the evaluation split has no blocks: check the eval data and block_size")
-    # Read from the whole split, not this shard, so every shard's result carries the same setting.
-    block_size = len(_fetch_rows(rows_source, range(0, 1))[0])
-    max_positions = _max_positions(model)
-    text_counter = _TextCounter(tokenizer) if tokenizer is not None else None
-    totals = _Totals(with_text=text_counter is not None)
-    shard_rows = range(rank, n_rows, world)
-    with _evaluation_mode(model, device, autocast_dtype) as forward:
-        for batch_start in range(0, len(shard_rows), batch_size):
-            batch_rows = _fetch_rows(rows_source, shard_rows[batch_start : batch_start + batch_size])
-            for same_length_rows in _group_by_length(batch_rows):
-                row_length = same_length_rows.shape[1]
-                if max_positions is not None and row_length > max_positions:
-                    raise DataError(
-                        f"a block has {row_length} tokens but the model takes at most {max_positions} "
-                        f"positions: set block_size to {max_positions} or less"
-                    )
-                if row_length >= 2:
-                    # The logits of a block's last token predict nothing, so the model never sees it;
-                    # for a causal model the other positions' logits are unchanged by dropping it.
-                    logits = forward(same_length_rows[:, :-1], keep_last=row_length - 1)
-                    totals.add_logits(logits, same_length_rows[:, 1:])
-                if text_counter is not None:
-                    totals.add_text(*text_counter.span_counts([(row[1:], None) for row in same_length_rows]))
-            totals.samples += len(batch_rows)
-            if progress is not None:
-                progress(totals.samples)
-    return totals.result(method="blocks", context=block_size, stride=None)
+    if lockstep and world > 1:
+        row = first_row[0] if first_row else source.first_row
+        for _ in range(lockstep_padding(source.count, rank, world, batch_size)):
+            run_forward(model, row[None, :-1], device)
+    return totals.result(method="blocks", context=source.block_size, stride=None)
+
+
+def shard_batches(n_rows: int, rank: int, world: int, batch_size: int) -> int:
+    """Forward batches the exact eval runs on `rank`: its rows are rank, rank + world, ... (no padding)."""
+    return -(-len(range(rank, n_rows, world)) // batch_size)
+
+
+def lockstep_padding(n_rows: int, rank: int, world: int, batch_size: int) -> int:
+    """Extra forward passes `rank` must run so that every rank runs as many as rank 0 (0 or 1)."""
+    return shard_batches(n_rows, 0, world, batch_size) - shard_batches(n_rows, rank, world, batch_size)
+
+
+class _BlockSource:
+    """The rows of an evaluation split, this shard's in batches, each row with its text span."""
+
+    def __init__(self, blocks: Any, *, context: BlockContext | None, contiguous: bool) -> None:
+        self.rows = _block_rows(blocks)
+        self.context = context
+        self.contiguous = contiguous
+        self.indexable = hasattr(self.rows, "__len__") and hasattr(self.rows, "__getitem__")
+        self.count = len(self.rows) if self.indexable else 0
+        self.block_size = 0
+        self.first_row = np.zeros(2, dtype=np.int64)
+
+    def batches(self, rank: int, world: int, batch_size: int) -> Iterator[tuple[np.ndarray, list[TextSpan]]]:
+        """Batches of this shard's rows (one length each), with the span of each row's scored tokens."""
+        items = (
+            self._indexed_items(rank, world, batch_size)
+            if self.indexable
+            else self._streamed_items(rank, world)
+        )
+        pending: list[tuple[np.ndarray, TextSpan]] = []
+        for item in items:
+            pending.append(item)
+            if len(pending) == batch_size:
+                yield from _by_length(pending)
+                pending = []
+        if pending:
+            yield from _by_length(pending)
+
+    def _indexed_items(self, rank: int, world: int, batch_size: int) -> Iterator[tuple[np.ndarray, TextSpan]]:
+        if self.count:
+            self.first_row = _fetch_rows(self.rows, range(0, 1))[0]
+            # Read from the whole split, not this shard, so every shard's result carries the same setting.
+            self.block_size = len(self.first_row)
+        indices = range(rank, self.count, world)
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            for index, row in zip(chunk, _fetch_rows(self.rows, chunk), strict=True):
+                span = self.context.span(index) if self.context is not None else block_span(row)
+                yield row, span
+
+    def _streamed_items(self, rank: int, world: int) -> Iterator[tuple[np.ndarray, TextSpan]]:
+        # Every rank reads the whole stream and keeps its share; one row of look-ahead gives each block the
+        # start of the next one (its right context) when the blocks are adjacent.
+        previous: np.ndarray | None = None
+        held: tuple[int, np.ndarray] | None = None
+        for index, raw in enumerate(self.rows):
+            row = _as_row(raw)
+            if index == 0:
+                self.first_row, self.block_size = row, len(row)
+            self.count = index + 1
+            if held is not None:
+                held_index, held_row = held
+                if held_index % world == rank:
+                    yield held_row, self._stream_span(held_row, previous, row)
+                previous = held_row
+            held = (index, row)
+        if held is not None and held[0] % world == rank:
+            yield held[1], self._stream_span(held[1], previous, None)
+
+    def _stream_span(
+        self, row: np.ndarray, previous: np.ndarray | None, following: np.ndarray | None
+    ) -> TextSpan:
+        if not self.contiguous:
+            return block_span(row)
+        return block_span(row, previous, following)
+
+
+def _by_length(items: list[tuple[np.ndarray, TextSpan]]) -> Iterator[tuple[np.ndarray, list[TextSpan]]]:
+    """Rows stacked into 2-D arrays of one length each (grouped blocks all share one length)."""
+    for length in sorted({len(row) for row, _ in items}):
+        same = [(row, span) for row, span in items if len(row) == length]
+        yield np.stack([row for row, _ in same]), [span for _, span in same]
 
 
 def evaluate_strided(
@@ -243,15 +333,15 @@ def evaluate_strided(
     rank, world = _check_shard(shard)
     _check_batch_size(batch_size)
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise RecipeError(f"strided eval context must be a positive number of tokens, got {context!r}")
+        raise EvalError(f"strided eval context must be a positive number of tokens, got {context!r}")
     if isinstance(stride, bool) or not isinstance(stride, int) or not 0 < stride <= context:
-        raise RecipeError(
+        raise EvalError(
             f"strided eval stride must be between 1 and the context ({context}), got {stride!r}: "
             f"set stride to at most {context} (context / 2 is a common choice)"
         )
-    max_positions = _max_positions(model)
+    max_positions = max_positions_of(model)
     if max_positions is not None and context > max_positions:
-        raise RecipeError(
+        raise EvalError(
             f"strided eval context {context} is longer than the model's {max_positions} positions: "
             f"set context to {max_positions} or less"
         )
@@ -267,27 +357,28 @@ def evaluate_strided(
             "use a larger evaluation split"
         )
     windows = _StridedWindows(n_tokens=len(tokens), context=context, stride=stride)
-    text_counter = _TextCounter(tokenizer) if tokenizer is not None else None
-    totals = _Totals(with_text=text_counter is not None)
-    with _evaluation_mode(model, device, autocast_dtype) as forward:
+
+    def batches() -> Iterator[ScoringBatch]:
         for batch in windows.batches(range(rank, windows.count, world), batch_size):
-            inputs = np.stack([tokens[w.input_start : w.input_end] for w in batch])
-            targets = np.stack([tokens[w.scored_start : w.scored_end] for w in batch])
-            logits = forward(inputs, keep_last=batch[0].n_scored)
-            totals.add_logits(logits, targets)
-            if text_counter is not None:
-                # Stream position 0 is never scored, so the scored text starts at position 1.
-                spans = [
-                    (
-                        tokens[w.scored_start : w.scored_end],
-                        tokens[max(1, w.scored_start - _DECODE_LEFT_CONTEXT_TOKENS) : w.scored_start],
-                    )
-                    for w in batch
-                ]
-                totals.add_text(*text_counter.span_counts(spans))
-            totals.samples += len(batch)
-            if progress is not None:
-                progress(totals.samples)
+            # Stream position 0 is never scored, so the scored text starts at position 1.
+            spans = [
+                TextSpan(
+                    left=tokens[max(1, w.scored_start - LEFT_CONTEXT_TOKENS) : w.scored_start],
+                    span=tokens[w.scored_start : w.scored_end],
+                    right=tokens[w.scored_end : w.scored_end + RIGHT_CONTEXT_TOKENS],
+                )
+                for w in batch
+            ]
+            yield ScoringBatch(
+                inputs=np.stack([tokens[w.input_start : w.input_end] for w in batch]),
+                targets=np.stack([tokens[w.scored_start : w.scored_end] for w in batch]),
+                spans=spans,
+                samples=len(batch),
+            )
+
+    totals = score(
+        model, batches(), tokenizer=tokenizer, device=device, autocast_dtype=autocast_dtype, progress=progress
+    )
     return totals.result(method="strided", context=context, stride=stride)
 
 
@@ -343,157 +434,10 @@ class _StridedWindows:
             yield batch
 
 
-class _Totals:
-    """Running float64 / integer totals; holds no logits between batches."""
-
-    def __init__(self, *, with_text: bool) -> None:
-        self.nll_sum = 0.0
-        self.tokens = 0
-        self.correct = 0
-        self.n_bytes: int | None = 0 if with_text else None
-        self.n_words: int | None = 0 if with_text else None
-        self.samples = 0
-
-    def add_logits(self, logits: torch.Tensor, targets: np.ndarray) -> None:
-        """Add the NLL and argmax hits of `logits` [batch, positions, vocab] against `targets` [batch, positions]."""
-        vocab_size = logits.shape[-1]
-        flat_logits = logits.reshape(-1, vocab_size)
-        flat_targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1).to(flat_logits.device)
-        chunk_rows = max(1, _loss_chunk_elements(flat_logits.device) // vocab_size)
-        token_nlls = []
-        correct = torch.zeros((), dtype=torch.long, device=flat_logits.device)
-        for chunk_logits, chunk_targets in zip(
-            flat_logits.split(chunk_rows), flat_targets.split(chunk_rows), strict=True
-        ):
-            chunk_logits = chunk_logits.float()
-            token_nlls.append(F.cross_entropy(chunk_logits, chunk_targets, reduction="none"))
-            # max().indices is argmax (first maximum on ties) at half the cost of argmax() on CPU.
-            correct += (chunk_logits.max(dim=-1).indices == chunk_targets).sum()
-        # Per-token float32 NLL summed in float64 (on the CPU: MPS has no float64), so the total does not
-        # depend on batching; one device sync per batch.
-        self.nll_sum += torch.cat(token_nlls).to("cpu", torch.float64).sum().item()
-        self.correct += int(correct.item())
-        self.tokens += flat_targets.numel()
-
-    def add_text(self, n_bytes: int, n_words: int) -> None:
-        assert self.n_bytes is not None and self.n_words is not None
-        self.n_bytes += n_bytes
-        self.n_words += n_words
-
-    def result(self, *, method: str, context: int, stride: int | None) -> PerplexityResult:
-        return PerplexityResult(
-            nll_sum=self.nll_sum,
-            tokens=self.tokens,
-            correct=self.correct,
-            n_bytes=self.n_bytes,
-            n_words=self.n_words,
-            method=method,
-            context=context,
-            stride=stride,
-            samples=self.samples,
-        )
-
-
-class _TextCounter:
-    """UTF-8 bytes and whitespace words of decoded token spans, exact when spans tile a longer text.
-
-    Decoding a span on its own is not the same as cutting it out of the decoded whole. With byte-level
-    BPE a multi-byte character can be split over two tokens; a span edge between them leaves a broken
-    sequence at each side that decodes to U+FFFD (3 bytes) instead of the character's real bytes, and
-    a word cut in two would be counted once per span. So a span that continues a longer text is
-    counted as count(decode(left_context + span)) - count(decode(left_context)): both decodes share
-    the same left edge, so whatever that edge breaks cancels, and the span's right edge is cut the
-    same way the whole text up to there is. Summed over spans that tile a text the differences
-    telescope to count(decode(text)) exactly, for any decoder whose edge effects reach fewer than
-    `_DECODE_LEFT_CONTEXT_TOKENS` tokens (byte-level BPE, SentencePiece, WordPiece). A single span
-    may get a negative word count (its first token completes a character that turns out to be a
-    space); only totals are meaningful. Decoding skips special tokens and does no "clean up" of
-    spaces, so the count is of the text itself.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            # The Rust decoder of a fast tokenizer decodes a batch in parallel; transformers' batch_decode
-            # loops in Python and adds nothing when clean-up is off.
-            self._decode_batch = lambda seqs: backend.decode_batch(seqs, skip_special_tokens=True)
-        elif hasattr(tokenizer, "decode_batch"):  # a bare `tokenizers.Tokenizer`
-            self._decode_batch = lambda seqs: tokenizer.decode_batch(seqs, skip_special_tokens=True)
-        elif hasattr(tokenizer, "batch_decode"):
-            self._decode_batch = lambda seqs: tokenizer.batch_decode(
-                seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False
-            )
-        else:
-            raise ModelError(
-                f"the tokenizer {type(tokenizer).__name__} cannot decode token ids: "
-                "pass a Hugging Face tokenizer to count bytes and words"
-            )
-
-    def span_counts(self, spans: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> tuple[int, int]:
-        """Total (bytes, words) of spans given as (span_ids, left_context_ids or None)."""
-        sequences: list[list[int]] = []
-        signs: list[int] = []
-        for span_ids, left_context in spans:
-            prefix = [] if left_context is None else np.asarray(left_context).tolist()
-            sequences.append(prefix + np.asarray(span_ids).tolist())
-            signs.append(1)
-            if prefix:
-                sequences.append(prefix)
-                signs.append(-1)
-        texts = self._decode_batch(sequences)
-        n_bytes = sum(sign * len(text.encode("utf-8")) for sign, text in zip(signs, texts, strict=True))
-        n_words = sum(sign * len(text.split()) for sign, text in zip(signs, texts, strict=True))
-        return n_bytes, n_words
-
-
-@contextlib.contextmanager
-def _evaluation_mode(
-    model: torch.nn.Module, device: torch.device | str | None, autocast_dtype: torch.dtype | None
-) -> Iterator[Callable[[np.ndarray, int], torch.Tensor]]:
-    """Eval mode + inference mode + optional autocast; yields forward(input_ids, keep_last) -> logits.
-
-    The model is not moved: `device` is where input batches go (default: the model's first parameter's).
-    """
-    if device is None:
-        try:
-            device = next(model.parameters()).device
-        except StopIteration as error:
-            raise ModelError("the model has no parameters: load a causal language model") from error
-    device = torch.device(device)
-    forward_parameters = inspect.signature(model.forward).parameters
-    takes_logits_to_keep = "logits_to_keep" in forward_parameters
-    takes_use_cache = "use_cache" in forward_parameters
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-
-    def forward(input_ids: np.ndarray, keep_last: int) -> torch.Tensor:
-        """Logits [batch, keep_last, vocab] of the last `keep_last` positions of each row."""
-        kwargs: dict[str, Any] = {}
-        if takes_logits_to_keep:
-            # The LM head (hidden x vocab, the largest matmul of a small model) runs only on these rows.
-            kwargs["logits_to_keep"] = keep_last
-        if takes_use_cache:
-            kwargs["use_cache"] = False  # a KV cache is never reused here; building it costs memory
-        batch = torch.as_tensor(np.ascontiguousarray(input_ids), dtype=torch.long).to(device)
-        logits = model(input_ids=batch, **kwargs).logits
-        return logits[:, -keep_last:] if logits.shape[1] != keep_last else logits
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), autocast:
-            yield forward
-    finally:
-        model.train(was_training)
-
-
 def _block_rows(blocks: Any) -> Any:
-    """Something with len() and row access; a Dataset keeps only its input_ids column."""
+    """Rows to read: a Dataset keeps only its input_ids column; anything else is read as it is."""
     column_names = getattr(blocks, "column_names", None)
-    if column_names is not None:  # a datasets.Dataset
+    if column_names is not None:  # a datasets.Dataset or IterableDataset
         if "input_ids" not in column_names:
             raise DataError(
                 f"the evaluation dataset has no input_ids column (columns: {column_names}): "
@@ -503,6 +447,14 @@ def _block_rows(blocks: Any) -> Any:
     return blocks
 
 
+def _as_row(raw: Any) -> np.ndarray:
+    if isinstance(raw, dict):
+        raw = raw["input_ids"]
+    if isinstance(raw, torch.Tensor):
+        raw = raw.numpy()
+    return np.asarray(raw, dtype=np.int64).reshape(-1)
+
+
 def _fetch_rows(rows_source: Any, indices: range) -> list[np.ndarray]:
     if getattr(rows_source, "column_names", None) is not None:
         rows = rows_source[list(indices)]["input_ids"]
@@ -510,33 +462,7 @@ def _fetch_rows(rows_source: Any, indices: range) -> list[np.ndarray]:
         rows = rows_source[indices.start : indices.stop : indices.step]
     else:
         rows = [rows_source[i] for i in indices]
-    return [np.asarray(row, dtype=np.int64).reshape(-1) for row in rows]
-
-
-def _group_by_length(rows: list[np.ndarray]) -> Iterator[np.ndarray]:
-    """Rows stacked into 2-D arrays of one length each (grouped blocks all share one length)."""
-    lengths = sorted({len(row) for row in rows})
-    for length in lengths:
-        yield np.stack([row for row in rows if len(row) == length])
-
-
-def _loss_chunk_elements(device: torch.device) -> int:
-    """Logit elements per cross-entropy chunk.
-
-    On a CPU the log-softmax, the gather and the max each sweep the logits; done on ~1 MiB of them at a
-    time those sweeps hit the L2 cache instead of memory (3-4x faster on a [2048, 12k] batch). On an
-    accelerator, large chunks keep kernel launches few while bounding the float32 copy of bf16 logits.
-    """
-    return 2**18 if device.type == "cpu" else 2**26
-
-
-def _max_positions(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return [_as_row(row) for row in rows]
 
 
 def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
@@ -548,7 +474,7 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
 
 def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise RecipeError(f"eval batch size must be a positive integer, got {batch_size!r}")
+        raise EvalError(f"eval batch size must be a positive integer, got {batch_size!r}")
 
 
 def _add_optional(a: int | None, b: int | None) -> int | None:

@@ -8,8 +8,10 @@ installed `transformers.TrainingArguments`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import sys
 import types
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from clm_runner import secrets
 from clm_runner.errors import RecipeError
 
 if sys.version_info >= (3, 11):
@@ -101,7 +104,8 @@ class DataConfig:
     streaming: bool = False
     """Stream the dataset instead of preparing it on disk (needs training.max_steps)."""
     block_size: int | None = None
-    """Tokens per training block. Unset: the tokenizer's model_max_length, at most 1024."""
+    """Tokens per block. Unset: the tokenizer's model_max_length, or min(1024, the model's positions) when that
+    is larger than the model's positions (run_clm's rule). Never more than the model's positions."""
     overwrite_cache: bool = False
     """Rebuild the preprocessing cache instead of reusing it."""
     validation_split_percentage: int = 5
@@ -114,6 +118,10 @@ class DataConfig:
     """Column holding the text (unset: "text", else the first string column)."""
     grouping: Literal["concat", "run_clm"] = "concat"
     """concat: each split's whole token stream cut into blocks. run_clm: run_clm's 1000-row batches, exactly."""
+    run_clm_preprocessing_num_workers: int | None = None
+    """grouping = "run_clm" only: the --preprocessing_num_workers run_clm was run with (unset: none, one process).
+    datasets.map(num_proc=N) cuts each split into N contiguous shards and restarts its 1000-row batches in
+    each, so run_clm's blocks depend on N; this reproduces them. It never changes clm-runner's own speed."""
     validation_split_seed: int | None = None
     """Shuffle rows with this seed before carving the validation split (unset: the first rows, as run_clm)."""
     encoding_errors: Literal["strict", "replace"] = "strict"
@@ -137,10 +145,27 @@ class DataConfig:
                 "data.validation_split_percentage must be between 1 and 99; "
                 f"got {self.validation_split_percentage}."
             )
-        for key in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
+        for key in (
+            "max_train_samples",
+            "max_eval_samples",
+            "preprocessing_num_workers",
+            "run_clm_preprocessing_num_workers",
+        ):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise RecipeError(f"data.{key} must be a positive integer; got {value}.")
+        if self.run_clm_preprocessing_num_workers is not None:
+            if self.grouping != "run_clm":
+                raise RecipeError(
+                    "data.run_clm_preprocessing_num_workers reproduces run_clm's blocks and needs "
+                    'data.grouping = "run_clm"; set grouping, or remove the key (concat blocks never depend '
+                    "on workers)."
+                )
+            if self.streaming:
+                raise RecipeError(
+                    "data.run_clm_preprocessing_num_workers has no effect with data.streaming (run_clm "
+                    "streams without worker processes); remove the key."
+                )
 
 
 @dataclass(frozen=True)
@@ -191,7 +216,8 @@ class Recipe:
 
     def fingerprint(self) -> str:
         """A short hash of the resolved recipe (secrets excluded), recorded beside the results."""
-        text = render_toml(redact(self))
+        plain, _ = secrets.strip_secrets(self.to_dict())
+        text = render_toml(plain)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -203,6 +229,10 @@ def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
 # Loading
 
 
+UNSET = object()
+"""What an empty `--set section.key=` means: remove the key, so its default applies."""
+
+
 def load_recipe(
     path: str | Path | None, overrides: Sequence[str] = (), *, require_output_dir: bool = True
 ) -> Recipe:
@@ -212,8 +242,28 @@ def load_recipe(
     if path is not None:
         source = str(path)
         raw = read_toml(Path(path))
+    build = functools.partial(build_recipe, require_output_dir=require_output_dir)
+    if not overrides:
+        return build(raw, source=source)
+    from_file = copy.deepcopy(raw)
     apply_overrides(raw, overrides)
-    return build_recipe(raw, source=source, require_output_dir=require_output_dir)
+    try:
+        recipe = build(raw)
+    except RecipeError as exc:
+        # Report a problem against the file only when the file alone has it too; else against the --set.
+        try:
+            build(from_file)
+        except RecipeError as file_exc:
+            if str(file_exc) == str(exc):
+                raise RecipeError(f"{source}: {exc}" if source else str(exc)) from None
+        raise RecipeError(f"{exc} (from {_blame(overrides, str(exc))})") from None
+    return dataclasses.replace(recipe, source=source)
+
+
+def _blame(overrides: Sequence[str], message: str) -> str:
+    """The --set items a message is about (those whose key it names), else all of them."""
+    named = [item for item in overrides if item.partition("=")[0].strip() in message]
+    return " ".join(f"--set {item}" for item in (named or overrides))
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -247,8 +297,23 @@ def _with_position(exc: Exception, text: str) -> str:
     return message
 
 
+def key_annotation(section: str, key: str) -> Any | None:
+    """The declared type of section.key, or None for a key the section does not have."""
+    if section == "training":
+        return training_argument_types().get(key)
+    cls = SECTIONS.get(section)
+    return typing.get_type_hints(cls).get(key) if cls is not None else None
+
+
 def parse_override(item: str) -> tuple[str, str, Any]:
-    """Split "section.key=value"; the value is read as TOML (`3`, `true`, `[1, 2]`), else as a string."""
+    """Split "section.key=value" and read the value for that key.
+
+    The value is TOML (`3`, `true`, `[1, 2]`, `"quoted"`), except for a key that takes a string: there the
+    text is the string itself (`model.model_revision=2024-01-01`, an all-digit commit, `inf`), unless it is
+    a quoted TOML string or a TOML value of another type the key also takes (`training.fsdp=true`, a list
+    for `data.train_file`). Text that is not TOML is a string. An empty value (`data.validation_file=`)
+    is UNSET: the key goes back to its default.
+    """
     if "=" not in item:
         raise RecipeError(
             f"Malformed --set {item!r}: expected section.key=value, for example --set training.learning_rate=1e-4."
@@ -265,15 +330,37 @@ def parse_override(item: str) -> tuple[str, str, Any]:
             f"--set {item!r}: unknown section [{section}]{_suggest(section, ALL_SECTIONS)} "
             f"Sections: {', '.join(ALL_SECTIONS)}."
         )
+    if text.strip() == "":
+        return section, key, UNSET
+    return section, key, _read_value(text, key_annotation(section, key), dotted)
+
+
+def _read_value(text: str, annotation: Any, dotted: str) -> Any:
     try:
-        value = tomllib.loads(f"v = {text}")["v"]
+        parsed = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text
+        return text
     except RecursionError:
         raise RecipeError(
             f"--set {dotted}: the value nests arrays or tables too deeply. Flatten it."
         ) from None
-    return section, key, value
+    if annotation is None or not _admits_str(annotation) or isinstance(parsed, str):
+        return parsed
+    # A key that takes a string: keep the parsed value only where the key takes that type too.
+    return parsed if _matches(parsed, annotation) else text
+
+
+def _admits_str(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    if annotation is Any:
+        return False
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_admits_str(a) for a in args)
+    if typing.get_origin(annotation) is Literal:
+        return False
+    return False
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
@@ -282,7 +369,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
         table = raw.setdefault(section, {})
         if not isinstance(table, dict):
             raise RecipeError(f"[{section}] in the recipe must be a table, not {type(table).__name__}.")
-        table[key] = value
+        if value is UNSET:
+            table.pop(key, None)
+        else:
+            table[key] = value
 
 
 def build_recipe(
@@ -297,6 +387,7 @@ def build_recipe(
             )
         if not isinstance(table, dict):
             raise RecipeError(f"{where}[{section}] must be a table of keys, not a {type(table).__name__}.")
+    _refuse_placeholders(raw, where)
     try:
         sections = {
             name: _build_section(cls, name, raw.get(name, {}), where) for name, cls in SECTIONS.items()
@@ -321,6 +412,17 @@ def build_recipe(
     )
 
 
+def _refuse_placeholders(raw: Mapping[str, Any], where: str) -> None:
+    """A secret key holding "<redacted>" (recipe.toml of clm-runner 0.1.0) would be sent to the Hub as a token."""
+    for section, key in secrets.SECRET_KEYS:
+        table = raw.get(section)
+        if isinstance(table, dict) and secrets.is_placeholder(table.get(key)):
+            raise RecipeError(
+                f"{where}{section}.{key} = {table[key]!r} is a placeholder, not a token. Remove the key and set "
+                f"the HF_TOKEN environment variable (or --set {section}.{key}=YOUR_TOKEN)."
+            )
+
+
 def _build_section(cls: type, name: str, table: Mapping[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
@@ -335,19 +437,30 @@ def _build_section(cls: type, name: str, table: Mapping[str, Any], where: str) -
 
 
 def validate_training(table: Mapping[str, Any], where: str = "") -> dict[str, Any]:
-    """Check [training] against the installed TrainingArguments: known keys, right types."""
+    """Check [training] against the installed TrainingArguments and clm-runner's policy (training_keys)."""
+    from clm_runner import training_keys
+
     hints = training_argument_types()
     for key, value in table.items():
         if key not in hints:
-            raise RecipeError(
-                f"{where}unknown key training.{key}{_suggest(key, list(hints), prefix='training.')} "
-                "[training] takes the fields of transformers.TrainingArguments."
-            )
+            message = training_keys.renamed(key)
+            if message is None:
+                message = (
+                    f"unknown key training.{key}{_suggest(key, list(hints), prefix='training.')} "
+                    "[training] takes the fields of transformers.TrainingArguments."
+                )
+            raise RecipeError(where + message)
+        refused = training_keys.refusal(key)
+        # recipe.toml records every key with its value, the refused ones at their defaults: those are fine.
+        if refused is not None and value != training_defaults().get(key, _NO_DEFAULT):
+            raise RecipeError(where + refused)
         _check_type(f"training.{key}", value, hints[key], where)
+    training_keys.check_values(table, where)
     return dict(table)
 
 
 _TRAINING_TYPES: dict[str, Any] | None = None
+_NO_DEFAULT = object()
 
 
 def training_argument_types() -> dict[str, Any]:
@@ -368,8 +481,17 @@ def training_argument_types() -> dict[str, Any]:
     return _TRAINING_TYPES
 
 
+@functools.lru_cache(maxsize=1)
+def _training_defaults() -> dict[str, Any]:
+    return _compute_training_defaults()
+
+
 def training_defaults() -> dict[str, Any]:
-    """TrainingArguments' declared defaults, as TOML-friendly plain values."""
+    """TrainingArguments' declared defaults, as TOML-friendly plain values (a fresh copy each call)."""
+    return copy.deepcopy(_training_defaults())
+
+
+def _compute_training_defaults() -> dict[str, Any]:
     from transformers import TrainingArguments
 
     out: dict[str, Any] = {}
@@ -383,6 +505,9 @@ def training_defaults() -> dict[str, Any]:
         else:
             continue
         out[f.name] = _plain(value)
+    from clm_runner.training_keys import CLM_RUNNER_DEFAULTS
+
+    out.update(CLM_RUNNER_DEFAULTS)
     return out
 
 
@@ -411,7 +536,7 @@ def _type_name(annotation: Any) -> str:
     if origin in (list, tuple, Sequence):
         args = typing.get_args(annotation)
         return f"a list of {_type_name(args[0])}" if args else "a list"
-    if origin in (dict, Mapping):
+    if origin in (dict, Mapping) or annotation is dict:
         return "a table"
     if annotation is bool:
         return "true or false"
@@ -428,36 +553,51 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _matches(value: Any, annotation: Any) -> bool:
+def _toml_annotation(annotation: Any) -> Any:
+    """The annotation as TOML values can meet it: an enum is given by its value (a string)."""
     import enum
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return str
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_toml_annotation(a) for a in args)]  # noqa: UP007 - built from a tuple
+    if origin in (list, tuple) and args:
+        return list[_toml_annotation(args[0])]  # type: ignore[misc]
+    return annotation
+
+
+@functools.cache
+def _validator(annotation: Any) -> Any:
+    """A strict pydantic validator for the annotation, or None where pydantic cannot build one."""
+    from pydantic import ConfigDict, TypeAdapter
+
+    try:
+        return TypeAdapter(_toml_annotation(annotation), config=ConfigDict(arbitrary_types_allowed=True))
+    except Exception:  # an annotation pydantic cannot judge (a forward reference, a protocol)
+        return None
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether a TOML value is of the declared type: strict (no 1 for true, no "3" for 3, no 1.5 for 3)."""
+    from pydantic import ValidationError
 
     if annotation is Any or annotation is object:
         return True
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return value in typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(annotation))
-    if origin in (list, tuple, Sequence):
-        args = typing.get_args(annotation)
-        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
-    if origin in (dict, Mapping):
-        return isinstance(value, dict)
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return value in {m.value for m in annotation} or isinstance(value, annotation)
-    if isinstance(annotation, type):
-        return isinstance(value, (annotation, str, dict))
-    return True  # an annotation we cannot judge (a forward reference, a protocol): let the library check
+    try:
+        validator = _validator(annotation)
+    except TypeError:  # an unhashable annotation object: judge it as before the cache
+        validator = None
+    if validator is None:
+        return True  # let the library check
+    try:
+        validator.validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    except Exception:  # a validator that breaks on an odd value is a mismatch, not a crash
+        return False
+    return True
 
 
 def _check_type(key: str, value: Any, annotation: Any, where: str) -> None:
@@ -476,26 +616,10 @@ def _suggest(word: str, choices: Sequence[str], prefix: str = "") -> str:
 # Rendering
 
 
-SECRET_KEYS = {("model", "token"), ("training", "hub_token")}
-REDACTED = "<redacted>"
-
-
-def redact(recipe: Recipe) -> Recipe:
-    """The same recipe with every secret replaced, for anything written to disk or printed."""
-    model = recipe.model
-    if model.token is not None:
-        model = dataclasses.replace(model, token=REDACTED)
-    training = dict(recipe.training)
-    if training.get("hub_token"):
-        training["hub_token"] = REDACTED
-    return dataclasses.replace(recipe, model=model, training=types.MappingProxyType(training))
-
-
 def resolved_dict(
     recipe: Recipe, training_overrides: Mapping[str, Any] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Every key with its effective value: defaults filled in, secrets redacted, None left out."""
-    recipe = redact(recipe)
+    """Every key with its effective value, defaults filled in; secret keys left out (see unrecorded_secrets)."""
     full = recipe.to_dict()
     for name in ("model", "data", "eval"):
         full[name] = dataclasses.asdict(getattr(recipe, name))
@@ -503,17 +627,27 @@ def resolved_dict(
     training.update(recipe.training)
     if training_overrides:
         training.update(training_overrides)
-    if training.get("hub_token"):
-        training["hub_token"] = REDACTED
     full["training"] = training
-    return full
+    plain, _ = secrets.strip_secrets(full)
+    return plain
 
 
-def render_toml(recipe: Recipe | Mapping[str, Any], *, header: str | None = None) -> str:
-    """TOML text of a recipe or a resolved dict. Unset (None) keys appear as comments."""
+def unrecorded_secrets(recipe: Recipe) -> list[str]:
+    """The dotted names of secret keys this recipe sets (written nowhere; named in a comment)."""
+    _, dropped = secrets.strip_secrets(recipe.to_dict())
+    return dropped
+
+
+def render_toml(
+    recipe: Recipe | Mapping[str, Any], *, header: str | None = None, unrecorded: Sequence[str] = ()
+) -> str:
+    """TOML text of a recipe or a resolved dict. Unset (None) keys appear as comments, as do secrets."""
     import tomli_w
 
     data = recipe.to_dict() if isinstance(recipe, Recipe) else recipe
+    if isinstance(recipe, Recipe):
+        data, dropped = secrets.strip_secrets(data)
+        unrecorded = [*unrecorded, *dropped]
     lines: list[str] = []
     if header:
         lines.extend(f"# {line}" if line else "#" for line in header.splitlines())
@@ -523,6 +657,9 @@ def render_toml(recipe: Recipe | Mapping[str, Any], *, header: str | None = None
         if table is None:
             continue
         lines.append(f"[{section}]")
+        for dotted in unrecorded:
+            if dotted.startswith(f"{section}."):
+                lines.append(f"# {secrets.not_recorded_comment(dotted)}")
         nested: dict[str, Any] = {}
         for key, value in table.items():
             if value is None:

@@ -127,6 +127,9 @@ class RunLock:
         self.path = lock_path(output_dir)
         self._fd: int | None = fd
         _HELD.add(self.path.resolve())
+        from clm_runner import faults
+
+        faults.point("startup.lock", self.path)
 
     @classmethod
     def acquire(cls, output_dir: Path, command: str = "") -> RunLock:

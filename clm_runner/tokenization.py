@@ -83,7 +83,7 @@ class Encoder:
             return self
         probe = [PROBE_TEXT, "", " a\n"]
         expected = [list(ids) for ids in tokenizer(probe)["input_ids"]]
-        ids, lengths = tokenize_rows(probe, self)
+        ids, lengths, _ = tokenize_rows(probe, self)
         got = [part.tolist() for part in np.split(ids, np.cumsum(lengths)[:-1])]
         if got == expected:
             return self
@@ -108,9 +108,16 @@ class Encoder:
 _BACKENDS: dict[str | None, Any] = {}
 
 
-def tokenize_rows(texts: Sequence[str | None], encoder: Encoder) -> tuple[np.ndarray, np.ndarray]:
-    """(all ids concatenated in row order, ids per row) for a batch of rows. None counts as ""."""
-    texts = [text if text is not None else "" for text in texts]
+def tokenize_rows(texts: Sequence[str | None], encoder: Encoder) -> tuple[np.ndarray, np.ndarray, int]:
+    """(all ids concatenated in row order, ids per row, null rows skipped) for a batch of rows.
+
+    A null row (None: a missing value in a csv, json or parquet column) is skipped, as if it were not there:
+    tokenizing it as "" would add the tokenizer's special tokens (a stray BOS) for text that does not exist.
+    Its row is in neither the ids nor the lengths; the count says how many there were.
+    """
+    n_null = sum(text is None for text in texts)
+    if n_null:
+        texts = [text for text in texts if text is not None]
     if encoder.backend_json is not None:
         encodings = encoder.backend().encode_batch_fast(texts, add_special_tokens=True)
         rows = [encoding.ids for encoding in encodings]
@@ -119,7 +126,7 @@ def tokenize_rows(texts: Sequence[str | None], encoder: Encoder) -> tuple[np.nda
     lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
     # One list, then one array: several times faster than np.fromiter over a generator of ints.
     ids = np.array(list(chain.from_iterable(rows)), dtype=encoder.dtype)
-    return ids, lengths
+    return ids, lengths, n_null
 
 
 def tokenizer_identity(tokenizer: Any, encoder: Encoder) -> dict[str, Any]:
@@ -151,7 +158,7 @@ def _init_worker(dataset: Any, column: str, encoder: Encoder) -> None:
     _WORKER.update(dataset=dataset, column=column, encoder=encoder)
 
 
-def _tokenize_range(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize_range(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
     start, stop = bounds
     texts = _WORKER["dataset"][start:stop][_WORKER["column"]]
     return tokenize_rows(texts, _WORKER["encoder"])
@@ -212,11 +219,11 @@ def tokenize_split(
     *,
     desc: str,
     progress: bool,
-) -> np.ndarray:
-    """Tokenize a whole split into the `.npy` token stream at `stream_path`; returns the tokens per row.
+) -> tuple[np.ndarray, int]:
+    """Tokenize a whole split into the `.npy` token stream at `stream_path`.
 
-    Rows go to workers in contiguous chunks and come back in order, so the stream is identical for every
-    worker count.
+    Returns the tokens of each (non-null) row and the number of null rows skipped. Rows go to workers in
+    contiguous chunks and come back in order, so the stream is identical for every worker count.
     """
     from tqdm.auto import tqdm
 
@@ -226,13 +233,14 @@ def tokenize_split(
     ]
     workers = max(1, min(workers, len(ranges), -(-total // MIN_ROWS_PER_WORKER)))
     length_parts: list[np.ndarray] = []
+    n_null = 0
     writer = NpyStreamWriter(stream_path, np.dtype(encoder.dtype))
     with tqdm(
         total=total, desc=desc, unit=" rows", unit_scale=True, disable=not progress, dynamic_ncols=True
     ) as bar:
         if workers == 1:
             _init_worker(dataset, column, encoder)
-            results: Iterator[tuple[np.ndarray, np.ndarray]] = map(_tokenize_range, ranges)
+            results: Iterator[tuple[np.ndarray, np.ndarray, int]] = map(_tokenize_range, ranges)
             pool = None
         else:
             import multiprocessing
@@ -245,9 +253,10 @@ def tokenize_split(
                 pool = context.Pool(workers, initializer=_init_worker, initargs=(dataset, column, encoder))
             results = pool.imap(_tokenize_range, ranges, chunksize=1)
         try:
-            for (start, stop), (ids, lengths) in zip(ranges, results, strict=True):
+            for (start, stop), (ids, lengths, nulls) in zip(ranges, results, strict=True):
                 writer.write(ids)
                 length_parts.append(lengths.astype(np.int32))
+                n_null += nulls
                 bar.update(stop - start)
         finally:
             writer.close()
@@ -255,4 +264,5 @@ def tokenize_split(
             if pool is not None:
                 pool.terminate()
                 pool.join()
-    return np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int32)
+    lengths = np.concatenate(length_parts) if length_parts else np.zeros(0, dtype=np.int32)
+    return lengths, n_null

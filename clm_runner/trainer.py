@@ -17,6 +17,7 @@ from typing import Any
 
 from transformers import Trainer
 
+from clm_runner import faults
 from clm_runner.checkpoints import save_checkpoint_atomically
 from clm_runner.interrupts import GracefulStop
 from clm_runner.outputs import TRAINER_STATE, save_metrics, write_json_atomic, write_text_atomic
@@ -27,6 +28,7 @@ class ClmTrainer(Trainer):
     tokens_trained: int = 0
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        faults.point("train.step")
         # numel reads the shape only: no device sync.
         self.tokens_trained += int(inputs["input_ids"].numel()) * self.args.world_size
         return super().training_step(model, inputs, num_items_in_batch)
@@ -41,6 +43,8 @@ class ClmTrainer(Trainer):
 
     graceful_stop: GracefulStop | None = None
     """Set by `train` to stop after the step in which a SIGINT/SIGTERM arrived."""
+    run_totals: Any = None
+    """clm_runner.callbacks.RunTotals, set by `train`: the whole run's totals, saved in every checkpoint."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -50,13 +54,76 @@ class ClmTrainer(Trainer):
         self._last_checkpoint_step: int | None = None
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        checkpoint = kwargs.get("resume_from_checkpoint")
+        if checkpoint and self._steps_left(checkpoint) <= 0:
+            return self._end_at_checkpoint(checkpoint)
         self.args.save_total_limit = None
+        # eval_on_start is the untrained model's baseline: a resumed run has it in its log already.
+        eval_on_start = self.args.eval_on_start
+        if checkpoint:
+            self.args.eval_on_start = False
         try:
             return super().train(*args, **kwargs)
         finally:
             self.args.save_total_limit = self.checkpoint_limit
+            self.args.eval_on_start = eval_on_start
+
+    def _steps_left(self, checkpoint: str) -> int:
+        """Optimizer steps the run has left after `checkpoint` (upstream would train one more at 0)."""
+        import json
+
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return 1  # their own loading path: leave it to upstream
+        try:
+            done = int(json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["global_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 1
+        target = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+        return target - done
+
+    def _end_at_checkpoint(self, checkpoint: str) -> Any:
+        """Resumed at the run's last step: nothing to train, so finish from the checkpoint as it is.
+
+        Upstream's loop resumed there trains one step past the end (it checks max_steps after a step), which
+        would change the final model and the results of a run that was only cut short while finishing.
+        """
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+        self._total_loss_scalar = 0.0
+        self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_best_model()
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        metrics = {
+            "train_runtime": 0.0,
+            "train_samples_per_second": 0.0,
+            "train_steps_per_second": 0.0,
+            "total_flos": self.state.total_flos,
+            "train_loss": 0.0,
+            "epoch": self.state.epoch,
+        }
+        return TrainOutput(self.state.global_step, 0.0, metrics)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A tied output head (GPT-2's lm_head is the token embedding) is saved once, so its key is "missing"
+        # from every checkpoint; the tie restores it. Only other missing keys are worth a warning.
+        aliases = _tied_aliases(self.model)
+        missing = [key for key in load_result.missing_keys if key not in aliases]
+        if len(missing) != len(load_result.missing_keys):
+            self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self.run_totals is not None:
+            # The summed loss so far, as upstream computes it at a logging step (mean over ranks): a resumed
+            # attempt continues from it, so train_loss covers the whole run.
+            from transformers.trainer_pt_utils import nested_gather
+
+            pending = nested_gather(self._tr_loss.detach().clone(), self.args.parallel_mode).mean().item()
+            self.run_totals.loss_this_attempt = self._total_loss_scalar + pending
         # training_args.bin inside the checkpoint records the user's limit, not the None set during train.
         self.args.save_total_limit = self.checkpoint_limit
         try:
@@ -125,10 +192,11 @@ class ClmTrainer(Trainer):
         """run_clm's metric keys (eval_loss, perplexity, eval_accuracy, eval_samples) plus eval_tokens."""
         import torch
 
+        from clm_runner import faults
         from clm_runner.callbacks import evaluation_progress
-        from clm_runner.distributed import lockstep_padding
         from clm_runner.perplexity import evaluate_blocks, reduce_across_ranks
 
+        faults.point("evaluate")
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         start = time.perf_counter()
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=True)
@@ -141,16 +209,10 @@ class ClmTrainer(Trainer):
                 device=self.args.device,
                 shard=(self.args.process_index, self.args.world_size),
                 progress=progress,
-            )
-            if self.args.world_size > 1 and self.parameters_are_sharded():
                 # Under FSDP / ZeRO-3 each forward gathers parameters from every rank, so a rank with one
                 # batch fewer runs a throw-away batch: otherwise the others wait for it forever.
-                args = self.args
-                missing = lockstep_padding(
-                    len(dataset), args.process_index, args.world_size, args.per_device_eval_batch_size
-                )
-                for _ in range(missing):
-                    evaluate_blocks(model, dataset.select(range(1)), batch_size=1, device=args.device)
+                lockstep=self.args.world_size > 1 and self.parameters_are_sharded(),
+            )
         if was_training:
             model.train()
         if self.args.world_size > 1 and torch.distributed.is_initialized():
@@ -169,3 +231,15 @@ class ClmTrainer(Trainer):
         if self.state.epoch is not None:
             metrics["epoch"] = self.state.epoch
         return metrics
+
+
+def _tied_aliases(model: Any) -> set[str]:
+    """Parameter names that are the same tensor as a parameter named earlier (tied weights)."""
+    seen: dict[int, str] = {}
+    aliases = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in seen:
+            aliases.add(name)
+        else:
+            seen[id(parameter)] = name
+    return aliases

@@ -194,7 +194,13 @@ def test_empty_or_blank_data(world: World, content: str) -> None:
     ), line
 
 
-def test_data_too_short_for_one_block(world: World) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("out_dir", ["absent", "pre-created empty"])
+def test_data_too_short_for_one_block(world: World, out_dir: str) -> None:
+    """Found while preparing data, after the output dir is locked: the start must still leave it as it was
+    (a pre-created empty dir used to keep a train.log, so the retry was refused as non-empty)."""
+    if out_dir != "absent":
+        world.out.mkdir()
     (world.root / "train.txt").write_text("Only a few words here.\n")
     refuse(
         world,
@@ -202,6 +208,27 @@ def test_data_too_short_for_one_block(world: World) -> None:
         "too few for one block of 32 tokens",
         "Give it more text, or lower data.block_size",
     )
+    (world.root / "train.txt").write_text(TEXT, encoding="utf-8")
+    result = CliRunner().invoke(cli, train(world, "training.max_steps=1"))
+    assert result.exit_code == 0, result.output  # the retry needs no --overwrite
+
+
+def test_block_longer_than_the_models_positions(world: World, tmp_path_factory) -> None:
+    """Accepted by train (run_clm's rule caps by model_max_length only) and failing at the final evaluation,
+    after the whole training; now refused before any data is prepared."""
+    cache = Path(os.environ["CLM_RUNNER_CACHE"])
+    refuse(
+        world,
+        train(world, "data.block_size=128"),
+        "data.block_size = 128 is longer than the model's 64 positions",
+        "set data.block_size to 64 or less",
+    )
+    refuse(
+        world,
+        ["recipe", "check", "--recipe", str(world.recipe), "--set", "data.block_size=128"],
+        "64 positions",
+    )
+    assert not (cache / "blocks").exists()  # nothing was tokenized
 
 
 @pytest.mark.parametrize("size", [0, -4])
@@ -209,6 +236,7 @@ def test_block_size_zero_or_less(world: World, size: int) -> None:
     refuse(world, train(world, f"data.block_size={size}"), "data.block_size must be a positive number")
 
 
+@pytest.mark.slow
 def test_non_utf8_data_is_a_clear_error_or_replaced_on_request(world: World) -> None:
     (world.root / "train.txt").write_bytes(TEXT.encode("utf-8") + b"caf\xe9 latin-1 bytes\n")
     refuse(world, train(world), "train.txt", "UTF-8", 'encoding_errors = "replace"')
@@ -291,3 +319,49 @@ def test_eval_on_a_directory_that_is_not_a_run(world: World) -> None:
     refuse(world, ["eval", "--run", str(world.root / "missing")], "no such directory", "output_dir of a")
     # A recipe but no trained model (world holds recipe.toml): named too.
     refuse(world, ["eval", "--run", str(world.root)], "holds no saved model (no config.json)", "checkpoint-N")
+
+
+# ---------------------------------------------------------------------------------------------------
+# recipe check runs what train runs before any heavy work
+
+
+@pytest.mark.parametrize(
+    ("sets", "fragment"),
+    [
+        (["data.train_file=absent.txt"], "absent.txt does not exist"),
+        (["training.eval_strategy=epochs"], "did you mean 'epoch'?"),
+        (["training.lr_scheduler_type=cosin"], "did you mean 'cosine'?"),
+        (["model.config_overrides=n_layer=two"], "model.config_overrides 'n_layer=two'"),
+        ([f"model.tokenizer_name={ASSETS / 'tokenizr'}"], "no such directory"),
+        (["data.block_size=128"], "longer than the model's 64 positions"),
+        (["training.per_device_train_batch_size=0"], "at least 1 block"),
+        (["training.report_to=wandb"], "not installed"),
+    ],
+    ids=[
+        "train_file",
+        "eval_strategy",
+        "scheduler",
+        "config_overrides",
+        "tokenizer",
+        "block",
+        "batch",
+        "report",
+    ],
+)
+def test_check_refuses_what_train_refuses_with_the_same_line(
+    world: World, sets: list[str], fragment: str
+) -> None:
+    """`recipe check` said ok to recipes that `train` then rejected (or that failed later with a traceback)."""
+    check = ["recipe", "check", "--recipe", str(world.recipe), *[a for s in sets for a in ("--set", s)]]
+    checked = refuse(world, check, fragment)
+    trained = refuse(world, train(world, *sets), fragment)
+    assert checked == trained
+
+
+def test_check_says_what_train_would_do_with_the_output_dir(world: World) -> None:
+    result = CliRunner().invoke(cli, ["recipe", "check", "--recipe", str(world.recipe)])
+    assert result.exit_code == 0, result.output
+    assert "ok (block_size 32). Training into new output dir" in result.output
+    world.out.mkdir()
+    (world.out / "notes.txt").write_text("x")
+    refuse(world, ["recipe", "check", "--recipe", str(world.recipe)], "not empty", "--overwrite")

@@ -16,7 +16,7 @@ import torch
 
 from clm_runner import blocks, tokenization
 from clm_runner.blocks import PreparedSplit, prepare_splits, resolve_block_size
-from clm_runner.errors import DataError
+from clm_runner.errors import DataError, RecipeError
 from clm_runner.recipe import load_recipe
 
 WORDS = [
@@ -212,12 +212,23 @@ def test_block_size_given_within_limit_is_kept():
         resolve_block_size(
             100,
             FakeTokenizer(model_max_length=128),
-            SimpleNamespace(max_position_embeddings=64),
+            SimpleNamespace(max_position_embeddings=128),
             warnings.append,
         )
         == 100
     )
     assert warnings == []
+
+
+def test_block_size_longer_than_the_models_positions_is_refused_with_the_fix():
+    """run_clm caps a block at model_max_length only: 100 tokens on a 64-position model passed, and failed
+    at the first evaluation after the whole training. The one place that decides the size refuses it."""
+    with pytest.raises(
+        RecipeError, match=r"data.block_size = 100 is longer than the model's 64 positions.*64 or less"
+    ):
+        resolve_block_size(
+            100, FakeTokenizer(model_max_length=128), SimpleNamespace(max_position_embeddings=64), print
+        )
 
 
 def test_block_size_given_above_model_max_length_is_capped_with_warning():
@@ -644,7 +655,9 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, tokenizer, damage):
     assert prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"].from_cache
 
 
-def test_truncation_left_on_the_backend_neither_cuts_rows_nor_changes_the_key(tmp_path, tokenizer):
+def test_truncation_left_on_the_backend_neither_cuts_rows_nor_changes_the_key(
+    tmp_path, tokenizer, monkeypatch
+):
     tokenizer.save_pretrained(tmp_path / "tok")
     lines = [" ".join(make_lines(40, seed=12))]  # one long row
     write_lines(tmp_path / "train.txt", lines * 30)
@@ -653,19 +666,94 @@ def test_truncation_left_on_the_backend_neither_cuts_rows_nor_changes_the_key(tm
 
     clean = prepare_splits(
         recipe, AutoTokenizer.from_pretrained(tmp_path / "tok"), 16, ["train"], progress=False
-    )
-    clean = clean["train"]
+    )["train"]
     truncating = AutoTokenizer.from_pretrained(tmp_path / "tok")
     truncating.backend_tokenizer.enable_truncation(max_length=8)
     truncating.backend_tokenizer.enable_padding(length=8)
     again = prepare_splits(recipe, truncating, 16, ["train"], progress=False)["train"]
-    assert again.from_cache and again.cache_path == clean.cache_path
-    fresh = prepare_splits(
-        recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}", "data.overwrite_cache=true"),
-        truncating,
-        16,
-        ["train"],
-        progress=False,
-    )["train"]
+    assert again.from_cache and again.cache_path.name == clean.cache_path.name  # the same key
+    # Built afresh (an empty cache) by the truncating tokenizer: no row is cut, none padded.
+    monkeypatch.setenv("CLM_RUNNER_CACHE", str(tmp_path / "fresh-cache"))
+    fresh = prepare_splits(recipe, truncating, 16, ["train"], progress=False)["train"]
+    assert not fresh.from_cache and fresh.cache_path.name == clean.cache_path.name
     rows = reference_rows(tokenizer, [lines[0] + "\n"] * 28)
     assert len(rows[0]) > 8 and as_lists(fresh) == as_lists(clean) == reference_concat(rows, 16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# run_clm with worker processes, null rows
+
+
+@pytest.mark.parametrize("workers", [2, 3, 7])
+def test_run_clm_grouping_reproduces_run_clm_run_with_worker_processes(tmp_path, tokenizer, workers):
+    """datasets.map(num_proc=N) cuts the rows into N contiguous shards and restarts the 1000-row batches in
+    each: run_clm's dropped remainders, and so its blocks, depend on --preprocessing_num_workers."""
+    import datasets
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    lines = make_lines(2500, seed=21)
+    write_lines(tmp_path / "train.txt", lines)
+    write_lines(tmp_path / "valid.txt", make_lines(50, seed=22))
+    recipe = recipe_for(
+        tmp_path,
+        f"data.train_file={tmp_path / 'train.txt'}",
+        f"data.validation_file={tmp_path / 'valid.txt'}",
+        "data.grouping=run_clm",
+        f"data.run_clm_preprocessing_num_workers={workers}",
+    )
+    ours = as_lists(prepare_splits(recipe, tokenizer, 24, ["train"], progress=False)["train"])
+
+    # run_clm's own calls: tokenize, then group_texts with datasets.map(batched=True, num_proc=N).
+    raw = datasets.Dataset.from_dict({"text": [line + "\n" for line in lines]})
+    tokenized = raw.map(
+        lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"], num_proc=workers
+    )
+
+    def group_texts(examples):
+        ids = list(chain(*examples["input_ids"]))
+        total = len(ids) // 24 * 24
+        return {"input_ids": [ids[i : i + 24] for i in range(0, total, 24)]}
+
+    grouped = tokenized.map(
+        group_texts, batched=True, num_proc=workers, remove_columns=tokenized.column_names
+    )
+    assert ours == grouped["input_ids"]
+    single = reference_run_clm(reference_rows(tokenizer, [line + "\n" for line in lines]), 24)
+    assert ours != single  # the worker count really changes run_clm's blocks on this data
+
+
+def test_null_text_rows_are_skipped_and_counted(tmp_path, caplog):
+    """A null row used to become "" and, with a tokenizer that adds BOS/EOS, a stray pair of special tokens."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer = train_tokenizer(tmp_path / "tok", template=True)
+    texts = [line + "\n" for line in make_lines(300, seed=23)]
+    with_nulls = [None if i % 10 == 3 else text for i, text in enumerate(texts)]
+    pq.write_table(pa.table({"text": with_nulls}), tmp_path / "train.parquet")
+    pq.write_table(pa.table({"text": texts[:40]}), tmp_path / "valid.parquet")
+    recipe = recipe_for(
+        tmp_path,
+        f"data.train_file={tmp_path / 'train.parquet'}",
+        f"data.validation_file={tmp_path / 'valid.parquet'}",
+    )
+    with caplog.at_level(logging.WARNING, logger="clm_runner.blocks"):
+        split = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    rows = reference_rows(tokenizer, [t for t in with_nulls if t is not None])
+    assert split.stream.tolist() == list(chain(*rows))  # no tokens at all for a null row
+    assert split.stats.null_rows == 30 and split.stats.rows == 300
+    assert "Skipped 30 of the 300 rows of the train split: their text is null" in caplog.text
+
+
+def test_the_text_column_picked_when_none_is_set_is_logged(tmp_path, tokenizer, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    pq.write_table(pa.table({"id": list(range(300)), "body": make_lines(300)}), tmp_path / "train.parquet")
+    recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.parquet'}")
+    for _ in ("built", "from the cache"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="clm_runner.blocks"):
+            prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)
+        assert "The train split's text is in column 'body' (data.text_column is unset" in caplog.text

@@ -433,42 +433,41 @@ def test_hub_offline_fails_fast_with_one_clear_line(tmp_path, monkeypatch):
     assert "data.train_file" in message and "recipes/smoke.toml" in message
 
 
-def test_hub_without_validation_split_is_carved(tmp_path, monkeypatch):
-    fake = datasets.DatasetDict(
-        {
-            "train": datasets.Dataset.from_dict({"text": TRAIN}),
-            "test": datasets.Dataset.from_dict({"text": ["t"]}),
-        }
+def dataset_repo(root: Path) -> Path:
+    """A dataset laid out as on the Hub: parquet files per split and configs declared in the README's YAML."""
+    repo = root / "corpus"
+    for config, rows in (("small", TRAIN), ("big", TRAIN * 2)):
+        (repo / config).mkdir(parents=True)
+        pq.write_table(pa.table({"text": rows}), repo / config / "train-00000.parquet")
+        pq.write_table(pa.table({"text": [f"{config} test"]}), repo / config / "test-00000.parquet")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n"
+        + "".join(
+            f"- config_name: {config}\n  data_files:\n"
+            f"  - split: train\n    path: {config}/train-*.parquet\n"
+            f"  - split: test\n    path: {config}/test-*.parquet\n"
+            for config in ("small", "big")
+        )
+        + "---\n# corpus\n"
     )
-    seen = {}
+    return repo
 
-    def fake_load_dataset(name, config=None, **kwargs):
-        seen.update(kwargs, name=name, config=config)
-        return fake
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+def test_a_dataset_without_validation_split_is_carved(tmp_path):
+    """Loaded by the real datasets.load_dataset through data.dataset_name / dataset_config_name."""
+    repo = dataset_repo(tmp_path)
     raw = load(
         tmp_path,
         ["train", "validation", "test"],
-        "data.dataset_name=someone/corpus",
+        f"data.dataset_name={repo}",
         "data.dataset_config_name=small",
-        "data.dataset_revision=v1",
     )
-    assert (
-        texts(raw["validation"]) == TRAIN[:2]
-        and texts(raw["train"]) == TRAIN[2:]
-        and texts(raw["test"]) == ["t"]
-    )
-    assert (seen["name"], seen["config"], seen["revision"], seen["streaming"]) == (
-        "someone/corpus",
-        "small",
-        "v1",
-        False,
-    )
-    assert seen["cache_dir"] == str(tmp_path / "hf")
-    with pytest.raises(DataError, match="has no .* split|no test"):
-        fake.pop("test")
-        load(tmp_path, ["test"], "data.dataset_name=someone/corpus")
+    assert texts(raw["validation"]) == TRAIN[:2] and texts(raw["train"]) == TRAIN[2:]
+    assert texts(raw["test"]) == ["small test"]  # the config was honoured
+    big = load(tmp_path, ["train"], f"data.dataset_name={repo}", "data.dataset_config_name=big")
+    assert len(big["train"]) == 2 * len(TRAIN) - round(2 * len(TRAIN) * 0.05)
+    with pytest.raises(DataError, match="dataset_config_name"):
+        load(tmp_path, ["train"], f"data.dataset_name={repo}", "data.dataset_config_name=medium")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tolerances import FORWARD_RTOL
 
 from clm_runner import distributed
 from clm_runner.cli import cli
@@ -103,24 +104,31 @@ def test_decide_on_rank0_alone_just_runs_the_decision(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize(("n_rows", "world", "batch_size"), [(33, 2, 8), (32, 2, 8), (7, 4, 2), (5, 8, 1)])
+@pytest.mark.parametrize("streamed", [False, True], ids=["indexed", "streamed"])
 def test_lockstep_padding_gives_every_rank_as_many_forwards_as_rank0(
-    n_rows: int, world: int, batch_size: int
+    n_rows: int, world: int, batch_size: int, streamed: bool
 ) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from clm_runner.perplexity import evaluate_blocks
+    from clm_runner.perplexity import evaluate_blocks, shard_batches
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
     forwards = []
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
     blocks = torch.randint(0, 50, (n_rows, 8)).numpy()
+
+    def rows():  # a stream has no length: the padding is found after reading it
+        return iter(list(blocks)) if streamed else blocks
+
     counts = []
     for r in range(world):
         forwards.clear()
-        evaluate_blocks(model, blocks, batch_size=batch_size, shard=(r, world))
-        assert len(forwards) == distributed.shard_batches(n_rows, r, world, batch_size)
-        counts.append(len(forwards) + distributed.lockstep_padding(n_rows, r, world, batch_size))
-    assert counts == [counts[0]] * world
+        evaluate_blocks(model, rows(), batch_size=batch_size, shard=(r, world))
+        assert len(forwards) == shard_batches(n_rows, r, world, batch_size)
+        forwards.clear()
+        evaluate_blocks(model, rows(), batch_size=batch_size, shard=(r, world), lockstep=True)
+        counts.append(len(forwards))
+    assert counts == [shard_batches(n_rows, 0, world, batch_size)] * world
 
 
 def free_port() -> int:
@@ -300,7 +308,7 @@ def test_two_processes_exit_0_and_leave_one_set_of_results(launches: dict, launc
     state = json.loads((run_dir / "trainer_state.json").read_text())
     assert state["global_step"] == MAX_STEPS
     # Data parallel, not 2 lone runs: each step consumed PER_DEVICE blocks on each of the 2 processes.
-    assert state["epoch"] == pytest.approx(MAX_STEPS * PER_DEVICE * PROCESSES / TRAIN_BLOCKS)
+    assert state["epoch"] == MAX_STEPS * PER_DEVICE * PROCESSES / TRAIN_BLOCKS  # 0.75: exact in binary
     evaluation = json.loads((run_dir / "eval_results.json").read_text())
     assert evaluation["eval_samples"] == EVAL_BLOCKS  # each block scored once, not once per rank
     assert evaluation["eval_tokens"] == EVAL_BLOCKS * (BLOCK_SIZE - 1)
@@ -334,7 +342,9 @@ def test_both_launchers_give_the_same_eval_loss(launches: dict) -> None:
     for launcher, launch in launches.items():
         assert launch["proc"].returncode == 0
         losses[launcher] = json.loads((launch["run"] / "eval_results.json").read_text())["eval_loss"]
-    assert losses["accelerate"] == pytest.approx(losses["torchrun"], rel=1e-4)
+    # The same recipe, seeds, data order, thread count (1) and gloo all-reduce of two ranks under either
+    # launcher: the same float operations in the same order, so the same bits.
+    assert losses["accelerate"] == losses["torchrun"]
 
 
 @pytest.mark.slow
@@ -349,7 +359,8 @@ def test_two_process_eval_equals_one_process_eval_of_the_saved_model(
     assert result.exit_code == 0, result.output
     alone = json.loads(out.read_text())
     assert alone["eval_tokens"] == written["eval_tokens"]
-    assert alone["eval_loss"] == pytest.approx(written["eval_loss"], rel=1e-5)
+    # Each rank scored every other block in its own batches; alone, the blocks sit in other batches.
+    assert alone["eval_loss"] == pytest.approx(written["eval_loss"], rel=FORWARD_RTOL)
 
 
 @pytest.mark.slow
@@ -371,3 +382,105 @@ def test_non_empty_output_dir_is_refused_on_every_rank_with_one_error(tmp_path: 
     assert len(errors) == 1 and "not empty" in errors[0] and errors[0] in per_rank[0]
     assert "Traceback" not in per_rank[0] + per_rank[1]
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+
+
+def test_the_resume_command_keeps_the_launcher_and_its_process_count(monkeypatch) -> None:
+    from clm_runner.manifest import resume_command
+
+    argv = ["/x/clm_runner/__main__.py", "train", "--recipe", "r.toml", "--overwrite"]
+    torchrun = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "RANK": "0", "TORCHELASTIC_RUN_ID": "x"}
+    for name in list(os.environ):
+        if name.startswith("ACCELERATE_") or name in distributed.WORLD_SIZE_VARS:
+            monkeypatch.delenv(name)
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    assert (
+        resume_command(argv, Path("out")) == "torchrun --nproc_per_node 4 -m clm_runner train --recipe r.toml"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert resume_command(argv, Path("out")) == (
+        "torchrun --nnodes 4 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 "
+        "-m clm_runner train --recipe r.toml (on each node)"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert resume_command(argv, Path("out")).startswith(
+        "accelerate launch --multi_gpu --num_processes 2 -m clm_runner train --recipe r.toml"
+    )
+
+
+def test_resuming_with_another_global_batch_says_so(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from clm_runner.checkpoints import seal_checkpoint
+    from clm_runner.training import global_batch_change
+
+    staging = tmp_path / "tmp-checkpoint-4"
+    staging.mkdir()
+    (staging / "trainer_state.json").write_text("{}")
+    facts = {"world_size": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
+    checkpoint = seal_checkpoint(staging, tmp_path / "checkpoint-4", step=4, facts=facts)
+    same = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=2)
+    assert global_batch_change(checkpoint, same, 128) is None
+    alone = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1)
+    message = global_batch_change(checkpoint, alone, 128)
+    assert "trained with 2 processes and 8 blocks per optimizer step, with 1 and 4" in message
+    assert "1,024 -> 512 tokens per step" in message and "gradient_accumulation_steps" in message
+    # Made up by accumulation: the same global batch, nothing to say.
+    made_up = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, world_size=1)
+    assert global_batch_change(checkpoint, made_up, 128) is None
+
+
+@pytest.mark.slow
+def test_an_interrupted_torchrun_says_so_once_with_the_launcher_and_resumes(tmp_path: Path) -> None:
+    """The printed resume command used to be a single-process `clm-runner train ...`: resumed that way the
+    global batch silently changed; and each rank printed the interruption."""
+    import shlex
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = launch_env(tmp_path / "cache", tmp_path / "home")
+    logs = tmp_path / "logs"
+    sets = tiny_overrides(run) + ["--set", "training.save_steps=2", "--set", "training.max_steps=40"]
+    command = torchrun(logs, "train", "--recipe", str(SMOKE), "--quiet", *sets)
+    slow = {"CLM_RUNNER_FAULT": "train.step:delay0.3"}  # a slow machine: time to signal mid-run
+    process = subprocess.Popen(
+        command, env={**env, **slow}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not (run / "checkpoint-2" / "clm_runner_complete.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # as a scheduler pre-empting the job signals the launcher
+    stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    per_rank = rank_logs(logs)
+    stopped = [
+        line for text in per_rank.values() for line in text.splitlines() if "Stopped by SIGTERM" in line
+    ]
+    assert len(stopped) == 1 and stopped[0] in per_rank[0], stopped
+    resume = stopped[0].partition("Resume with: ")[2]
+    assert resume.startswith("torchrun --nproc_per_node 2 -m clm_runner train --recipe "), resume
+    received = [
+        line for text in per_rank.values() for line in text.splitlines() if "Received SIGTERM" in line
+    ]
+    assert len(received) == 1
+    argv = shlex.split(resume)
+    port = str(free_port())
+    resumed = run_subprocess(
+        [sys.executable, "-m", "torch.distributed.run", *argv[1:3], "--master_addr", "127.0.0.1",
+         "--master_port", port, *argv[3:]],
+        env,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert state["global_step"] == 40
+
+
+def run_subprocess(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=REPO
+    )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from runhelpers import snapshot
+from tolerances import FORWARD_RTOL
 
 from clm_runner.cli import cli
 
@@ -68,7 +71,7 @@ def test_output_dir_has_every_run_clm_file(trained_run: Path) -> None:
     assert train["train_samples"] > 0
     for key in ("eval_loss", "perplexity", "eval_accuracy", "eval_samples", "eval_tokens"):
         assert key in evaluation and key in both
-    assert evaluation["perplexity"] == pytest.approx(math.exp(evaluation["eval_loss"]))
+    assert evaluation["perplexity"] == math.exp(evaluation["eval_loss"])  # the same float64 expression
     assert (evaluation["method"], evaluation["block_size"], evaluation["split"]) == (
         "blocks",
         128,
@@ -115,20 +118,40 @@ def test_eval_equals_an_independent_forward_pass(trained_run: Path, tmp_path: Pa
     metrics = json.loads(out.read_text())
     expected, tokens = independent_perplexity(trained_run, SMOKE_ASSETS / "validation.txt", 128)
     assert metrics["eval_tokens"] == tokens
-    assert metrics["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(expected, rel=FORWARD_RTOL)
     # The number train wrote at the end is the same one.
     written = json.loads((trained_run / "eval_results.json").read_text())
-    assert written["perplexity"] == pytest.approx(expected, rel=1e-5)
+    assert written["perplexity"] == pytest.approx(expected, rel=FORWARD_RTOL)
     assert "perplexity" in result.output and "validation" in result.output
 
 
-def test_rerun_resumes_from_the_newest_checkpoint(trained_run: Path) -> None:
-    before = json.loads((trained_run / "trainer_state.json").read_text())["global_step"]
+def test_rerunning_a_finished_run_leaves_it_untouched(trained_run: Path) -> None:
+    before = snapshot(trained_run)
     result = invoke("train", "--recipe", str(SMOKE), "--quiet", *smoke_overrides(trained_run))
     assert result.exit_code == 0, result.output
-    assert "resuming from" in result.output
-    after = json.loads((trained_run / "trainer_state.json").read_text())["global_step"]
-    assert after == before  # already at the end: nothing retrained
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is complete at step" in lines[0] and "all_results.json" in lines[0]
+    assert snapshot(trained_run) == before  # no step trained, no checkpoint rotated, no result rewritten
+
+
+def test_a_longer_recipe_continues_a_finished_run(trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "longer"
+    shutil.copytree(trained_run, run)
+    state = json.loads((run / "trainer_state.json").read_text())
+    steps_per_epoch = state["global_step"] // 2
+    result = invoke(
+        "train", "--recipe", str(SMOKE), "--quiet", *smoke_overrides(run, "training.num_train_epochs=3")
+    )
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output and "training.num_train_epochs: 2 -> 3" in result.output
+    after = json.loads((run / "trainer_state.json").read_text())
+    assert after["global_step"] == 3 * steps_per_epoch
+    results = json.loads((run / "train_results.json").read_text())
+    # The results describe the whole run (3 epochs of every training block), not the attempt that added
+    # the third; each block is 128 tokens.
+    assert results["train_tokens"] == 3 * results["train_samples"] * 128
+    assert results["train_attempts"] == 2
+    assert results["train_runtime"] > results["train_runtime_this_attempt"]
 
 
 def test_non_empty_dir_without_checkpoint_is_refused(tmp_path: Path) -> None:

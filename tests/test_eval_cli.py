@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tolerances import FORWARD_RTOL
 
 from clm_runner.checkpoints import seal_checkpoint
 from clm_runner.cli import cli
@@ -45,6 +46,9 @@ def run_dir(tmp_path_factory) -> Path:
         save_tiny_model(staging, seed=seed)
         (staging / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         seal_checkpoint(staging, run / f"checkpoint-{step}", step=step)  # complete, as `train` writes them
+    # A test split of its own text, so a split mixed up with another would show.
+    test_text = run.parent / "test.txt"
+    test_text.write_text((ASSETS / "train.txt").read_text(encoding="utf-8")[-20000:], encoding="utf-8")
     (run / "recipe.toml").write_text(
         f"""
 [model]
@@ -54,7 +58,7 @@ tokenizer_name = "{ASSETS / "tokenizer"}"
 [data]
 train_file = "{ASSETS / "train.txt"}"
 validation_file = "{ASSETS / "validation.txt"}"
-test_file = "{ASSETS / "validation.txt"}"
+test_file = "{test_text}"
 block_size = {BLOCK}
 
 [training]
@@ -106,7 +110,7 @@ def test_blocks_eval_of_a_run_equals_plain_forward_passes(run_dir: Path, tmp_pat
         total, count = total + nll, count + n
     assert metrics["method"] == "blocks" and metrics["block_size"] == BLOCK
     assert metrics["eval_tokens"] == count
-    assert metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=FORWARD_RTOL)
     assert metrics["split"] == "validation"
     # eval of a run's final model is recorded where run_clm keeps it
     assert json.loads((run_dir / "eval_results.json").read_text())["perplexity"] == metrics["perplexity"]
@@ -132,7 +136,7 @@ def test_strided_eval_equals_naive_windows(run_dir: Path, tmp_path: Path, contex
         total, count, scored_until, start = total + nll, count + n, end, start + stride
     assert metrics["eval_tokens"] == count == len(ids) - 1
     assert metrics["method"] == "strided" and metrics["stride"] == stride and metrics["context"] == context
-    assert metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=FORWARD_RTOL)
     assert metrics["bits_per_byte"] > 0 and metrics["word_perplexity"] > metrics["perplexity"]
 
 
@@ -172,11 +176,15 @@ def test_run_clm_grouping_equals_a_run_clm_style_pipeline(run_dir: Path, tmp_pat
     # Told that GPT-2's loss shifts labels, the Trainer's number is the exact one.
     fixed = load(run_dir)
     fixed.loss_type = "ForCausalLM"
-    assert ours["perplexity"] == pytest.approx(math.exp(trainer_loss(fixed)), rel=1e-5)
+    # The Trainer batches the same blocks as 4 per batch like ours, but computes full logits and its own
+    # mean loss: the same float32 forward, rounded another way.
+    assert ours["perplexity"] == pytest.approx(math.exp(trainer_loss(fixed)), rel=FORWARD_RTOL)
     # Left alone, transformers 5 divides each block's NLL by T instead of T - 1 predicted tokens for
     # GPT2LMHeadModel (its class name matches no loss type): the loss run_clm reports is scaled by
     # (T - 1) / T. clm-runner's models carry the fix (modeling.mark_causal_loss).
-    assert trainer_loss(load(run_dir)) == pytest.approx(ours["eval_loss"] * (BLOCK - 1) / BLOCK, rel=1e-5)
+    assert trainer_loss(load(run_dir)) == pytest.approx(
+        ours["eval_loss"] * (BLOCK - 1) / BLOCK, rel=FORWARD_RTOL
+    )
 
 
 def test_all_checkpoints_writes_history(run_dir: Path) -> None:
@@ -188,15 +196,97 @@ def test_all_checkpoints_writes_history(run_dir: Path) -> None:
     assert "checkpoint-10" in result.output and "checkpoint-20" in result.output
 
 
-def test_test_split(run_dir: Path, tmp_path: Path) -> None:
+def blocks_nll(model_dir: Path, ids: list[int], n_blocks: int | None = None) -> tuple[float, int]:
+    """Summed NLL and predicted tokens of disjoint BLOCK-token blocks, by plain forward passes."""
+    model = load(model_dir)
+    total, count = 0.0, 0
+    for b in range(n_blocks if n_blocks is not None else len(ids) // BLOCK):
+        nll, n = nll_of(model, ids[b * BLOCK : (b + 1) * BLOCK], 1)
+        total, count = total + nll, count + n
+    return total, count
+
+
+def test_test_split_equals_plain_forward_passes_over_the_test_file(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "t.json"
     result = invoke("eval", "--run", str(run_dir), "--split", "test", "--quiet", "--output", str(out))
     assert result.exit_code == 0, result.output
     test_metrics = json.loads(out.read_text())
     assert test_metrics["split"] == "test"
-    # test_file is the validation text here, so the two splits must agree exactly.
-    validation = json.loads((run_dir / "eval_results.json").read_text())
-    assert test_metrics["perplexity"] == pytest.approx(validation["perplexity"], rel=1e-9)
+    total, count = blocks_nll(run_dir, token_stream(run_dir, run_dir.parent / "test.txt"))
+    assert test_metrics["eval_tokens"] == count
+    assert test_metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=FORWARD_RTOL)
+
+
+def test_other_evaluations_of_a_run_never_replace_trainings_result(run_dir: Path, tmp_path: Path) -> None:
+    """eval --run rewrote eval_results.json and all_results.json for any split, method, checkpoint or data."""
+    result = invoke("eval", "--run", str(run_dir), "--quiet")  # the evaluation training runs at its end
+    assert result.exit_code == 0, result.output
+    trainings = {name: (run_dir / name).read_bytes() for name in ("eval_results.json", "all_results.json")}
+    other = tmp_path / "other.txt"
+    other.write_text((ASSETS / "train.txt").read_text(encoding="utf-8")[:30000], encoding="utf-8")
+    cases = [
+        (["--split", "test"], "test_blocks64.json"),
+        (["--stride", "32"], "validation_strided-context64-stride32.json"),
+        (["--checkpoint", "checkpoint-10"], "checkpoint-10_validation_blocks64.json"),
+        (["--set", f"data.validation_file={other}"], "validation_blocks64_recipe-"),
+    ]
+    for args, name in cases:
+        result = invoke("eval", "--run", str(run_dir), "--quiet", *args)
+        assert result.exit_code == 0, result.output
+        (written,) = [
+            Path(line[len("Wrote ") :]) for line in result.output.splitlines() if line.startswith("Wrote ")
+        ]
+        assert written.parent == run_dir / "evals" and written.name.startswith(name), written
+        assert json.loads(written.read_text())["eval_tokens"] > 0
+        assert {n: (run_dir / n).read_bytes() for n in trainings} == trainings
+    measured = json.loads((run_dir / "evals" / "test_blocks64.json").read_text())
+    assert measured["split"] == "test" and measured["method"] == "blocks"
+
+
+def test_strided_eval_scores_the_text_of_the_first_max_eval_samples_blocks(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """data.max_eval_samples used to be ignored by --stride, which scored the whole split."""
+    out = tmp_path / "s.json"
+    result = invoke(
+        "eval", "--run", str(run_dir), "--stride", "32", "--set", "data.max_eval_samples=5",
+        "--quiet", "--output", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    ids = token_stream(run_dir, ASSETS / "validation.txt")[: 5 * BLOCK]  # the text of the first 5 blocks
+    assert metrics["eval_tokens"] == len(ids) - 1
+    model = load(run_dir)
+    total, scored_until, start = 0.0, 1, 0
+    while scored_until < len(ids):
+        end = min(start + BLOCK + 1, len(ids))
+        nll, _ = nll_of(model, ids[start:end], scored_until - start)
+        total, scored_until, start = total + nll, end, start + 32
+    assert metrics["perplexity"] == pytest.approx(math.exp(total / (len(ids) - 1)), rel=FORWARD_RTOL)
+
+
+@pytest.mark.parametrize("limit", [None, 5])
+def test_streamed_blocks_evaluate_as_the_same_blocks_not_streamed(
+    run_dir: Path, tmp_path: Path, limit
+) -> None:
+    """eval of data.streaming = true called len() on an IterableDataset and died with a TypeError."""
+    extra = ["--set", f"data.max_eval_samples={limit}"] if limit else []
+    outs = {}
+    for streaming in ("false", "true"):
+        outs[streaming] = tmp_path / f"{streaming}.json"
+        result = invoke(
+            "eval", "--run", str(run_dir), "--set", f"data.streaming={streaming}", *extra,
+            "--quiet", "--output", str(outs[streaming]),
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    cached, streamed = (json.loads(outs[k].read_text()) for k in ("false", "true"))
+    for key in ("eval_tokens", "eval_samples", "n_bytes", "bits_per_byte", "word_perplexity"):
+        assert streamed.get(key) == cached.get(key), key
+    # Same blocks, read from another source: the same forward passes, in batches of the same shape.
+    assert streamed["eval_loss"] == cached["eval_loss"]
+    total, count = blocks_nll(run_dir, token_stream(run_dir, ASSETS / "validation.txt"), limit)
+    assert streamed["eval_tokens"] == count
+    assert streamed["perplexity"] == pytest.approx(math.exp(total / count), rel=FORWARD_RTOL)
 
 
 def test_eval_of_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
@@ -220,4 +310,5 @@ def test_eval_any_model_through_a_recipe(run_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     any_model, from_run = json.loads(any_out.read_text()), json.loads(run_out.read_text())
     assert any_model["model"] == str(checkpoint)
-    assert any_model["perplexity"] == pytest.approx(from_run["perplexity"], rel=1e-9)
+    # The same weights, tokens and batches in the same process: the same float operations, bit for bit.
+    assert any_model["eval_loss"] == from_run["eval_loss"]

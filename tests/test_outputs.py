@@ -9,7 +9,14 @@ import pytest
 
 from clm_runner.checkpoints import seal_checkpoint
 from clm_runner.errors import OutputDirError
-from clm_runner.outputs import latest_checkpoint, list_checkpoints, plan_output_dir, write_json_atomic
+from clm_runner.outputs import (
+    RunIdentity,
+    latest_checkpoint,
+    list_checkpoints,
+    plan_output_dir,
+    remove_leftovers,
+    write_json_atomic,
+)
 
 
 def make_checkpoint(run: Path, step: int) -> Path:
@@ -76,3 +83,58 @@ def test_write_json_atomic_leaves_no_temporary_file(tmp_path: Path) -> None:
     write_json_atomic(target, {"b": 1, "a": 2.5})
     assert json.loads(target.read_text()) == {"a": 2.5, "b": 1}
     assert [p.name for p in target.parent.iterdir()] == ["m.json"]
+
+
+def identity(**training: object) -> RunIdentity:
+    return RunIdentity(
+        resolved={"training": {"learning_rate": 1e-3, **training}}, max_steps=12, num_train_epochs=3
+    )
+
+
+def early_run(run: Path, **training: object) -> None:
+    """What an attempt killed before its first checkpoint leaves: run.json, its log, staging leftovers."""
+    run.mkdir(parents=True)
+    write_json_atomic(run / "run.json", {"status": "running", "recipe": identity(**training).resolved})
+    (run / "train.log").write_text("...")
+    (run / "recipe.toml").write_text("")
+    (run / "tmp-checkpoint-4").mkdir()
+    (run / ".run.json.abc123.tmp").write_text("{")
+
+
+def test_the_start_of_this_run_is_started_over_in_place(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    early_run(run)
+    plan = plan_output_dir(run, identity=identity())
+    assert plan.action == "restart" and plan.resume_from is None and "starting it over in place" in plan.note
+
+
+def test_the_start_of_another_run_is_refused_naming_the_keys_that_differ(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    early_run(run)
+    before = snapshot(run)
+    with pytest.raises(OutputDirError, match=r"differs in: training.learning_rate: 0.001 -> 0.003"):
+        plan_output_dir(run, identity=identity(learning_rate=3e-3))
+    assert snapshot(run) == before
+
+
+def test_files_clm_runner_did_not_write_are_still_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    early_run(run)
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="not empty"):
+        plan_output_dir(run, identity=identity())
+
+
+def test_only_leftovers_of_a_killed_start_count_as_empty(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process that took the lock and was killed before linking its record
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / f"..clm-runner.lock.{gone.pid}").write_text("{}")
+    (run / ".run.json.x1y2.tmp").write_text("{")
+    assert plan_output_dir(run, identity=identity()).action == "new"
+    assert {p.name for p in remove_leftovers(run)} == {f"..clm-runner.lock.{gone.pid}", ".run.json.x1y2.tmp"}
+    assert list(run.iterdir()) == []

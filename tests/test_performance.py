@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from tolerances import TRAINED_STEPS_RTOL
 from transformers import GPT2Config, TrainerControl
 
 from clm_runner import performance
@@ -30,9 +31,11 @@ def fake_cuda(
     monkeypatch.setattr(performance, "dataloader_workers", lambda gpus: 4)
 
 
-def test_cpu_gets_nothing(monkeypatch) -> None:
+def test_cpu_gets_fp32_and_no_pinned_memory(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert device_defaults({"learning_rate": 1e-3}) == {}
+    # Pinned memory only speeds copies to a GPU; on a CPU torch warns about it at every run.
+    assert device_defaults({"learning_rate": 1e-3}) == {"dataloader_pin_memory": False}
+    assert device_defaults({"dataloader_pin_memory": True}) == {}
     described = describe({})
     assert (described["device"], described["precision"], described["torch_compile"]) == ("cpu", "fp32", False)
     assert described["dataloader_num_workers"] == 0
@@ -40,7 +43,7 @@ def test_cpu_gets_nothing(monkeypatch) -> None:
 
 def test_use_cpu_wins_over_a_visible_gpu(monkeypatch) -> None:
     fake_cuda(monkeypatch, name="NVIDIA H100 80GB HBM3", bf16=True, capability=(9, 0))
-    assert device_defaults({"use_cpu": True}) == {}
+    assert device_defaults({"use_cpu": True}) == {"dataloader_pin_memory": False}  # the CPU default
 
 
 def test_cuda_with_bf16_gets_bf16_tf32_compile_workers(monkeypatch) -> None:
@@ -136,8 +139,9 @@ def test_throughput_counts_steps_only_and_mfu_follows_the_formula() -> None:
     step(3.0, 100, should_log=True, should_evaluate=True)
     logs = {"loss": 1.0}
     callback.annotate_log(state, logs)
-    assert logs["tokens_per_second"] == pytest.approx(200 / 5.0)
-    assert logs["mfu"] == pytest.approx(1_000 * (200 / 5.0) / 1e6)
+    # A fake clock whose times are whole seconds: the rates are the same float expressions, rounded alike.
+    assert logs["tokens_per_second"] == round(200 / 5.0, 1)
+    assert logs["mfu"] == round(1_000 * (200 / 5.0) / 1e6, 4)
     clock.now += 7.0  # logging
     callback.on_log(None, state, TrainerControl(), logs=logs)
     clock.now += 50.0  # evaluation: not training time
@@ -147,8 +151,8 @@ def test_throughput_counts_steps_only_and_mfu_follows_the_formula() -> None:
     clock.now += 30.0  # after training: never counted
     metrics = callback.metrics()
     assert metrics["train_tokens"] == 260
-    assert metrics["train_tokens_per_second"] == pytest.approx(260 / 6.0, abs=0.05)
-    assert metrics["train_mfu"] == pytest.approx(1_000 * (260 / 6.0) / 1e6, abs=1e-4)
+    assert metrics["train_tokens_per_second"] == round(260 / 6.0, 1)
+    assert metrics["train_mfu"] == round(1_000 * (260 / 6.0) / 1e6, 4)
     assert "train_peak_gpu_memory_gb" not in metrics  # CPU
 
 
@@ -204,7 +208,9 @@ def test_compiled_graph_gives_eager_losses(tmp_path) -> None:
     eager = tiny_run_losses(tmp_path, "eager")
     compiled = tiny_run_losses(tmp_path, "compiled", torch_compile=True, torch_compile_backend="aot_eager")
     assert len(eager) == 3
-    assert compiled == pytest.approx(eager, rel=1e-4)
+    # AOT autograd decomposes some ops (layer norm, GELU) into others: equally valid float32 kernels whose
+    # rounding differs, compounding over the steps (see tolerances.TRAINED_STEPS_RTOL).
+    assert compiled == pytest.approx(eager, rel=TRAINED_STEPS_RTOL)
     assert eager[-1] != eager[0]  # the steps did train
 
 
@@ -213,4 +219,4 @@ def test_inductor_compile_gives_eager_losses(tmp_path) -> None:
     """The default backend (inductor, C++ code generated with gcc): about a minute of compiling on 2 cores."""
     eager = tiny_run_losses(tmp_path, "eager")
     compiled = tiny_run_losses(tmp_path, "compiled", torch_compile=True)
-    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert compiled == pytest.approx(eager, rel=TRAINED_STEPS_RTOL)  # fused kernels, reordered sums

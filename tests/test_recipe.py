@@ -70,7 +70,7 @@ def test_set_overrides_recipe_values_and_reads_toml_values(tmp_path: Path) -> No
         ],
     )
     assert recipe.data.block_size == 64
-    assert recipe.training["learning_rate"] == pytest.approx(1e-4)
+    assert recipe.training["learning_rate"] == 1e-4  # "1e-4" parses to the same double as the literal
     assert recipe.training["report_to"] == ["tensorboard"]
     assert recipe.data.text_column == "body"  # not valid TOML: taken as a bare string
     assert recipe.training["output_dir"] == "elsewhere"
@@ -164,12 +164,12 @@ def test_show_output_is_a_valid_recipe_with_every_default(tmp_path: Path) -> Non
     assert "hf_secret" not in text
     parsed = tomllib.loads(text)
     assert parsed["data"]["validation_split_percentage"] == 5
-    assert parsed["training"]["learning_rate"] == pytest.approx(5e-5)  # a TrainingArguments default
+    assert parsed["training"]["learning_rate"] == 5e-5  # a TrainingArguments default, written and read back
     assert "# block_size = (unset)" in text
     # The rendered recipe loads again to the same values.
     again = load_recipe(write(tmp_path, text))
     assert again.data == recipe.data
-    assert again.training["learning_rate"] == pytest.approx(5e-5)
+    assert again.training["learning_rate"] == 5e-5
 
 
 def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
@@ -177,3 +177,102 @@ def test_fingerprint_changes_with_content(tmp_path: Path) -> None:
     b = load_recipe(write(tmp_path, MINIMAL), ["training.seed=7"])
     assert a.fingerprint() == load_recipe(write(tmp_path, MINIMAL)).fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("model.model_revision=2024-01-01", "2024-01-01"),  # TOML would read a date
+        ("model.model_revision=1234567", "1234567"),  # an all-digit commit: TOML would read an integer
+        ("model.model_revision=inf", "inf"),  # TOML would read a float
+        ("model.model_revision=true", "true"),
+        ('model.model_revision="v1"', "v1"),  # a quoted TOML string is still read as TOML
+        ("data.text_column=1e5", "1e5"),
+    ],
+)
+def test_set_takes_the_text_of_a_string_key_as_the_string(tmp_path: Path, item: str, expected: str) -> None:
+    section, key, value = parse_override(item)
+    assert value == expected
+    recipe = load_recipe(write(tmp_path, MINIMAL), [item])
+    assert getattr(getattr(recipe, section), key) == expected
+
+
+def test_set_keeps_other_types_a_string_key_also_takes(tmp_path: Path) -> None:
+    recipe = load_recipe(
+        write(tmp_path, MINIMAL), ['data.train_file=["a.txt", "b.txt"]', "training.fsdp=true"]
+    )
+    assert recipe.data.train_file == ["a.txt", "b.txt"] and recipe.training["fsdp"] is True
+
+
+def test_an_empty_set_value_unsets_the_key(tmp_path: Path) -> None:
+    text = MINIMAL.replace('train_file = "train.txt"', 'train_file = "train.txt"\nvalidation_file = "v.txt"')
+    assert load_recipe(write(tmp_path, text)).data.validation_file == "v.txt"
+    recipe = load_recipe(write(tmp_path, text), ["data.validation_file="])
+    assert recipe.data.validation_file is None  # back to the default: carve validation from train
+    assert load_recipe(write(tmp_path, text), ['data.text_column=""']).data.text_column == ""
+
+
+def test_an_errant_set_is_reported_against_the_set_not_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path, ["data.block_size=-3", "training.seed=1"])
+    message = str(caught.value)
+    assert not message.startswith(str(path)) and message.endswith("(from --set data.block_size=-3)")
+    broken = write(
+        tmp_path, MINIMAL.replace('train_file = "train.txt"', 'train_file = "train.txt"\nblock_size = 0')
+    )
+    with pytest.raises(RecipeError, match=rf"^{broken}: data.block_size must be a positive"):
+        load_recipe(broken, ["training.seed=1"])
+
+
+@pytest.mark.parametrize(
+    ("item", "fragment"),
+    [
+        ("training.eval_strategy=[]", "training.eval_strategy = '[]' is not one of 'no', 'steps', 'epoch'"),
+        ("training.eval_strategy=epochs", "did you mean 'epoch'?"),
+        ("training.lr_scheduler_type=cosin", "did you mean 'cosine'?"),
+        ("training.optim=adamw_tourch", "did you mean 'adamw_torch'?"),
+        ("training.per_device_train_batch_size=0", "at least 1 block"),
+        ("training.gradient_accumulation_steps=0", "at least 1"),
+        ("training.adam_beta1=1.0", "in [0, 1)"),
+        ("training.learning_rate=-1e-3", "0 or more"),
+        ("training.learning_rate=nan", "0 or more"),
+        ("training.seed=-1", "between 0 and 2**32 - 1"),
+        ("training.max_steps=0", "more than 0, or -1"),
+        ("training.warmup_steps=2.5", "must be whole"),
+        ("training.num_train_epochs=0", "more than 0"),
+        ("training.report_to=wandb", "not installed"),
+        ("training.report_to=tensorbord", "did you mean 'tensorboard'?"),
+        ("training.metric_for_best_model=bleu", "not a metric clm-runner's evaluation logs"),
+        ("training.dataloader_num_workers=-1", "0 or more"),
+        ("training.log_level=verbose", "is not one of"),
+        ("training.overwrite_output_dir=true", "pass --overwrite"),
+        ("training.warmup_ratio=0.1", "warmup_steps with a value below 1"),
+        ("training.do_train=false", "always trains"),
+        ("training.do_eval=false", "contradicts training.eval_strategy"),
+    ],
+)
+def test_values_that_would_fail_after_the_model_is_built_are_refused_first(
+    tmp_path: Path, item: str, fragment: str
+) -> None:
+    text = MINIMAL.replace('output_dir = "out"', 'output_dir = "out"\neval_strategy = "epoch"')
+    if item.startswith("training.eval_strategy"):
+        text = MINIMAL
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(tmp_path, text), [item])
+    assert fragment in str(caught.value)
+
+
+def test_do_eval_false_without_periodic_evaluation_is_honoured(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, MINIMAL), ["training.do_eval=false"])
+    assert recipe.training["do_eval"] is False
+
+
+def test_fuzzed_enum_values_of_any_type_are_recipe_errors(tmp_path: Path) -> None:
+    """The fuzzer once found `eval_strategy = []` escaping as TypeError: unhashable type."""
+    for value in ("[]", "{}", "[1, 2]", "{a = 1}", "1.5", "true"):
+        path = write(
+            tmp_path, MINIMAL.replace('output_dir = "out"', f'output_dir = "out"\neval_strategy = {value}')
+        )
+        with pytest.raises(RecipeError, match="training.eval_strategy"):
+            load_recipe(path)

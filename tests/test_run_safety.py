@@ -21,8 +21,9 @@ from runhelpers import REPO, SMOKE, run_cli, snapshot, subprocess_env, train_arg
 from clm_runner.checkpoints import scan_checkpoints
 from clm_runner.cli import cli
 from clm_runner.errors import ClmError, ModelError
-from clm_runner.manifest import recipe_hash, redact_argv, resume_command, scrub
+from clm_runner.manifest import recipe_hash, resume_command
 from clm_runner.runlock import LOCK_NAME, RunLock, ensure_free, read_owner
+from clm_runner.secrets import redact_argv, scrub
 
 pytestmark = pytest.mark.slow
 
@@ -161,8 +162,12 @@ def test_run_json_records_what_produced_the_run_and_no_secret(tmp_path: Path) ->
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["status"] == "completed" and manifest["global_step"] == 4
     assert manifest["command"][:3] == ["clm-runner", "train", "--recipe"]
-    assert "model.token=<redacted>" in manifest["command"]
-    assert manifest["recipe"]["model"]["token"] == "<redacted>"
+    assert "model.token=<redacted>" in manifest["command"]  # a record of what was typed, never read back
+    # No placeholder where a secret was: a placeholder read back would be sent to the Hub as the token.
+    assert "token" not in manifest["recipe"]["model"] and "hub_token" not in manifest["recipe"]["training"]
+    assert manifest["secrets_not_recorded"] == ["model.token", "training.hub_token"]
+    recipe_toml = (run / "recipe.toml").read_text()
+    assert "<redacted>" not in recipe_toml and "# model.token was set and is not recorded" in recipe_toml
     assert manifest["recipe"]["training"]["max_steps"] == 4
     assert manifest["recipe_hash"] == recipe_hash(manifest["recipe"])
     for package in ("clm_runner", "transformers", "torch", "datasets", "accelerate", "python"):
@@ -202,6 +207,55 @@ def test_a_crash_marks_the_run_failed_and_frees_the_dir(
     assert manifest["status"] == "failed" and manifest["error"] == "RuntimeError: disk on fire"
     assert manifest["ended_at"]
     assert not (run / LOCK_NAME).exists()
+
+
+def test_a_rerun_from_recipe_toml_sends_no_placeholder_as_a_token(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """recipe.toml used to hold token = "<redacted>": the documented rerun sent it to the Hub and set HF_TOKEN
+    to it, overriding the user's real token."""
+    real = "hf_" + "R" * 34
+    monkeypatch.setenv("HF_TOKEN", real)
+    run = tmp_path / "run"
+    result = invoke(
+        "train", *train_args(run, f"model.token={real}", f"training.hub_token={real}", max_steps=2)[1:]
+    )
+    assert result.exit_code == 0, result.output
+    rerun = tmp_path / "rerun"
+    result = invoke("train", "--recipe", str(run / "recipe.toml"), "--set", f"training.output_dir={rerun}")
+    assert result.exit_code == 0, result.output
+    assert os.environ["HF_TOKEN"] == real
+    from clm_runner.recipe import load_recipe
+
+    reread = load_recipe(run / "recipe.toml")
+    assert reread.model.token is None and "hub_token" not in reread.training
+    # A recipe.toml written by clm-runner 0.1.0 held the placeholder: refused with the fix, never sent.
+    old = tmp_path / "old.toml"
+    old.write_text((run / "recipe.toml").read_text().replace("[model]\n", '[model]\ntoken = "<redacted>"\n'))
+    result = invoke("eval", "--recipe", str(old))
+    assert result.exit_code == 2
+    assert "model.token = '<redacted>' is a placeholder" in result.output and "HF_TOKEN" in result.output
+
+
+def test_the_printed_resume_command_leaves_a_secret_out_and_says_so() -> None:
+    secret = "hf_" + "s" * 34
+    command = resume_command(
+        [
+            "clm-runner",
+            "train",
+            "-r",
+            "r.toml",
+            "--set",
+            f"model.token={secret}",
+            "--set",
+            "data.block_size=8",
+        ],
+        Path("out"),
+        [secret],
+    )
+    assert secret not in command and "<redacted>" not in command
+    assert command.startswith("clm-runner train -r r.toml --set data.block_size=8")
+    assert "add --set model.token=YOUR_TOKEN again, or set HF_TOKEN" in command
 
 
 def test_redaction_helpers() -> None:
@@ -303,3 +357,93 @@ def test_every_torch_load_in_clm_runner_uses_weights_only() -> None:
     assert unsafe_torch_loads(probe) == ["torch.load('a')", "torch.load('b', weights_only=False)"]
     for path in sorted((REPO / "clm_runner").glob("*.py")):
         assert unsafe_torch_loads(path.read_text()) == [], path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Starting over, and what a run dir is readable by
+
+
+def complete_names(run: Path) -> list[str]:
+    return [p.name for p in scan_checkpoints(run).complete]
+
+
+def test_starting_over_moves_the_old_run_aside_so_the_two_never_mix(tmp_path: Path, cache: Path) -> None:
+    """--no-resume --overwrite used to train beside the old checkpoints: rotation then deleted the new run's
+    checkpoints as soon as they were sealed, and the next resume picked the old run's newest."""
+    run = tmp_path / "run"
+    old = invoke(
+        "train", *train_args(run, "training.save_steps=2", "training.save_total_limit=2", max_steps=8)[1:]
+    )
+    assert old.exit_code == 0, old.output
+    assert complete_names(run) == ["checkpoint-6", "checkpoint-8"]
+    before = snapshot(run)
+
+    new = invoke(
+        "train",
+        *train_args(
+            run,
+            "training.save_steps=1",
+            "training.save_total_limit=2",
+            max_steps=4,
+            flags=("--no-resume", "--overwrite"),
+        )[1:],
+    )
+    assert new.exit_code == 0, new.output
+    (archived,) = (run / "previous-runs").iterdir()
+    assert snapshot(archived) == before  # nothing of the old run deleted or changed
+    assert complete_names(run) == ["checkpoint-3", "checkpoint-4"]  # the new run's, none rotated away
+    assert json.loads((run / "run.json").read_text())["previous_attempts"] == []  # a new run, its own record
+
+    # The next automatic resume continues the new run, not the old one.
+    more = invoke(
+        "train", *train_args(run, "training.save_steps=1", "training.save_total_limit=2", max_steps=6)[1:]
+    )
+    assert more.exit_code == 0, more.output
+    assert f"resuming from {run / 'checkpoint-4'}" in more.output
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 6
+    assert snapshot(archived) == before
+
+
+def test_every_file_of_a_run_dir_gets_the_mode_a_plain_open_would(tmp_path: Path, cache: Path) -> None:
+    """The safetensors writer made model.safetensors 0600 (final and in every checkpoint): colleagues on a
+    shared cluster could read the metrics but not load the model."""
+    run = tmp_path / "run"
+    result = invoke("train", *train_args(run, "training.save_steps=2", max_steps=4)[1:])
+    assert result.exit_code == 0, result.output
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert {p.relative_to(run).as_posix() for p in files} >= {
+        "model.safetensors",
+        "checkpoint-4/model.safetensors",
+    }
+    wrong = {
+        p.relative_to(run).as_posix(): oct(p.stat().st_mode & 0o777)
+        for p in files
+        if p.stat().st_mode & 0o777 != expected
+    }
+    assert wrong == {}
+
+
+def test_a_closed_console_does_not_end_the_run(tmp_path: Path) -> None:
+    """`clm-runner train ... | head -2` used to mark the run failed on a broken pipe, with nothing in train.log."""
+    import subprocess as sp
+
+    from runhelpers import WRAPPER
+
+    run = tmp_path / "run"
+    env = subprocess_env(tmp_path / "cache")
+    args = train_args(run, "training.logging_steps=1", max_steps=12)
+    args.remove("--quiet")
+    process = sp.Popen(
+        [sys.executable, "-c", WRAPPER, *args], env=env, stdout=sp.PIPE, stderr=sp.STDOUT, cwd=REPO
+    )
+    for _ in range(2):
+        process.stdout.readline()
+    process.stdout.close()  # as `head -2` does once it has its lines
+    assert process.wait(timeout=120) == 0
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["global_step"] == 12
+    log = (run / "train.log").read_text()
+    assert "Standard output was closed" in log and "step 12/12" in log
