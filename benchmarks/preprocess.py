@@ -115,8 +115,8 @@ def measure_clm_runner(corpus: str, tokenizer_dir: str, cache: str, hf_cache: st
     sys.path.insert(0, str(REPO))
     from transformers import AutoTokenizer
 
-    from clm_runner.blocks import prepare_splits
-    from clm_runner.recipe import load_recipe
+    from clm_runner.config.schema import load_recipe
+    from clm_runner.data.blocks import prepare_splits
 
     recipe = load_recipe(
         None,

@@ -144,7 +144,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from clm_runner.perplexity import evaluate_strided
+    from clm_runner.eval.perplexity import evaluate_strided
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

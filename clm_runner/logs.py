@@ -59,13 +59,13 @@ class SecretMask(logging.Filter):
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        from clm_runner.secrets import MIN_SECRET_LENGTH, secret_values
+        from clm_runner.config.secrets import MIN_SECRET_LENGTH, secret_values
 
         known = [s for s in secrets if len(s) >= MIN_SECRET_LENGTH]
         self.secrets = sorted({*known, *secret_values()}, key=len, reverse=True)
 
     def mask(self, text: str) -> str:
-        from clm_runner.secrets import scrub
+        from clm_runner.config.secrets import scrub
 
         return scrub(text, self.secrets, MASK)
 

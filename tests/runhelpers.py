@@ -62,13 +62,13 @@ WRAPPER = """
 import os, sys, time
 delay = float(os.environ.get("CLM_TEST_STEP_DELAY", "0"))
 if delay:
-    from clm_runner.trainer import ClmTrainer
+    from clm_runner.train.trainer import ClmTrainer
     original = ClmTrainer.training_step
     def slowed(self, *args, **kwargs):
         time.sleep(delay)
         return original(self, *args, **kwargs)
     ClmTrainer.training_step = slowed
-from clm_runner.cli import main
+from clm_runner.cli.app import main
 sys.argv = ["clm-runner", *sys.argv[1:]]
 sys.exit(main(sys.argv[1:]))
 """

@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner
 from runhelpers import ASSETS, REPO, TINY_CONFIG, snapshot
 
-from clm_runner.checkpoints import seal_checkpoint
-from clm_runner.cli import cli
+from clm_runner.cli.app import cli
+from clm_runner.rundir.checkpoints import seal_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -260,7 +260,7 @@ def test_output_dir_in_use(world: World) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from clm_runner.runlock import RunLock;"
+            "import sys, time; from pathlib import Path; from clm_runner.rundir.lock import RunLock;"
             "RunLock.acquire(Path(sys.argv[1]), 'clm-runner train'); print('ready', flush=True); time.sleep(60)",
             str(world.out),
         ],

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from clm_runner import blocks, tokenization
-from clm_runner.blocks import PreparedSplit, prepare_splits, resolve_block_size
+from clm_runner.config.schema import load_recipe
+from clm_runner.data import blocks
+from clm_runner.data import tokenize as tokenization
+from clm_runner.data.blocks import PreparedSplit, prepare_splits, resolve_block_size
 from clm_runner.errors import DataError, RecipeError
-from clm_runner.recipe import load_recipe
 
 WORDS = [
     "the",
@@ -246,7 +247,7 @@ def test_block_size_given_above_model_max_length_is_capped_with_warning():
 
 
 def test_block_size_default_warning_goes_to_logging(caplog):
-    with caplog.at_level(logging.WARNING, logger="clm_runner.blocks"):
+    with caplog.at_level(logging.WARNING, logger="clm_runner.data.blocks"):
         resolve_block_size(
             None, FakeTokenizer(model_max_length=int(1e30)), SimpleNamespace(max_position_embeddings=1024)
         )
@@ -612,7 +613,7 @@ def test_tokenizer_whose_python_call_differs_from_its_backend_is_followed_exactl
     lines = make_lines(300, seed=11)
     write_lines(tmp_path / "train.txt", lines)
     recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.txt'}")
-    with caplog.at_level(logging.WARNING, logger="clm_runner.blocks"):
+    with caplog.at_level(logging.WARNING, logger="clm_runner.data.blocks"):
         split = prepare_splits(recipe, shouting, 16, ["train"], progress=False)["train"]
     assert "differs from its Rust backend" in caplog.text
     rows = reference_rows(shouting, [line + "\n" for line in lines[15:]])
@@ -737,7 +738,7 @@ def test_null_text_rows_are_skipped_and_counted(tmp_path, caplog):
         f"data.train_file={tmp_path / 'train.parquet'}",
         f"data.validation_file={tmp_path / 'valid.parquet'}",
     )
-    with caplog.at_level(logging.WARNING, logger="clm_runner.blocks"):
+    with caplog.at_level(logging.WARNING, logger="clm_runner.data.blocks"):
         split = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
     rows = reference_rows(tokenizer, [t for t in with_nulls if t is not None])
     assert split.stream.tolist() == list(chain(*rows))  # no tokens at all for a null row
@@ -754,6 +755,6 @@ def test_the_text_column_picked_when_none_is_set_is_logged(tmp_path, tokenizer, 
     recipe = recipe_for(tmp_path, f"data.train_file={tmp_path / 'train.parquet'}")
     for _ in ("built", "from the cache"):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="clm_runner.blocks"):
+        with caplog.at_level(logging.INFO, logger="clm_runner.data.blocks"):
             prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)
         assert "The train split's text is in column 'body' (data.text_column is unset" in caplog.text

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from clm_runner.checkpoints import (
+from clm_runner.errors import OutputDirError
+from clm_runner.rundir.checkpoints import (
     MARKER,
     checkpoint_problem,
     remove_stale_temporaries,
@@ -16,8 +17,7 @@ from clm_runner.checkpoints import (
     scan_checkpoints,
     seal_checkpoint,
 )
-from clm_runner.errors import OutputDirError
-from clm_runner.outputs import latest_checkpoint, list_checkpoints, plan_output_dir
+from clm_runner.rundir.policy import latest_checkpoint, list_checkpoints, plan_output_dir
 
 WEIGHTS = b"\x00" * 1000
 
@@ -151,7 +151,7 @@ def test_stale_temporaries_are_cleared_but_checkpoints_kept(tmp_path: Path) -> N
 def test_atomic_json_files_get_the_usual_permissions(tmp_path: Path) -> None:
     import os
 
-    from clm_runner.outputs import write_json_atomic
+    from clm_runner.rundir.policy import write_json_atomic
 
     target = tmp_path / "all_results.json"
     write_json_atomic(target, {"eval_loss": 1.0})

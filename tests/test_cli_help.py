@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from clm_runner.cli import cli
-from clm_runner.recipe import tomllib
+from clm_runner.cli.app import cli
+from clm_runner.config.schema import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_every_registered_command_is_covered() -> None:
 
 def test_help_imports_no_heavy_library() -> None:
     code = (
-        "import sys; from clm_runner.cli import main; "
+        "import sys; from clm_runner.cli.app import main; "
         "main(['--help']); "
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'accelerate', 'matplotlib') if m in sys.modules]; "
         "print('HEAVY', heavy)"
@@ -106,7 +106,7 @@ def test_help_examples_name_only_paths_that_exist_or_that_an_example_creates() -
 )
 def test_every_error_is_one_lowercase_error_line(args: list[str], capsys: pytest.CaptureFixture) -> None:
     """Some errors began `Error:` (click's own) and others `error:`."""
-    from clm_runner.cli import main
+    from clm_runner.cli.app import main
 
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -12,10 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clm_runner import data as data_module
-from clm_runner.data import SUPPORTED_EXTENSIONS, data_fingerprint, load_raw_splits, resolve_text_column
+from clm_runner.config.schema import load_recipe
+from clm_runner.data import sources as data_module
+from clm_runner.data.sources import (
+    SUPPORTED_EXTENSIONS,
+    data_fingerprint,
+    load_raw_splits,
+    resolve_text_column,
+)
 from clm_runner.errors import DataError, HubUnreachableError
-from clm_runner.recipe import load_recipe
 
 
 @pytest.fixture(autouse=True)

@@ -17,9 +17,9 @@ import torch
 from click.testing import CliRunner
 from tolerances import FORWARD_RTOL
 
-from clm_runner import distributed
-from clm_runner.cli import cli
-from clm_runner.distributed import (
+from clm_runner.cli.app import cli
+from clm_runner.train import distributed
+from clm_runner.train.distributed import (
     GlobalBatch,
     decide_on_rank0,
     describe_preprocessing,
@@ -70,7 +70,7 @@ def test_cpu_multi_process_defaults_to_cpu_and_gloo() -> None:
 
 
 def test_only_a_node_main_process_may_rebuild_the_cache() -> None:
-    from clm_runner.recipe import load_recipe
+    from clm_runner.config.schema import load_recipe
 
     recipe = load_recipe(SMOKE, ["data.overwrite_cache=true"])
     assert recipe.data.overwrite_cache
@@ -110,7 +110,7 @@ def test_lockstep_padding_gives_every_rank_as_many_forwards_as_rank0(
 ) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from clm_runner.perplexity import evaluate_blocks, shard_batches
+    from clm_runner.eval.perplexity import evaluate_blocks, shard_batches
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16))
     forwards = []
@@ -385,7 +385,7 @@ def test_non_empty_output_dir_is_refused_on_every_rank_with_one_error(tmp_path: 
 
 
 def test_the_resume_command_keeps_the_launcher_and_its_process_count(monkeypatch) -> None:
-    from clm_runner.manifest import resume_command
+    from clm_runner.rundir.manifest import resume_command
 
     argv = ["/x/clm_runner/__main__.py", "train", "--recipe", "r.toml", "--overwrite"]
     torchrun = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "RANK": "0", "TORCHELASTIC_RUN_ID": "x"}
@@ -415,8 +415,8 @@ def test_the_resume_command_keeps_the_launcher_and_its_process_count(monkeypatch
 def test_resuming_with_another_global_batch_says_so(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from clm_runner.checkpoints import seal_checkpoint
-    from clm_runner.training import global_batch_change
+    from clm_runner.rundir.checkpoints import seal_checkpoint
+    from clm_runner.train.run import global_batch_change
 
     staging = tmp_path / "tmp-checkpoint-4"
     staging.mkdir()

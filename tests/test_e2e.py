@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from runhelpers import snapshot
 from tolerances import FORWARD_RTOL
 
-from clm_runner.cli import cli
+from clm_runner.cli.app import cli
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "smoke.toml"

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from tolerances import FORWARD_RTOL
 
-from clm_runner.checkpoints import seal_checkpoint
-from clm_runner.cli import cli
+from clm_runner.cli.app import cli
+from clm_runner.rundir.checkpoints import seal_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "recipes" / "smoke"

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from runhelpers import ASSETS, REPO, SMOKE, run_cli, subprocess_env, train_args
 
-from clm_runner.checkpoints import checkpoint_problem, scan_checkpoints
-from clm_runner.outputs import is_leftover
+from clm_runner.rundir.checkpoints import checkpoint_problem, scan_checkpoints
+from clm_runner.rundir.policy import is_leftover
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 MAX_STEPS = 12
 LOSS_SUM_RTOL = 1e-13

@@ -13,9 +13,15 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clm_runner.cli import cli
+from clm_runner.cli.app import cli
+from clm_runner.config.schema import (
+    ALL_SECTIONS,
+    SECTIONS,
+    load_recipe,
+    parse_override,
+    training_argument_types,
+)
 from clm_runner.errors import ClmError
-from clm_runner.recipe import ALL_SECTIONS, SECTIONS, load_recipe, parse_override, training_argument_types
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_TEXT = (REPO / "recipes" / "smoke.toml").read_text(encoding="utf-8")

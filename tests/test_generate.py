@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from clm_runner.errors import ClmError, ModelError
-from clm_runner.generate import GenerationOptionError, generate_text
+from clm_runner.models.generate import GenerationOptionError, generate_text
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

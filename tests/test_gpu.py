@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from runhelpers import train_args
 
-from clm_runner.cli import cli
+from clm_runner.cli.app import cli
 
 pytestmark = pytest.mark.gpu
 
@@ -57,7 +57,7 @@ def test_bf16_and_tf32_are_the_default_and_training_stays_finite(gpu_run: Path) 
 def test_the_optimizer_is_fused_adamw_and_attention_is_sdpa(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, default_data_collator
 
-    from clm_runner.trainer import ClmTrainer
+    from clm_runner.train.trainer import ClmTrainer
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
     blocks = [{"input_ids": torch.arange(32) % 64, "labels": torch.arange(32) % 64}] * 8
@@ -85,9 +85,9 @@ def test_compiled_training_gives_eager_losses_on_cuda(tmp_path: Path, monkeypatc
 def test_exact_evaluation_under_bf16_autocast_matches_fp32(gpu_run: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from clm_runner.blocks import prepare_splits
-    from clm_runner.perplexity import evaluate_blocks
-    from clm_runner.recipe import load_recipe
+    from clm_runner.config.schema import load_recipe
+    from clm_runner.data.blocks import prepare_splits
+    from clm_runner.eval.perplexity import evaluate_blocks
 
     model = AutoModelForCausalLM.from_pretrained(gpu_run, dtype=torch.float32).cuda()
     recipe = load_recipe(gpu_run / "recipe.toml", require_output_dir=False)

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from clm_runner.interrupts import GracefulStop, RunInterrupted, StopNow, exit_code_for
+from clm_runner.train.interrupts import GracefulStop, RunInterrupted, StopNow, exit_code_for
 
 
 @pytest.fixture

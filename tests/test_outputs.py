@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from clm_runner.checkpoints import seal_checkpoint
 from clm_runner.errors import OutputDirError
-from clm_runner.outputs import (
+from clm_runner.rundir.checkpoints import seal_checkpoint
+from clm_runner.rundir.policy import (
     RunIdentity,
     latest_checkpoint,
     list_checkpoints,
@@ -20,7 +20,7 @@ from clm_runner.outputs import (
 
 
 def make_checkpoint(run: Path, step: int) -> Path:
-    """A complete checkpoint as clm_runner.checkpoints writes it: staged, sealed with its marker, renamed."""
+    """A complete checkpoint as clm_runner.rundir.checkpoints writes it: staged, sealed with its marker, renamed."""
     staging = run / f"tmp-checkpoint-{step}"
     staging.mkdir(parents=True)
     (staging / "trainer_state.json").write_text("{}")

@@ -11,9 +11,9 @@ import torch
 from tolerances import TRAINED_STEPS_RTOL
 from transformers import GPT2Config, TrainerControl
 
-from clm_runner import performance
-from clm_runner.callbacks import ThroughputCallback
-from clm_runner.performance import DeviceInfo, describe, describe_line, device_defaults, peak_flops
+from clm_runner.train import device as performance
+from clm_runner.train.device import DeviceInfo, describe, describe_line, device_defaults, peak_flops
+from clm_runner.train.measure import ThroughputCallback
 
 H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", 1, True, (9, 0), True)
 T4 = DeviceInfo("cuda", "Tesla T4", 1, False, (7, 5), True)
@@ -166,7 +166,7 @@ def test_no_mfu_without_a_known_peak() -> None:
 def tiny_run_losses(tmp_path, name: str, steps: int = 3, **extra) -> list[float]:
     from transformers import GPT2LMHeadModel, TrainingArguments, default_data_collator, set_seed
 
-    from clm_runner.trainer import ClmTrainer
+    from clm_runner.train.trainer import ClmTrainer
 
     set_seed(0)
     # No dropout: inductor draws its masks from its own RNG, so with dropout the losses differ by design.

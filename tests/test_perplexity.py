@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from tolerances import FORWARD_RTOL
 
 from clm_runner.errors import DataError, EvalError
-from clm_runner.perplexity import (
+from clm_runner.eval.perplexity import (
     PerplexityResult,
     _StridedWindows,
     evaluate_blocks,
     evaluate_strided,
 )
-from clm_runner.text_counts import BlockContext
+from clm_runner.eval.text_counts import BlockContext
 
 # Prose with multi-byte characters (accents, dashes, CJK, emoji) and non-ASCII whitespace (no-break
 # space U+00A0, ideographic space U+3000), so a small byte-level vocabulary splits characters over

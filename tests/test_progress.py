@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from transformers import TrainerControl
 
-from clm_runner.callbacks import TrainProgressCallback, format_log_line, progress_logger
-from clm_runner.cli import cli
+from clm_runner.cli.app import cli
 from clm_runner.logs import attach_log_file, detach_log_file
+from clm_runner.train.measure import TrainProgressCallback, format_log_line, progress_logger
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "smoke.toml"
@@ -191,7 +191,7 @@ class RecordingBar:
 def test_evaluation_bar_counts_this_ranks_blocks(quiet: bool, monkeypatch) -> None:
     import tqdm.auto
 
-    from clm_runner.callbacks import evaluation_progress
+    from clm_runner.train.measure import evaluation_progress
 
     monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
     RecordingBar.made.clear()

@@ -25,7 +25,7 @@ from runhelpers import (
 )
 from tolerances import FORWARD_RTOL
 
-from clm_runner.cli import cli
+from clm_runner.cli.app import cli
 
 pytestmark = pytest.mark.slow
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from clm_runner.errors import RecipeError
-from clm_runner.recipe import (
+from clm_runner.config.schema import (
     build_recipe,
     load_recipe,
     parse_override,
     render_toml,
     resolved_dict,
 )
+from clm_runner.errors import RecipeError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from clm_runner.checkpoints import seal_checkpoint
 from clm_runner.errors import OutputDirError
-from clm_runner.report import load_run, plot_runs, render_table, summarize
+from clm_runner.rundir.checkpoints import seal_checkpoint
+from clm_runner.rundir.report import load_run, plot_runs, render_table, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

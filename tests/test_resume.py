@@ -21,7 +21,7 @@ from runhelpers import (
     wait_for,
 )
 
-from clm_runner.checkpoints import MARKER, checkpoint_problem
+from clm_runner.rundir.checkpoints import MARKER, checkpoint_problem
 
 pytestmark = pytest.mark.slow
 

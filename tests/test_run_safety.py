@@ -18,12 +18,12 @@ import pytest
 from click.testing import CliRunner
 from runhelpers import REPO, SMOKE, run_cli, snapshot, subprocess_env, train_args
 
-from clm_runner.checkpoints import scan_checkpoints
-from clm_runner.cli import cli
+from clm_runner.cli.app import cli
+from clm_runner.config.secrets import redact_argv, scrub
 from clm_runner.errors import ClmError, ModelError
-from clm_runner.manifest import recipe_hash, resume_command
-from clm_runner.runlock import LOCK_NAME, RunLock, ensure_free, read_owner
-from clm_runner.secrets import redact_argv, scrub
+from clm_runner.rundir.checkpoints import scan_checkpoints
+from clm_runner.rundir.lock import LOCK_NAME, RunLock, ensure_free, read_owner
+from clm_runner.rundir.manifest import recipe_hash, resume_command
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def dead_pid() -> int:
 HOLDER = """
 import sys, time
 from pathlib import Path
-from clm_runner.runlock import RunLock
+from clm_runner.rundir.lock import RunLock
 lock = RunLock.acquire(Path(sys.argv[1]), "clm-runner train --recipe holder.toml")
 print("ready", flush=True)
 time.sleep(120)
@@ -194,7 +194,7 @@ def test_run_json_records_what_produced_the_run_and_no_secret(tmp_path: Path) ->
 def test_a_crash_marks_the_run_failed_and_frees_the_dir(
     tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from clm_runner.trainer import ClmTrainer
+    from clm_runner.train.trainer import ClmTrainer
 
     def explode(self, *args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -225,7 +225,7 @@ def test_a_rerun_from_recipe_toml_sends_no_placeholder_as_a_token(
     result = invoke("train", "--recipe", str(run / "recipe.toml"), "--set", f"training.output_dir={rerun}")
     assert result.exit_code == 0, result.output
     assert os.environ["HF_TOKEN"] == real
-    from clm_runner.recipe import load_recipe
+    from clm_runner.config.schema import load_recipe
 
     reread = load_recipe(run / "recipe.toml")
     assert reread.model.token is None and "hub_token" not in reread.training
@@ -318,7 +318,7 @@ def test_save_total_limit_1_with_best_model_keeps_the_newest_complete(tmp_path: 
 
 
 def test_trust_remote_code_is_off_by_default_and_warns_when_set(tmp_path: Path, cache: Path, clm_log) -> None:
-    from clm_runner.recipe import load_recipe
+    from clm_runner.config.schema import load_recipe
 
     assert load_recipe(SMOKE).model.trust_remote_code is False
     result = invoke("train", *train_args(tmp_path / "run", "model.trust_remote_code=true", max_steps=1)[1:])
@@ -332,7 +332,7 @@ def test_pickled_weights_are_refused(tmp_path: Path) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from clm_runner.modeling import load_trained
+    from clm_runner.models.loading import load_trained
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=16, n_positions=8))
     model.config.save_pretrained(tmp_path)
@@ -355,7 +355,7 @@ def unsafe_torch_loads(source: str) -> list[str]:
 def test_every_torch_load_in_clm_runner_uses_weights_only() -> None:
     probe = "import torch\ntorch.load('a')\ntorch.load('b', weights_only=False)\ntorch.load('c', weights_only=True)\n"
     assert unsafe_torch_loads(probe) == ["torch.load('a')", "torch.load('b', weights_only=False)"]
-    for path in sorted((REPO / "clm_runner").glob("*.py")):
+    for path in sorted((REPO / "clm_runner").rglob("*.py")):
         assert unsafe_torch_loads(path.read_text()) == [], path
 
 

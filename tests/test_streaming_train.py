@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from runhelpers import train_args
 from tolerances import FORWARD_RTOL
 
-from clm_runner.cli import cli
+from clm_runner.cli.app import cli
 
 pytestmark = pytest.mark.slow
 

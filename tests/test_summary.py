@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from clm_runner.errors import ModelError
-from clm_runner.summary import (
+from clm_runner.models.summary import (
     describe_model,
     flops_per_token,
     forward_flops_per_token,

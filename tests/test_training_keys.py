@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from runhelpers import SMOKE, snapshot, train_args
 
-from clm_runner import training_keys
-from clm_runner.cli import cli
+from clm_runner.cli.app import cli
+from clm_runner.config import training_keys
+from clm_runner.config.schema import load_recipe, training_argument_types, training_defaults
 from clm_runner.errors import RecipeError
-from clm_runner.performance import DeviceInfo
-from clm_runner.recipe import load_recipe, training_argument_types, training_defaults
+from clm_runner.train.device import DeviceInfo
 
 
 def _fields() -> set[str]:
@@ -58,8 +58,8 @@ def test_each_refused_key_is_refused_naming_the_clm_runner_way(key: str) -> None
 
 
 def test_every_key_clm_runner_sets_or_overrides_is_in_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    from clm_runner import performance
-    from clm_runner.training import training_kwargs
+    from clm_runner.train import device as performance
+    from clm_runner.train.run import training_kwargs
 
     recipe = load_recipe(SMOKE, ["training.use_cpu=false"])
     touched = {"save_total_limit", "resume_from_checkpoint", "hub_token", "eval_on_start", "output_dir"}

@@ -1,7 +1,7 @@
 """Token blocks: raw text splits -> exact, cached blocks of block_size tokens (run_clm's preprocessing, fast).
 
 Each split is tokenized row by row with `tokenizer(text)` semantics (the tokenizer's default special tokens
-per row) by the Rust backend in contiguous row shards across processes (clm_runner.tokenization), concatenated in row order into one
+per row) by the Rust backend in contiguous row shards across processes (clm_runner.data.tokenize), concatenated in row order into one
 token stream (so the result never depends on the worker count), then cut into blocks with numpy. The stream
 (`.npy`) and the blocks (arrow, int32) are cached under `$CLM_RUNNER_CACHE` (default ~/.cache/clm-runner),
 keyed on everything that decides the tokens.
@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clm_runner import data as data_sources
-from clm_runner import tokenization
+from clm_runner.data import sources as data_sources
+from clm_runner.data import tokenize as tokenization
 from clm_runner.errors import DataError, RecipeError
-from clm_runner.text_counts import BlockContext
+from clm_runner.eval.text_counts import BlockContext
 
 if TYPE_CHECKING:
     import datasets
 
-    from clm_runner.recipe import Recipe
+    from clm_runner.config.schema import Recipe
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ Everything that can be checked before any heavy work is checked first, by `prepa
 the tokenizer, config and block size, and what the output dir allows. Nothing is written into the output dir
 until the run starts (data prepared, model built): a start that fails leaves the directory as it was.
 
-Around the run, what keeps it from being lost: one process per output dir (clm_runner.runlock), run.json
-(clm_runner.manifest), a checkpoint and a resume command on SIGINT/SIGTERM (clm_runner.interrupts).
+Around the run, what keeps it from being lost: one process per output dir (clm_runner.rundir.lock), run.json
+(clm_runner.rundir.manifest), a checkpoint and a resume command on SIGINT/SIGTERM (clm_runner.train.interrupts).
 """
 
 from __future__ import annotations
@@ -22,7 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from clm_runner import faults
-from clm_runner.distributed import (
+from clm_runner.config.schema import Recipe, render_toml, resolved_dict, unrecorded_secrets
+from clm_runner.errors import RecipeError
+from clm_runner.rundir.policy import (
+    LOG_FILE_NAME,
+    RECIPE_FILE,
+    OutputPlan,
+    RunIdentity,
+    archive_previous_run,
+    give_default_modes,
+    latest_checkpoint,
+    plan_output_dir,
+    write_text_atomic,
+)
+from clm_runner.train.distributed import (
     check_one_job,
     decide_on_rank0,
     describe_preprocessing,
@@ -34,20 +47,7 @@ from clm_runner.distributed import (
     quiet_replica_logging,
     recipe_for_preprocessing,
 )
-from clm_runner.errors import RecipeError
-from clm_runner.interrupts import GracefulStop, RunInterrupted, StopNow, signal_name
-from clm_runner.outputs import (
-    LOG_FILE_NAME,
-    RECIPE_FILE,
-    OutputPlan,
-    RunIdentity,
-    archive_previous_run,
-    give_default_modes,
-    latest_checkpoint,
-    plan_output_dir,
-    write_text_atomic,
-)
-from clm_runner.recipe import Recipe, render_toml, resolved_dict, unrecorded_secrets
+from clm_runner.train.interrupts import GracefulStop, RunInterrupted, StopNow, signal_name
 
 logger = logging.getLogger("clm_runner")
 
@@ -73,13 +73,13 @@ def training_kwargs(recipe: Recipe, *, with_device_defaults: bool = True) -> dic
     kwargs.pop("hub_token", None)
     # clm-runner resumes itself (the output-dir policy); the key is honoured as --resume-from.
     kwargs.pop("resume_from_checkpoint", None)
-    from clm_runner.training_keys import CLM_RUNNER_DEFAULTS
+    from clm_runner.config.training_keys import CLM_RUNNER_DEFAULTS
 
     for key, value in CLM_RUNNER_DEFAULTS.items():  # do_train, do_eval
         kwargs.setdefault(key, value)
     kwargs.update(distributed_training_defaults(kwargs))
     if with_device_defaults:
-        from clm_runner.performance import device_defaults
+        from clm_runner.train.device import device_defaults
 
         kwargs.update(device_defaults(kwargs))
     return kwargs
@@ -136,11 +136,11 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
     `recipe check` and `train` both call this, so they accept and refuse the same recipes. `decide` runs
     the output-dir decision (in a multi-process run: on rank 0, shared with every rank).
     """
-    from clm_runner.blocks import resolve_block_size
-    from clm_runner.data import check_data_sources
-    from clm_runner.hub import require_hub_for_push
-    from clm_runner.modeling import check_model_sources, load_config, load_tokenizer
-    from clm_runner.runlock import ensure_free
+    from clm_runner.data.blocks import resolve_block_size
+    from clm_runner.data.sources import check_data_sources
+    from clm_runner.models.hub import require_hub_for_push
+    from clm_runner.models.loading import check_model_sources, load_config, load_tokenizer
+    from clm_runner.rundir.lock import ensure_free
 
     resume_from = resume_point(recipe, options)
     kwargs = training_kwargs(recipe)
@@ -177,9 +177,9 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
 
 def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
     """Train as the recipe says, evaluate, and leave run_clm's files plus recipe.toml and run.json."""
+    from clm_runner.config.secrets import redact_argv, secret_values
     from clm_runner.logs import buffer_log, setup_logging
-    from clm_runner.runlock import RunLock
-    from clm_runner.secrets import redact_argv, secret_values
+    from clm_runner.rundir.lock import RunLock
 
     setup_logging(quiet=options.quiet)
     quiet_replica_logging()
@@ -221,11 +221,11 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
 def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     from transformers import default_data_collator, set_seed
 
-    from clm_runner.blocks import prepare_splits
-    from clm_runner.callbacks import install_callbacks, throughput_line
-    from clm_runner.modeling import load_model
-    from clm_runner.performance import describe, describe_line
-    from clm_runner.trainer import ClmTrainer
+    from clm_runner.data.blocks import prepare_splits
+    from clm_runner.models.loading import load_model
+    from clm_runner.train.device import describe, describe_line
+    from clm_runner.train.measure import install_callbacks, throughput_line
+    from clm_runner.train.trainer import ClmTrainer
 
     recipe, args, plan, options = setup.recipe, setup.args, setup.plan, setup.options
     if args.should_log:
@@ -313,8 +313,8 @@ def save_final_model(trainer: Any, output_dir: Path) -> None:
     Saved in place, a kill mid-write would leave a torn model.safetensors in the output dir; renamed, each
     file is either the old one or the new one, complete.
     """
-    from clm_runner.files import fsync_path
-    from clm_runner.outputs import FINAL_STAGING
+    from clm_runner.rundir.files import fsync_path
+    from clm_runner.rundir.policy import FINAL_STAGING
 
     staging = output_dir / FINAL_STAGING
     if trainer.is_world_process_zero():
@@ -357,7 +357,7 @@ class _RunSession:
         self.started_at = time.time()
         if not is_main_process():
             return
-        from clm_runner.outputs import remove_leftovers
+        from clm_runner.rundir.policy import remove_leftovers
 
         if self.plan.archive:
             archive_previous_run(self.plan.output_dir)
@@ -372,9 +372,9 @@ class _RunSession:
         faults.point("startup.begun", self.plan.output_dir)
 
     def start_manifest(self, prepared: dict[str, Any]) -> None:
-        from clm_runner.data import data_fingerprint
-        from clm_runner.manifest import RunManifest, device_info
-        from clm_runner.performance import describe
+        from clm_runner.data.sources import data_fingerprint
+        from clm_runner.rundir.manifest import RunManifest, device_info
+        from clm_runner.train.device import describe
 
         data = data_fingerprint(self.recipe.data)
         data["prepared"] = {
@@ -410,8 +410,8 @@ class _RunSession:
             logger.warning("Could not record the run's end in run.json (%s).", exc)
 
     def resume_command(self) -> str:
-        from clm_runner.manifest import resume_command
-        from clm_runner.secrets import secret_values
+        from clm_runner.config.secrets import secret_values
+        from clm_runner.rundir.manifest import resume_command
 
         return resume_command(self.options.argv, self.plan.output_dir, secret_values(self.recipe))
 
@@ -442,8 +442,8 @@ class _RunSession:
                 logger.warning(message)
             self.finish("interrupted", None, f"stopped at once by {signal_name(signum)}")
             raise RunInterrupted(message, signum=signum, quiet=True) from None
-        from clm_runner.secrets import scrub, secret_values
-        from clm_runner.storage import storage_error
+        from clm_runner.config.secrets import scrub, secret_values
+        from clm_runner.rundir.storage import storage_error
 
         stored = storage_error(exc, self.plan.output_dir)
         self.finish("failed", None, scrub(f"{type(exc).__name__}: {exc}", secret_values(self.recipe)))
@@ -454,7 +454,7 @@ class _RunSession:
 
 def global_batch_change(checkpoint: Path, args: Any, block_size: int) -> str | None:
     """A warning when a run resumes with another global batch than the checkpoint was trained with."""
-    from clm_runner.checkpoints import read_marker
+    from clm_runner.rundir.checkpoints import read_marker
 
     marker = read_marker(checkpoint)
     keys = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clm_runner.config.schema import Recipe, load_recipe
 from clm_runner.errors import EvalError, OutputDirError
-from clm_runner.outputs import RECIPE_FILE, list_checkpoints, save_metrics, write_json_atomic
-from clm_runner.recipe import Recipe, load_recipe
+from clm_runner.rundir.policy import RECIPE_FILE, list_checkpoints, save_metrics, write_json_atomic
 
 logger = logging.getLogger("clm_runner")
 
@@ -176,9 +176,15 @@ def evaluate_model(
     """Load the model (a saved dir, or what the recipe names) and score one split of the recipe's data."""
     import torch
 
-    from clm_runner.blocks import prepare_splits, resolve_block_size
-    from clm_runner.modeling import check_model_sources, load_config, load_model, load_tokenizer, load_trained
-    from clm_runner.perplexity import evaluate_blocks, evaluate_strided
+    from clm_runner.data.blocks import prepare_splits, resolve_block_size
+    from clm_runner.eval.perplexity import evaluate_blocks, evaluate_strided
+    from clm_runner.models.loading import (
+        check_model_sources,
+        load_config,
+        load_model,
+        load_tokenizer,
+        load_trained,
+    )
 
     if model_dir is not None:
         model, tokenizer = load_trained(model_dir, dtype=recipe.model.dtype)

@@ -12,7 +12,7 @@ from typing import Any
 import tomllib
 
 from clm_runner.errors import OutputDirError
-from clm_runner.outputs import RECIPE_FILE, TRAINER_STATE, latest_checkpoint
+from clm_runner.rundir.policy import RECIPE_FILE, TRAINER_STATE, latest_checkpoint
 
 RESULT_FILES = ("all_results.json", "train_results.json", "eval_results.json")
 

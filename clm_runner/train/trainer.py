@@ -4,9 +4,9 @@ The Trainer's own eval loss is a mean of batch means and its accuracy needs ever
 memory; here evaluation sums NLL and correct tokens per batch (flat memory), shards blocks across ranks
 without padding, and all-reduces the sums, so every world size gives the same number.
 
-Checkpoints are written under a temporary name and sealed (clm_runner.checkpoints); metric and state
+Checkpoints are written under a temporary name and sealed (clm_runner.rundir.checkpoints); metric and state
 files are replaced atomically; a SIGINT/SIGTERM stops after the current step with a checkpoint
-(clm_runner.interrupts).
+(clm_runner.train.interrupts).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 from transformers import Trainer
 
 from clm_runner import faults
-from clm_runner.checkpoints import save_checkpoint_atomically
-from clm_runner.interrupts import GracefulStop
-from clm_runner.outputs import TRAINER_STATE, save_metrics, write_json_atomic, write_text_atomic
+from clm_runner.rundir.checkpoints import save_checkpoint_atomically
+from clm_runner.rundir.policy import TRAINER_STATE, save_metrics, write_json_atomic, write_text_atomic
+from clm_runner.train.interrupts import GracefulStop
 
 
 class ClmTrainer(Trainer):
@@ -44,7 +44,7 @@ class ClmTrainer(Trainer):
     graceful_stop: GracefulStop | None = None
     """Set by `train` to stop after the step in which a SIGINT/SIGTERM arrived."""
     run_totals: Any = None
-    """clm_runner.callbacks.RunTotals, set by `train`: the whole run's totals, saved in every checkpoint."""
+    """clm_runner.train.measure.RunTotals, set by `train`: the whole run's totals, saved in every checkpoint."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -193,8 +193,8 @@ class ClmTrainer(Trainer):
         import torch
 
         from clm_runner import faults
-        from clm_runner.callbacks import evaluation_progress
-        from clm_runner.perplexity import evaluate_blocks, reduce_across_ranks
+        from clm_runner.eval.perplexity import evaluate_blocks, reduce_across_ranks
+        from clm_runner.train.measure import evaluation_progress
 
         faults.point("evaluate")
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset

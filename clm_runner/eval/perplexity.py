@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from clm_runner.errors import DataError, EvalError
-from clm_runner.scoring import ScoringBatch, max_positions_of, run_forward, score
-from clm_runner.text_counts import (
+from clm_runner.eval.scoring import ScoringBatch, max_positions_of, run_forward, score
+from clm_runner.eval.text_counts import (
     LEFT_CONTEXT_TOKENS,
     RIGHT_CONTEXT_TOKENS,
     BlockContext,

@@ -54,7 +54,7 @@ def _inside(path: Path, directory: Path) -> bool:
 
 def storage_error(exc: BaseException, output_dir: Path) -> StorageError | None:
     """The one-line error for a failed write into the run, or None when `exc` is something else."""
-    from clm_runner.outputs import latest_checkpoint
+    from clm_runner.rundir.policy import latest_checkpoint
 
     for cause in _chain(exc):
         code = getattr(cause, "errno", None)

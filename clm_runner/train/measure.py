@@ -7,9 +7,9 @@ the micro-batches really held (`ClmTrainer.tokens_trained`). On CUDA the clock i
 where it ran; the Trainer synchronizes there anyway to read the loss, so this adds no stall.
 
 MFU (model FLOPs utilization) = flops_per_token x tokens/s / (peak FLOP/s per GPU x GPUs), where
-flops_per_token = 6N + 12*L*d*T from `clm_runner.summary.flops_per_token` (N: parameters in matmuls,
+flops_per_token = 6N + 12*L*d*T from `clm_runner.models.summary.flops_per_token` (N: parameters in matmuls,
 L layers, d attention width, T block size; recomputation not counted) and the peak comes from
-`clm_runner.performance.PEAK_FLOPS` for the precision the run's matmuls use. Unknown device: no MFU.
+`clm_runner.train.device.PEAK_FLOPS` for the precision the run's matmuls use. Unknown device: no MFU.
 """
 
 from __future__ import annotations
@@ -358,8 +358,8 @@ def install_callbacks(
     """Replace the Trainer's dict-printing progress with ours; add throughput and whole-run measurement."""
     import torch
 
-    from clm_runner import performance
-    from clm_runner.summary import flops_per_token
+    from clm_runner.models.summary import flops_per_token
+    from clm_runner.train import device as performance
 
     for noisy in (PrinterCallback, HfProgressCallback):
         trainer.remove_callback(noisy)

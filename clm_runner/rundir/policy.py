@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clm_runner.checkpoints import (
+from clm_runner.errors import OutputDirError
+from clm_runner.rundir.checkpoints import (
     CHECKPOINT_PATTERN,
     DELETING_PREFIX,
     STAGING_PREFIX,
@@ -24,19 +25,18 @@ from clm_runner.checkpoints import (
     scan_checkpoints,
     warn_torn,
 )
-from clm_runner.errors import OutputDirError
-from clm_runner.files import (
+from clm_runner.rundir.files import (
     default_file_mode,
     give_default_modes,
     read_json,
     write_json_atomic,
     write_text_atomic,
 )
-from clm_runner.runlock import LOCK_NAME
+from clm_runner.rundir.lock import LOCK_NAME
 
 logger = logging.getLogger("clm_runner")
 
-# Re-exported: callers found checkpoints here before clm_runner.checkpoints existed.
+# Re-exported: callers found checkpoints here before clm_runner.rundir.checkpoints existed.
 __all__ = [
     "CHECKPOINT_PATTERN",
     "TRAINER_STATE",
@@ -59,7 +59,7 @@ FINAL_STAGING = "tmp-final"
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoint-N directories (see clm_runner.checkpoints), oldest step first; torn ones left out."""
+    """Complete checkpoint-N directories (see clm_runner.rundir.checkpoints), oldest step first; torn ones left out."""
     return list(scan_checkpoints(output_dir).complete)
 
 
@@ -122,7 +122,7 @@ def is_leftover(name: str) -> bool:
 
 def remove_leftovers(output_dir: Path) -> list[Path]:
     """Remove what killed attempts left half written (only call while holding the run's lock)."""
-    from clm_runner.runlock import pid_alive
+    from clm_runner.rundir.lock import pid_alive
 
     removed = []
     for path in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:

@@ -149,7 +149,7 @@ def _enum_of(annotation: Any) -> type[enum.Enum] | None:
 
 def _choices(name: str) -> tuple[str, ...] | None:
     """The allowed string values of a TrainingArguments key: its enum's values or its declared choices."""
-    from clm_runner.recipe import training_argument_types
+    from clm_runner.config.schema import training_argument_types
 
     enum_type = _enum_of(training_argument_types().get(name))
     if enum_type is not None:

@@ -77,8 +77,8 @@ def recipe_show(recipe_path: str, overrides: tuple[str, ...]) -> None:
     Example:
       clm-runner recipe show --recipe recipes/smoke.toml --set data.block_size=64
     """
-    from clm_runner.recipe import load_recipe, render_toml, resolved_dict, unrecorded_secrets
-    from clm_runner.training import training_kwargs
+    from clm_runner.config.schema import load_recipe, render_toml, resolved_dict, unrecorded_secrets
+    from clm_runner.train.run import training_kwargs
 
     loaded = load_recipe(recipe_path, overrides)
     # The values `train` will use here: what it always sets (do_train, do_eval) and this device's defaults.
@@ -100,9 +100,9 @@ def recipe_check(recipe_path: str, overrides: tuple[str, ...]) -> None:
     Example:
       clm-runner recipe check --recipe recipes/smoke.toml
     """
+    from clm_runner.config.schema import load_recipe
     from clm_runner.logs import setup_logging
-    from clm_runner.recipe import load_recipe
-    from clm_runner.training import TrainOptions, prepare_run
+    from clm_runner.train.run import TrainOptions, prepare_run
 
     setup_logging(quiet=True)
     loaded = load_recipe(recipe_path, overrides)
@@ -143,10 +143,10 @@ def train(
       clm-runner train --recipe recipes/gpt2-wikitext.toml
       clm-runner train --recipe recipes/smoke.toml --set training.num_train_epochs=1
     """
-    from clm_runner.recipe import load_recipe
+    from clm_runner.config.schema import load_recipe
 
     loaded = load_recipe(recipe_path, overrides)
-    from clm_runner.training import TrainOptions, run_training
+    from clm_runner.train.run import TrainOptions, run_training
 
     run_training(
         loaded,
@@ -204,7 +204,7 @@ def eval_command(
         raise click.UsageError(
             "Say what to evaluate: --run DIR (a trained run) or --recipe FILE (any model)."
         )
-    from clm_runner.evaluation import EvalRequest, run_eval
+    from clm_runner.eval.job import EvalRequest, run_eval
 
     outcome = run_eval(
         EvalRequest(
@@ -226,7 +226,7 @@ def eval_command(
 
 
 def render_eval_table(rows: list[dict], *, label: str = "split") -> str:
-    from clm_runner.tables import render_table
+    from clm_runner.cli.tables import render_table
 
     headers = [label, "method", "blocks", "tokens", "loss", "perplexity", "accuracy"]
     lines = [
@@ -256,10 +256,10 @@ def data(recipe_path: str, overrides: tuple[str, ...], save: str | None) -> None
     Example:
       clm-runner data --recipe recipes/smoke.toml --save /tmp/smoke-blocks
     """
-    from clm_runner.recipe import load_recipe
+    from clm_runner.config.schema import load_recipe
 
     loaded = load_recipe(recipe_path, overrides, require_output_dir=False)
-    from clm_runner.datacmd import run_data
+    from clm_runner.data.summary import run_data
 
     run_data(loaded, save=save)
 
@@ -283,7 +283,7 @@ def report(runs: tuple[str, ...]) -> None:
     """
     from pathlib import Path
 
-    from clm_runner.report import load_run, plot_runs, render_table, summarize
+    from clm_runner.rundir.report import load_run, plot_runs, render_table, summarize
 
     histories = [load_run(Path(r)) for r in runs]
     click.echo(render_table(summarize(histories)))
@@ -318,8 +318,8 @@ def generate(
     Example:
       clm-runner generate runs/smoke --prompt " = Valley of" --seed 1 --num-samples 2
     """
-    from clm_runner.generate import generate_text
     from clm_runner.logs import setup_logging
+    from clm_runner.models.generate import generate_text
 
     setup_logging(quiet=True)
     texts = generate_text(
@@ -347,11 +347,11 @@ def model_command(recipe_path: str, overrides: tuple[str, ...]) -> None:
     Example:
       clm-runner model --recipe recipes/gpt2-wikitext.toml
     """
-    from clm_runner.recipe import load_recipe
+    from clm_runner.config.schema import load_recipe
 
     loaded = load_recipe(recipe_path, overrides, require_output_dir=False)
-    from clm_runner.modeling import load_config
-    from clm_runner.summary import describe_model, render_summary
+    from clm_runner.models.loading import load_config
+    from clm_runner.models.summary import describe_model, render_summary
 
     config = load_config(loaded.model)
     click.echo(render_summary(describe_model(config, seq_len=loaded.data.block_size)))
@@ -359,14 +359,14 @@ def model_command(recipe_path: str, overrides: tuple[str, ...]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point for the console script and `python -m clm_runner`; returns the exit status."""
-    from clm_runner.streams import survive_closed_output
+    from clm_runner.cli.streams import survive_closed_output
 
     survive_closed_output()
     try:
         return _run(argv)
     finally:
         if "torch.distributed" in sys.modules:  # never imported by --help and the light commands
-            from clm_runner.distributed import leave_process_group
+            from clm_runner.train.distributed import leave_process_group
 
             leave_process_group()
 

@@ -1,6 +1,6 @@
 """The scoring loop shared by every evaluation method: forward passes, exact NLL and hit totals, text counts.
 
-A method (clm_runner.perplexity) turns its data into `ScoringBatch`es: model inputs, the targets of their
+A method (clm_runner.eval.perplexity) turns its data into `ScoringBatch`es: model inputs, the targets of their
 last positions, and the text spans those targets stand for. `score` runs them and keeps float64 / integer
 totals only, never logits, so memory stays flat and shards add up exactly.
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from clm_runner.errors import ModelError
-from clm_runner.text_counts import TextCounter, TextSpan
+from clm_runner.eval.text_counts import TextCounter, TextSpan
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Totals:
         self.n_words += n_words
 
     def result(self, *, method: str, context: int, stride: int | None) -> Any:
-        from clm_runner.perplexity import PerplexityResult
+        from clm_runner.eval.perplexity import PerplexityResult
 
         return PerplexityResult(
             nll_sum=self.nll_sum,

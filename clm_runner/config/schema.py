@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from clm_runner import secrets
+from clm_runner.config import secrets
 from clm_runner.errors import RecipeError
 
 if sys.version_info >= (3, 11):
@@ -438,7 +438,7 @@ def _build_section(cls: type, name: str, table: Mapping[str, Any], where: str) -
 
 def validate_training(table: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     """Check [training] against the installed TrainingArguments and clm-runner's policy (training_keys)."""
-    from clm_runner import training_keys
+    from clm_runner.config import training_keys
 
     hints = training_argument_types()
     for key, value in table.items():
@@ -505,7 +505,7 @@ def _compute_training_defaults() -> dict[str, Any]:
         else:
             continue
         out[f.name] = _plain(value)
-    from clm_runner.training_keys import CLM_RUNNER_DEFAULTS
+    from clm_runner.config.training_keys import CLM_RUNNER_DEFAULTS
 
     out.update(CLM_RUNNER_DEFAULTS)
     return out

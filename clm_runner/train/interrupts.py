@@ -88,7 +88,7 @@ class GracefulStop:
     def _handle(self, signum: int, frame: Any) -> None:
         if self._graceful and self.signum is None:
             self.signum = signum
-            from clm_runner.distributed import is_main_process
+            from clm_runner.train.distributed import is_main_process
 
             if is_main_process():  # a launcher forwards the signal to every rank; one line says it
                 logger.warning(

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clm_runner.errors import DataError, HubUnreachableError
-from clm_runner.hub import is_connection_failure, offline_reason, prepare_hub_access
+from clm_runner.models.hub import is_connection_failure, offline_reason, prepare_hub_access
 
 if TYPE_CHECKING:
     import datasets
 
-    from clm_runner.recipe import DataConfig, ModelConfig
+    from clm_runner.config.schema import DataConfig, ModelConfig
 
 
 SUPPORTED_EXTENSIONS = (".txt", ".csv", ".json", ".jsonl", ".parquet", ".arrow")
@@ -167,7 +167,7 @@ def data_fingerprint(data: DataConfig) -> dict:
     """JSON-able identity of the data: every local file's path, size and sha256, or the hub coordinates.
 
     For a hub dataset this holds only what the recipe says; the loaded dataset's own fingerprint is added
-    by whoever loads it (see clm_runner.blocks).
+    by whoever loads it (see clm_runner.data.blocks).
     """
     if data.dataset_name is not None:
         return {
@@ -636,7 +636,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def _utf8_repaired_copy(path: Path) -> Path:
     """A UTF-8-clean copy of `path` (bad bytes replaced by U+FFFD), kept in the clm-runner cache by content."""
-    from clm_runner.blocks import cache_root
+    from clm_runner.data.blocks import cache_root
 
     digest = _sha256(path)
     name = path.name

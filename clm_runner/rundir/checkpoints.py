@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from clm_runner import faults
-from clm_runner.files import default_file_mode, fsync_path
+from clm_runner.rundir.files import default_file_mode, fsync_path
 
 logger = logging.getLogger("clm_runner")
 

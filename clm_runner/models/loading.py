@@ -6,9 +6,9 @@ import difflib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from clm_runner.config.schema import ModelConfig
 from clm_runner.errors import ModelError, RecipeError
-from clm_runner.hub import hub_errors, prepare_hub_access
-from clm_runner.recipe import ModelConfig
+from clm_runner.models.hub import hub_errors, prepare_hub_access
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +43,7 @@ def check_model_sources(model: ModelConfig) -> None:
     """A local path the recipe names must exist: say "no such directory", not a hub repo-id error."""
     from pathlib import Path
 
-    from clm_runner.hub import is_valid_repo_id
+    from clm_runner.models.hub import is_valid_repo_id
 
     for key in MODEL_SOURCE_KEYS:
         name = getattr(model, key)

@@ -21,8 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from clm_runner.config.schema import Recipe
 from clm_runner.errors import ClmError
-from clm_runner.recipe import Recipe
 
 logger = logging.getLogger("clm_runner")
 

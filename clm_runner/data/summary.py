@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
+from clm_runner.cli.tables import render_table
+from clm_runner.config.schema import Recipe
 from clm_runner.errors import OutputDirError
-from clm_runner.recipe import Recipe
-from clm_runner.tables import render_table
 
 logger = logging.getLogger("clm_runner")
 
@@ -24,9 +24,9 @@ def available_splits(recipe: Recipe) -> list[str]:
 
 
 def run_data(recipe: Recipe, *, save: str | None = None, quiet: bool = False) -> dict:
-    from clm_runner.blocks import prepare_splits, resolve_block_size
+    from clm_runner.data.blocks import prepare_splits, resolve_block_size
     from clm_runner.logs import setup_logging
-    from clm_runner.modeling import load_config, load_tokenizer
+    from clm_runner.models.loading import load_config, load_tokenizer
 
     setup_logging(quiet=quiet)
     if save is not None and Path(save).exists() and any(Path(save).iterdir()):

@@ -20,9 +20,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from clm_runner.outputs import read_json, write_text_atomic
-from clm_runner.recipe import Recipe
-from clm_runner.secrets import drop_secret_sets, redact_argv, scrub, secret_values
+from clm_runner.config.schema import Recipe
+from clm_runner.config.secrets import drop_secret_sets, redact_argv, scrub, secret_values
+from clm_runner.rundir.policy import read_json, write_text_atomic
 
 MANIFEST_NAME = "run.json"
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -207,7 +207,7 @@ def resume_command(argv: Sequence[str], output_dir: Path, secrets: Iterable[str]
 
     A token given with `--set model.token=...` is left out (it is never printed); the command says so.
     """
-    from clm_runner.distributed import launcher_prefix
+    from clm_runner.train.distributed import launcher_prefix
 
     launcher, launcher_note = launcher_prefix()
     program = launcher or "clm-runner"
