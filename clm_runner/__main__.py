@@ -2,6 +2,6 @@
 
 import sys
 
-from clm_runner.cli.app import main
+from clm_runner.cli import main
 
 sys.exit(main())

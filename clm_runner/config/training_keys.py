@@ -49,10 +49,6 @@ HONOURED: dict[str, str] = {
     "eval_on_start": "the untrained baseline, evaluated once: a resumed run has it in its log already",
 }
 
-CLM_RUNNER_DEFAULTS: dict[str, Any] = {"do_train": True, "do_eval": True}
-"""Where clm-runner's default differs from TrainingArguments': `train` trains, and evaluates at the end
-(run_clm's documented command passes --do_train --do_eval)."""
-
 _EXACT_EVAL = "clm-runner's exact evaluation sums NLL per batch and keeps no predictions"
 REFUSED: dict[str, str] = {
     "do_predict": "run_clm has no predict step: score the test split with `clm-runner eval --split test`.",
@@ -149,7 +145,7 @@ def _enum_of(annotation: Any) -> type[enum.Enum] | None:
 
 def _choices(name: str) -> tuple[str, ...] | None:
     """The allowed string values of a TrainingArguments key: its enum's values or its declared choices."""
-    from clm_runner.config.schema import training_argument_types
+    from clm_runner.config.types import training_argument_types
 
     enum_type = _enum_of(training_argument_types().get(name))
     if enum_type is not None:

@@ -8,6 +8,7 @@ written under evals/ in the run dir, with a name that says what it measured, and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clm_runner.config.schema import Recipe, load_recipe
+from clm_runner.config.load import load_recipe
+from clm_runner.config.schema import Recipe
 from clm_runner.errors import EvalError, OutputDirError
 from clm_runner.rundir.policy import RECIPE_FILE, list_checkpoints, save_metrics, write_json_atomic
 
@@ -102,7 +104,8 @@ def check_request(request: EvalRequest, recipe: Recipe) -> tuple[str, int | None
 def run_eval(request: EvalRequest) -> EvalOutcome:
     from clm_runner.logs import setup_logging
 
-    setup_logging(quiet=request.quiet)
+    live = setup_logging(quiet=request.quiet)
+    request = dataclasses.replace(request, quiet=not live)
     run_dir = Path(request.run_dir) if request.run_dir else None
     if run_dir is not None:
         recipe = load_run_recipe(run_dir, request.overrides)
@@ -176,7 +179,8 @@ def evaluate_model(
     """Load the model (a saved dir, or what the recipe names) and score one split of the recipe's data."""
     import torch
 
-    from clm_runner.data.blocks import prepare_splits, resolve_block_size
+    from clm_runner.data.blocks import resolve_block_size
+    from clm_runner.data.prepare import prepare_splits
     from clm_runner.eval.perplexity import evaluate_blocks, evaluate_strided
     from clm_runner.models.loading import (
         check_model_sources,

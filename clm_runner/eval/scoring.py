@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from clm_runner.errors import ModelError
+from clm_runner.eval.result import PerplexityResult
 from clm_runner.eval.text_counts import TextCounter, TextSpan
 
 
@@ -70,9 +71,7 @@ class Totals:
         self.n_bytes += n_bytes
         self.n_words += n_words
 
-    def result(self, *, method: str, context: int, stride: int | None) -> Any:
-        from clm_runner.eval.perplexity import PerplexityResult
-
+    def result(self, *, method: str, context: int, stride: int | None) -> PerplexityResult:
         return PerplexityResult(
             nll_sum=self.nll_sum,
             tokens=self.tokens,

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from clm_runner.data.blocks import BlockContext
 from clm_runner.errors import ModelError
 
 LEFT_CONTEXT_TOKENS = 16
@@ -44,22 +45,15 @@ class TextSpan:
     right: np.ndarray
 
 
-@dataclass(frozen=True)
-class BlockContext:
-    """Where each block sits in its split's token stream, for decoding its scored tokens in place."""
-
-    stream: np.ndarray
-    starts: np.ndarray
-    block_size: int
-
-    def span(self, index: int) -> TextSpan:
-        start = int(self.starts[index])
-        first_scored, end = start + 1, start + self.block_size
-        return TextSpan(
-            left=np.asarray(self.stream[max(0, first_scored - LEFT_CONTEXT_TOKENS) : first_scored]),
-            span=np.asarray(self.stream[first_scored:end]),
-            right=np.asarray(self.stream[end : end + RIGHT_CONTEXT_TOKENS]),
-        )
+def context_span(context: BlockContext, index: int) -> TextSpan:
+    """Block `index`'s scored tokens (all but its first) with the stream tokens around them."""
+    start = int(context.starts[index])
+    first_scored, end = start + 1, start + context.block_size
+    return TextSpan(
+        left=np.asarray(context.stream[max(0, first_scored - LEFT_CONTEXT_TOKENS) : first_scored]),
+        span=np.asarray(context.stream[first_scored:end]),
+        right=np.asarray(context.stream[end : end + RIGHT_CONTEXT_TOKENS]),
+    )
 
 
 def block_span(

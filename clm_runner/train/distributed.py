@@ -267,6 +267,13 @@ def leave_process_group(timeout_s: float = 60.0) -> None:
         pass
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
+    # The launcher stops every rank once one has exited with a non-zero status (a refused start exits 2 on
+    # all of them); a rank still in its last milliseconds would then die by that SIGTERM instead of leaving
+    # with its own status. Past this point there is nothing left to stop.
+    import signal
+
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _broadcast(outcome: _Outcome | None, dist: Any) -> _Outcome:

@@ -1,8 +1,7 @@
 """`clm-runner train`: run_clm's pipeline (data, model, Trainer, metrics, model card) for one recipe.
 
-Everything that can be checked before any heavy work is checked first, by `prepare_run`, the same code
-`clm-runner recipe check` runs: the TrainingArguments, files and directories the recipe names, the hub,
-the tokenizer, config and block size, and what the output dir allows. Nothing is written into the output dir
+Everything that can be checked before any heavy work is checked first, by `prepare_run`
+(clm_runner.train.setup), the same code `clm-runner recipe check` runs. Nothing is written into the output dir
 until the run starts (data prepared, model built): a start that fails leaves the directory as it was.
 
 Around the run, what keeps it from being lost: one process per output dir (clm_runner.rundir.lock), run.json
@@ -12,34 +11,29 @@ Around the run, what keeps it from being lost: one process per output dir (clm_r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
-import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clm_runner import faults
-from clm_runner.config.schema import Recipe, render_toml, resolved_dict, unrecorded_secrets
-from clm_runner.errors import RecipeError
+from clm_runner.config.render import render_toml, unrecorded_secrets
+from clm_runner.config.schema import Recipe
 from clm_runner.rundir.policy import (
     LOG_FILE_NAME,
     RECIPE_FILE,
     OutputPlan,
-    RunIdentity,
     archive_previous_run,
     give_default_modes,
     latest_checkpoint,
-    plan_output_dir,
     write_text_atomic,
 )
+from clm_runner.train.checkpoints import save_final_model
 from clm_runner.train.distributed import (
-    check_one_job,
     decide_on_rank0,
     describe_preprocessing,
-    distributed_training_defaults,
     gather_to_all,
     global_batch,
     is_distributed,
@@ -48,131 +42,9 @@ from clm_runner.train.distributed import (
     recipe_for_preprocessing,
 )
 from clm_runner.train.interrupts import GracefulStop, RunInterrupted, StopNow, signal_name
+from clm_runner.train.setup import RunSetup, TrainOptions, prepare_run
 
 logger = logging.getLogger("clm_runner")
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    overwrite: bool = False
-    resume: bool = True
-    resume_from: str | None = None
-    quiet: bool = False
-    argv: Sequence[str] = ()
-
-
-def training_kwargs(recipe: Recipe, *, with_device_defaults: bool = True) -> dict[str, Any]:
-    """The TrainingArguments a run uses: the recipe's [training], what `train` always does, device defaults.
-
-    Device defaults (precision, compile, data loading: `performance.device_defaults`) fill only keys the
-    recipe leaves out; without them this is what recipe.toml records, so a rerun elsewhere gets its own.
-    """
-    kwargs = dict(recipe.training)
-    # TrainingArguments is pickled into every checkpoint (training_args.bin): a token there would be on
-    # disk in clear. run_training hands it to huggingface_hub through the environment instead.
-    kwargs.pop("hub_token", None)
-    # clm-runner resumes itself (the output-dir policy); the key is honoured as --resume-from.
-    kwargs.pop("resume_from_checkpoint", None)
-    from clm_runner.config.training_keys import CLM_RUNNER_DEFAULTS
-
-    for key, value in CLM_RUNNER_DEFAULTS.items():  # do_train, do_eval
-        kwargs.setdefault(key, value)
-    kwargs.update(distributed_training_defaults(kwargs))
-    if with_device_defaults:
-        from clm_runner.train.device import device_defaults
-
-        kwargs.update(device_defaults(kwargs))
-    return kwargs
-
-
-def build_training_args(kwargs: dict[str, Any]):
-    from transformers import TrainingArguments
-
-    try:
-        return TrainingArguments(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise RecipeError(f"[training] is inconsistent: {str(exc).strip()}") from None
-
-
-@dataclass(frozen=True)
-class RunSetup:
-    """Everything decided about a run before any heavy work (data preparation, weights)."""
-
-    recipe: Recipe
-    options: TrainOptions
-    kwargs: dict[str, Any]
-    """The TrainingArguments keys the run uses, device defaults included (computed once)."""
-    recorded_kwargs: dict[str, Any]
-    """The same without device defaults: what recipe.toml and run.json record."""
-    args: Any
-    tokenizer: Any
-    config: Any
-    block_size: int
-    plan: OutputPlan
-
-    @property
-    def resolved(self) -> dict[str, Any]:
-        """The resolved recipe as recipe.toml and run.json record it (secret keys left out)."""
-        return resolved_recipe(self.recipe, self.recorded_kwargs, self.block_size)
-
-
-def resume_point(recipe: Recipe, options: TrainOptions) -> str | None:
-    """--resume-from, or training.resume_from_checkpoint (as run_clm honours it); both is a contradiction."""
-    from_recipe = recipe.training.get("resume_from_checkpoint")
-    if options.resume_from and from_recipe and Path(options.resume_from) != Path(from_recipe):
-        raise RecipeError(
-            f"--resume-from {options.resume_from} and training.resume_from_checkpoint = {from_recipe!r} "
-            "name different checkpoints. Choose one."
-        )
-    chosen = options.resume_from or from_recipe
-    if chosen and not options.resume:
-        raise RecipeError("--no-resume contradicts a checkpoint to resume from; choose one.")
-    return chosen
-
-
-def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) -> RunSetup:
-    """Check everything a run needs before any heavy work and decide how it uses its output dir.
-
-    `recipe check` and `train` both call this, so they accept and refuse the same recipes. `decide` runs
-    the output-dir decision (in a multi-process run: on rank 0, shared with every rank).
-    """
-    from clm_runner.data.blocks import resolve_block_size
-    from clm_runner.data.sources import check_data_sources
-    from clm_runner.models.hub import require_hub_for_push
-    from clm_runner.models.loading import check_model_sources, load_config, load_tokenizer
-    from clm_runner.rundir.lock import ensure_free
-
-    resume_from = resume_point(recipe, options)
-    kwargs = training_kwargs(recipe)
-    recorded = training_kwargs(recipe, with_device_defaults=False)
-    # Built first: in a multi-process run this creates the process group that the decisions are shared on.
-    args = build_training_args(kwargs)
-    check_one_job(args)
-    if args.push_to_hub:
-        require_hub_for_push(args.hub_model_id or recipe.output_dir.name)
-    check_model_sources(recipe.model)
-    check_data_sources(recipe.data, recipe.model)
-    tokenizer = load_tokenizer(recipe.model)
-    config = load_config(recipe.model)
-    block_size = resolve_block_size(recipe.data.block_size, tokenizer, config, warn=logger.warning)
-    identity = RunIdentity(
-        resolved=resolved_recipe(recipe, recorded, block_size),
-        max_steps=int(args.max_steps),
-        num_train_epochs=float(args.num_train_epochs),
-    )
-
-    def decide_plan() -> OutputPlan:
-        ensure_free(recipe.output_dir)  # before the plan: "in use" says more than "not empty"
-        return plan_output_dir(
-            recipe.output_dir,
-            overwrite=options.overwrite,
-            resume=options.resume,
-            resume_from=resume_from,
-            identity=identity,
-        )
-
-    plan = (decide or (lambda fn: fn()))(decide_plan)
-    return RunSetup(recipe, options, kwargs, recorded, args, tokenizer, config, block_size, plan)
 
 
 def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
@@ -181,7 +53,8 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
     from clm_runner.logs import buffer_log, setup_logging
     from clm_runner.rundir.lock import RunLock
 
-    setup_logging(quiet=options.quiet)
+    live = setup_logging(quiet=options.quiet)
+    options = dataclasses.replace(options, quiet=not live)  # plain lines off a terminal, as --quiet
     quiet_replica_logging()
     if recipe.training.get("hub_token"):
         os.environ["HF_TOKEN"] = str(recipe.training["hub_token"])  # read by huggingface_hub
@@ -221,10 +94,11 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
 def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     from transformers import default_data_collator, set_seed
 
-    from clm_runner.data.blocks import prepare_splits
+    from clm_runner.data.prepare import prepare_splits
     from clm_runner.models.loading import load_model
     from clm_runner.train.device import describe, describe_line
-    from clm_runner.train.measure import install_callbacks, throughput_line
+    from clm_runner.train.display import throughput_line
+    from clm_runner.train.measure import install_callbacks
     from clm_runner.train.trainer import ClmTrainer
 
     recipe, args, plan, options = setup.recipe, setup.args, setup.plan, setup.options
@@ -305,36 +179,6 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
         give_default_modes(plan.output_dir, since=session.started_at)
     session.finish("completed", trainer.state.global_step)
     return results
-
-
-def save_final_model(trainer: Any, output_dir: Path) -> None:
-    """The final model, written whole: staged in tmp-final, synced, then each file renamed into place.
-
-    Saved in place, a kill mid-write would leave a torn model.safetensors in the output dir; renamed, each
-    file is either the old one or the new one, complete.
-    """
-    from clm_runner.rundir.files import fsync_path
-    from clm_runner.rundir.policy import FINAL_STAGING
-
-    staging = output_dir / FINAL_STAGING
-    if trainer.is_world_process_zero():
-        shutil.rmtree(staging, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():
-        return
-    give_default_modes(staging)
-    files = sorted(p for p in staging.rglob("*") if p.is_file())
-    for file in files:
-        fsync_path(file)
-    faults.point("final.save", staging)
-    for file in files:
-        target = output_dir / file.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(file, target)
-    fsync_path(output_dir)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 class _RunSession:
@@ -493,13 +337,6 @@ def model_card_kwargs(recipe: Recipe) -> dict[str, Any]:
         else:
             kwargs["dataset"] = data.dataset_name
     return kwargs
-
-
-def resolved_recipe(recipe: Recipe, kwargs: dict[str, Any], block_size: int) -> dict[str, Any]:
-    """Every key with its effective value (secret keys left out), as recipe.toml and run.json record it."""
-    resolved = resolved_dict(recipe, training_overrides=kwargs)
-    resolved["data"]["block_size"] = block_size
-    return resolved
 
 
 def save_resolved_recipe(recipe: Recipe, plan: OutputPlan, resolved: dict[str, Any]) -> Path:

@@ -18,8 +18,8 @@ from typing import Any
 from transformers import Trainer
 
 from clm_runner import faults
-from clm_runner.rundir.checkpoints import save_checkpoint_atomically
 from clm_runner.rundir.policy import TRAINER_STATE, save_metrics, write_json_atomic, write_text_atomic
+from clm_runner.train.checkpoints import save_checkpoint_atomically
 from clm_runner.train.interrupts import GracefulStop
 
 
@@ -194,7 +194,7 @@ class ClmTrainer(Trainer):
 
         from clm_runner import faults
         from clm_runner.eval.perplexity import evaluate_blocks, reduce_across_ranks
-        from clm_runner.train.measure import evaluation_progress
+        from clm_runner.train.display import evaluation_progress
 
         faults.point("evaluate")
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
