@@ -184,3 +184,26 @@ def byte_level_tokenizer(
             special_tokens=[(bos, backend.token_to_id(bos)), (eos, backend.token_to_id(eos))],
         )
     return as_transformers_tokenizer(backend, **roles)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold the same tensors, bit for bit."""
+    from safetensors.numpy import load_file
+
+    left, right = load_file(str(a)), load_file(str(b))
+    return left.keys() == right.keys() and all((left[k] == right[k]).all() for k in left)
+
+
+def copy_checkpoints(source: Path, target: Path, steps: tuple[int, ...]) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    for step in steps:
+        shutil.copytree(source / f"checkpoint-{step}", target / f"checkpoint-{step}")
+
+
+def completed_run(run: Path, args: list[str], env: dict[str, str]) -> Path:
+    """`clm-runner ARGS` (training into `run`) as a real subprocess, to its end; the test fails if it does not."""
+    code, text = run_cli(args, env, run.parent / f"{run.name}.log")
+    assert code == 0, text[-3000:]
+    return run

@@ -230,14 +230,7 @@ def plan_output_dir(
         checkpoint_step(Path(name)) is not None or is_leftover(name) for name in entries
     )
     if overwrite and not resume:
-        if holds_run:
-            return _overwrite_plan(output_dir, changes)
-        return OutputPlan(
-            output_dir,
-            None,
-            f"Training from the start into non-empty {output_dir} (--overwrite).",
-            "overwrite",
-        )
+        return _overwrite_plan(output_dir, changes, holds_run=holds_run)
 
     finished = manifest is not None and manifest.get("status") == "completed"
     if finished and resume and identity is not None and not _extends(identity, _finished_steps(output_dir)):
@@ -278,14 +271,7 @@ def plan_output_dir(
             "restart",
         )
     if overwrite:
-        if holds_run:
-            return _overwrite_plan(output_dir, changes)
-        return OutputPlan(
-            output_dir,
-            None,
-            f"Training from the start into non-empty {output_dir} (--overwrite).",
-            "overwrite",
-        )
+        return _overwrite_plan(output_dir, changes, holds_run=holds_run)
     if torn:
         raise OutputDirError(
             f"Output dir {output_dir} holds only torn checkpoints ({', '.join(p.name for p, _ in torn)}: "
@@ -298,7 +284,15 @@ def plan_output_dir(
     )
 
 
-def _overwrite_plan(output_dir: Path, changes: tuple[str, ...]) -> OutputPlan:
+def _overwrite_plan(output_dir: Path, changes: tuple[str, ...], *, holds_run: bool) -> OutputPlan:
+    """--overwrite: a run the dir holds is moved aside first; files that are no run stay where they are."""
+    if not holds_run:
+        return OutputPlan(
+            output_dir,
+            None,
+            f"Training from the start into non-empty {output_dir} (--overwrite).",
+            "overwrite",
+        )
     return OutputPlan(
         output_dir,
         None,

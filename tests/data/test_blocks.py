@@ -100,6 +100,17 @@ def recipe_for(tmp_path: Path, *overrides: str):
     )
 
 
+def split_files_recipe(tmp_path: Path, train: list[str] | str, valid: list[str], *overrides: str):
+    """A recipe over train.txt (or the train_file value given) and valid.txt written from these lines."""
+    if isinstance(train, list):
+        write_lines(tmp_path / "train.txt", train)
+        train = str(tmp_path / "train.txt")
+    write_lines(tmp_path / "valid.txt", valid)
+    return recipe_for(
+        tmp_path, f"data.train_file={train}", f"data.validation_file={tmp_path / 'valid.txt'}", *overrides
+    )
+
+
 def write_lines(path: Path, lines: list[str]) -> Path:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
@@ -140,70 +151,30 @@ class FakeTokenizer(SimpleNamespace):
     pass
 
 
-def test_block_size_defaults_to_model_max_length_when_it_fits():
+@pytest.mark.parametrize(
+    ("requested", "model_max_length", "positions", "expected", "warning"),
+    [
+        (None, 512, 1024, 512, None),  # the tokenizer's length fits the model
+        (None, int(1e30), 2048, 1024, "very large `model_max_length`"),  # no real limit: 1024
+        (None, 4096, 256, 256, "block_size=256"),  # capped by the model's positions
+        (None, 1024, None, 1024, None),  # a config without positions: run_clm assumes 1024
+        (None, 5000, None, 1024, "block_size=1024"),
+        (100, 128, 128, 100, None),  # given, within both limits
+        (512, 128, 1024, 128, "The block_size passed (512)"),  # given, capped by model_max_length
+    ],
+    ids=["fits", "huge", "positions", "no-positions", "no-positions-huge", "given", "given-capped"],
+)
+def test_block_size_follows_run_clms_rule(requested, model_max_length, positions, expected, warning):
     warnings: list[str] = []
+    config = SimpleNamespace() if positions is None else SimpleNamespace(max_position_embeddings=positions)
     size = resolve_block_size(
-        None,
-        FakeTokenizer(model_max_length=512),
-        SimpleNamespace(max_position_embeddings=1024),
-        warnings.append,
+        requested, FakeTokenizer(model_max_length=model_max_length), config, warnings.append
     )
-    assert size == 512 and warnings == []
-
-
-def test_block_size_huge_model_max_length_falls_back_to_1024_with_warning():
-    warnings: list[str] = []
-    size = resolve_block_size(
-        None,
-        FakeTokenizer(model_max_length=int(1e30)),
-        SimpleNamespace(max_position_embeddings=2048),
-        warnings.append,
-    )
-    assert size == 1024
-    assert (
-        len(warnings) == 1
-        and "very large `model_max_length`" in warnings[0]
-        and "block_size=1024" in warnings[0]
-    )
-
-
-def test_block_size_default_is_capped_by_small_max_position_embeddings():
-    warnings: list[str] = []
-    size = resolve_block_size(
-        None,
-        FakeTokenizer(model_max_length=4096),
-        SimpleNamespace(max_position_embeddings=256),
-        warnings.append,
-    )
-    assert size == 256 and len(warnings) == 1
-
-
-def test_block_size_config_without_positions_assumes_1024():
-    warnings: list[str] = []
-    assert (
-        resolve_block_size(None, FakeTokenizer(model_max_length=1024), SimpleNamespace(), warnings.append)
-        == 1024
-    )
-    assert warnings == []
-    assert (
-        resolve_block_size(None, FakeTokenizer(model_max_length=5000), SimpleNamespace(), warnings.append)
-        == 1024
-    )
-    assert len(warnings) == 1
-
-
-def test_block_size_given_within_limit_is_kept():
-    warnings: list[str] = []
-    assert (
-        resolve_block_size(
-            100,
-            FakeTokenizer(model_max_length=128),
-            SimpleNamespace(max_position_embeddings=128),
-            warnings.append,
-        )
-        == 100
-    )
-    assert warnings == []
+    assert size == expected
+    if warning is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warning in warnings[0], warnings
 
 
 def test_block_size_longer_than_the_models_positions_is_refused_with_the_fix():
@@ -215,20 +186,6 @@ def test_block_size_longer_than_the_models_positions_is_refused_with_the_fix():
         resolve_block_size(
             100, FakeTokenizer(model_max_length=128), SimpleNamespace(max_position_embeddings=64), print
         )
-
-
-def test_block_size_given_above_model_max_length_is_capped_with_warning():
-    warnings: list[str] = []
-    assert (
-        resolve_block_size(
-            512,
-            FakeTokenizer(model_max_length=128),
-            SimpleNamespace(max_position_embeddings=1024),
-            warnings.append,
-        )
-        == 128
-    )
-    assert len(warnings) == 1 and "(512)" in warnings[0] and "block_size=128" in warnings[0]
 
 
 def test_block_size_default_warning_goes_to_logging(caplog):
@@ -247,14 +204,7 @@ def test_block_size_default_warning_goes_to_logging(caplog):
 def test_blocks_match_plain_python_reference(tmp_path, tokenizer, grouping):
     tokenizer.save_pretrained(tmp_path / "tok")
     train_lines, valid_lines = make_lines(2600, seed=1), make_lines(300, seed=2)
-    write_lines(tmp_path / "train.txt", train_lines)
-    write_lines(tmp_path / "valid.txt", valid_lines)
-    recipe = recipe_for(
-        tmp_path,
-        f"data.train_file={tmp_path / 'train.txt'}",
-        f"data.validation_file={tmp_path / 'valid.txt'}",
-        f"data.grouping={grouping}",
-    )
+    recipe = split_files_recipe(tmp_path, train_lines, valid_lines, f"data.grouping={grouping}")
     out = prepare_splits(recipe, tokenizer, 32, ["train", "validation"], progress=False)
     reference = reference_concat if grouping == "concat" else reference_run_clm
     for name, lines in (("train", train_lines), ("validation", valid_lines)):
@@ -274,14 +224,7 @@ def test_run_clm_grouping_skips_a_batch_shorter_than_a_block(tmp_path, tokenizer
     tokenizer.save_pretrained(tmp_path / "tok")
     # 1000 long rows, then a final batch of 5 one-word rows: fewer tokens than one block.
     lines = make_lines(1000, seed=3) + ["fox"] * 5
-    write_lines(tmp_path / "train.txt", lines)
-    write_lines(tmp_path / "valid.txt", make_lines(200, seed=4))
-    recipe = recipe_for(
-        tmp_path,
-        f"data.train_file={tmp_path / 'train.txt'}",
-        f"data.validation_file={tmp_path / 'valid.txt'}",
-        "data.grouping=run_clm",
-    )
+    recipe = split_files_recipe(tmp_path, lines, make_lines(200, seed=4), "data.grouping=run_clm")
     out = prepare_splits(recipe, tokenizer, 64, ["train"], progress=False)
     rows = reference_rows(tokenizer, [line + "\n" for line in lines])
     assert sum(len(r) for r in rows[1000:]) < 64
@@ -375,13 +318,7 @@ def test_max_samples_count_blocks(tmp_path, tokenizer):
 
 def test_split_without_a_whole_block_names_split_tokens_and_block_size(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "tok")
-    write_lines(tmp_path / "train.txt", make_lines(200))
-    write_lines(tmp_path / "valid.txt", ["a fox"])
-    recipe = recipe_for(
-        tmp_path,
-        f"data.train_file={tmp_path / 'train.txt'}",
-        f"data.validation_file={tmp_path / 'valid.txt'}",
-    )
+    recipe = split_files_recipe(tmp_path, make_lines(200), ["a fox"])
     tokens = len(tokenizer("a fox\n")["input_ids"])
     with pytest.raises(DataError) as caught:
         prepare_splits(recipe, tokenizer, 64, ["validation"], progress=False)
@@ -547,11 +484,10 @@ def test_streaming_blocks_carry_over_batches_and_shards(tmp_path, tokenizer, gro
     part_a, part_b = make_lines(1300, seed=7), make_lines(900, seed=8)
     write_lines(tmp_path / "a.txt", part_a)
     write_lines(tmp_path / "b.txt", part_b)
-    write_lines(tmp_path / "valid.txt", make_lines(100, seed=9))
-    recipe = recipe_for(
+    recipe = split_files_recipe(
         tmp_path,
-        f"data.train_file=[{str(tmp_path / 'a.txt')!r}, {str(tmp_path / 'b.txt')!r}]",
-        f"data.validation_file={tmp_path / 'valid.txt'}",
+        f"[{str(tmp_path / 'a.txt')!r}, {str(tmp_path / 'b.txt')!r}]",
+        make_lines(100, seed=9),
         "data.streaming=true",
         f"data.grouping={grouping}",
     )
@@ -678,12 +614,10 @@ def test_run_clm_grouping_reproduces_run_clm_run_with_worker_processes(tmp_path,
 
     tokenizer.save_pretrained(tmp_path / "tok")
     lines = make_lines(2500, seed=21)
-    write_lines(tmp_path / "train.txt", lines)
-    write_lines(tmp_path / "valid.txt", make_lines(50, seed=22))
-    recipe = recipe_for(
+    recipe = split_files_recipe(
         tmp_path,
-        f"data.train_file={tmp_path / 'train.txt'}",
-        f"data.validation_file={tmp_path / 'valid.txt'}",
+        lines,
+        make_lines(50, seed=22),
         "data.grouping=run_clm",
         f"data.run_clm_preprocessing_num_workers={workers}",
     )

@@ -160,32 +160,34 @@ def test_save_to_disk_dataset_dict_provides_its_splits(tmp_path):
     )
 
 
-def test_glob_expands_sorted(tmp_path):
+def glob_of_text_files(tmp_path: Path) -> str:
     (tmp_path / "parts").mkdir()
     for name, lines in (("b.txt", ["b1", "b2"]), ("a.txt", ["a1"]), ("c.txt", ["c1"])):
         (tmp_path / "parts" / name).write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "parts" / "*.txt")
+
+
+def list_of_json_files(tmp_path: Path) -> str:
+    (tmp_path / "z.jsonl").write_text(json.dumps({"text": "z"}) + "\n")
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "a"}]))
+    return toml_list(tmp_path / "z.jsonl", tmp_path / "a.json")
+
+
+@pytest.mark.parametrize(
+    ("train_file", "expected"),
+    [(glob_of_text_files, ["a1", "b1", "b2", "c1"]), (list_of_json_files, ["z", "a"])],
+    ids=["a glob expands sorted", "a list keeps its order"],
+)
+def test_train_file_globs_and_lists(tmp_path, train_file, expected):
     (tmp_path / "valid.txt").write_text("v\n")
     raw = load(
         tmp_path,
         ["train"],
-        f"data.train_file={tmp_path / 'parts' / '*.txt'}",
+        f"data.train_file={train_file(tmp_path)}",
         f"data.validation_file={tmp_path / 'valid.txt'}",
         "data.keep_linebreaks=false",
     )
-    assert texts(raw["train"]) == ["a1", "b1", "b2", "c1"]
-
-
-def test_list_of_files_keeps_order(tmp_path):
-    (tmp_path / "z.jsonl").write_text(json.dumps({"text": "z"}) + "\n")
-    (tmp_path / "a.json").write_text(json.dumps([{"text": "a"}]))
-    (tmp_path / "valid.txt").write_text("v\n")
-    raw = load(
-        tmp_path,
-        ["train"],
-        f"data.train_file={toml_list(tmp_path / 'z.jsonl', tmp_path / 'a.json')}",
-        f"data.validation_file={tmp_path / 'valid.txt'}",
-    )
-    assert texts(raw["train"]) == ["z", "a"]
+    assert texts(raw["train"]) == expected
 
 
 def test_train_and_validation_of_different_kinds(tmp_path):

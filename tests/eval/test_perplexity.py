@@ -98,6 +98,11 @@ def _decode(tokenizer, ids) -> str:
     )
 
 
+def _counts(result: PerplexityResult) -> tuple:
+    """The integer totals of a result: exact, whatever the batching or sharding."""
+    return (result.tokens, result.correct, result.n_bytes, result.n_words, result.samples)
+
+
 def _relative_difference(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b))
 
@@ -283,13 +288,7 @@ def test_results_do_not_depend_on_batch_size(model, tokenizer, stream, batch_siz
     for result, reference in [(strided, reference_strided), (batched_blocks, reference_blocks)]:
         # Rows in batches of another shape: the same float32 forward, rounded in another order.
         assert _relative_difference(result.nll_sum, reference.nll_sum) < FORWARD_RTOL
-        assert (result.tokens, result.correct, result.n_bytes, result.n_words, result.samples) == (
-            reference.tokens,
-            reference.correct,
-            reference.n_bytes,
-            reference.n_words,
-            reference.samples,
-        )
+        assert _counts(result) == _counts(reference)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -313,13 +312,7 @@ def test_shards_add_up_to_the_unsharded_result(model, tokenizer, stream, world):
             # A shard's batches hold other rows than the unsharded run's: the same float32 forward passes
             # in batches of another composition, rounded in another order (see tolerances.FORWARD_RTOL).
             assert _relative_difference(total.nll_sum, whole.nll_sum) < FORWARD_RTOL
-            assert (total.tokens, total.correct, total.n_bytes, total.n_words, total.samples) == (
-                whole.tokens,
-                whole.correct,
-                whole.n_bytes,
-                whole.n_words,
-                whole.samples,
-            )
+            assert _counts(total) == _counts(whole)
         assert all(s.samples > 0 for s in shards)
 
 

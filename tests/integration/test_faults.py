@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ASSETS, REPO, SMOKE, run_cli, subprocess_env, train_args
+from helpers import ASSETS, REPO, SMOKE, completed_run, run_cli, same_weights, train_args
 
 from clm_runner.rundir.checkpoints import checkpoint_problem, scan_checkpoints
 from clm_runner.rundir.policy import is_leftover
@@ -67,16 +67,14 @@ KILL_POINTS = [
     ("card.write", 1, RESUME),
     ("write.run.json", 3, RESUME),  # the last run.json write: the run's end is about to be recorded
 ]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("faults")
-
-
-@pytest.fixture(scope="module")
-def env(workdir: Path) -> dict[str, str]:
-    return subprocess_env(workdir / "cache")
+# (point, hit, what it says on resume): killed in the middle of writing a file, cut to half its size first.
+# A staged file must never be read as a whole one.
+TORN_POINTS = [
+    ("checkpoint.optimizer", 1, RESTART),  # the optimizer state of the first checkpoint
+    ("checkpoint.model", 2, RESUME),  # the weights of a later checkpoint
+    ("final.save", 1, RESUME),  # the final model
+]
+CASES = [(*case, "kill") for case in KILL_POINTS] + [(*case, "torn") for case in TORN_POINTS]
 
 
 def args_for(run: Path) -> list[str]:
@@ -85,10 +83,7 @@ def args_for(run: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(workdir: Path, env: dict[str, str]) -> Path:
-    run = workdir / "uninterrupted"
-    code, log = run_cli(args_for(run), env, workdir / "uninterrupted.log")
-    assert code == 0, log
-    return run
+    return completed_run(workdir / "uninterrupted", args_for(workdir / "uninterrupted"), env)
 
 
 def weights(path: Path) -> dict:
@@ -111,48 +106,28 @@ def assert_whole_and_equal(run: Path, reference: Path) -> None:
     assert state["global_step"] == want["global_step"] == MAX_STEPS
     got_eval, want_eval = (json.loads((d / "eval_results.json").read_text()) for d in (run, reference))
     assert got_eval["eval_loss"] == want_eval["eval_loss"]
-    got_w, want_w = weights(run / "model.safetensors"), weights(reference / "model.safetensors")
-    assert got_w.keys() == want_w.keys() and all((got_w[k] == want_w[k]).all() for k in got_w)
+    assert same_weights(run / "model.safetensors", reference / "model.safetensors")
     got, ref = (json.loads((d / "train_results.json").read_text()) for d in (run, reference))
     assert got["train_tokens"] == ref["train_tokens"]  # the whole run's, not the last attempt's
     assert got["train_loss"] == pytest.approx(ref["train_loss"], rel=LOSS_SUM_RTOL)
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
 
 
-@pytest.mark.parametrize(("point", "hit", "says"), KILL_POINTS, ids=[f"{p}@{h}" for p, h, _ in KILL_POINTS])
+@pytest.mark.parametrize(
+    ("point", "hit", "says", "action"), CASES, ids=[f"{a} {p}@{h}" for p, h, _, a in CASES]
+)
 def test_killed_at_a_fault_point_the_same_command_finishes_the_run(
-    workdir: Path, env: dict[str, str], reference: Path, point: str, hit: int, says: str
+    workdir: Path, env: dict[str, str], reference: Path, point: str, hit: int, says: str, action: str
 ) -> None:
-    run = workdir / f"kill-{point}-{hit}"
+    run = workdir / f"{action}-{point}-{hit}"
     args = args_for(run)
     code, log = run_cli(
-        args, {**env, "CLM_RUNNER_FAULT": f"{point}@{hit}:kill"}, workdir / f"{run.name}-1.log"
+        args, {**env, "CLM_RUNNER_FAULT": f"{point}@{hit}:{action}"}, workdir / f"{run.name}-1.log"
     )
     assert code == -signal.SIGKILL, f"the fault point was not reached:\n{log[-2000:]}"
     code, log = run_cli(args, env, workdir / f"{run.name}-2.log")
     assert code == 0, log[-3000:]
     assert "error:" not in log and says in log, log[-3000:]
-    assert_whole_and_equal(run, reference)
-
-
-@pytest.mark.parametrize(
-    ("point", "hit"),
-    [("final.save", 1), ("checkpoint.model", 2), ("checkpoint.optimizer", 1)],
-    ids=["final model", "weights of checkpoint-8", "optimizer of checkpoint-4"],
-)
-def test_a_file_torn_mid_write_is_never_used_and_the_same_command_finishes(
-    workdir: Path, env: dict[str, str], reference: Path, point: str, hit: int
-) -> None:
-    """Killed in the middle of writing a file (it is cut to half its size first): a staged file is never
-    read as a whole one, and the resumed run ends as the uninterrupted one."""
-    run = workdir / f"torn-{point}-{hit}"
-    args = args_for(run)
-    code, log = run_cli(
-        args, {**env, "CLM_RUNNER_FAULT": f"{point}@{hit}:torn"}, workdir / f"{run.name}-1.log"
-    )
-    assert code == -signal.SIGKILL, f"the fault point was not reached:\n{log[-2000:]}"
-    code, log = run_cli(args, env, workdir / f"{run.name}-2.log")
-    assert code == 0, log[-3000:]
     assert_whole_and_equal(run, reference)
 
 
@@ -280,6 +255,5 @@ def assert_two_process_result(run: Path, reference: Path) -> None:
     assert state["global_step"] == want["global_step"] == 8
     got_eval, want_eval = (json.loads((d / "eval_results.json").read_text()) for d in (run, reference))
     assert got_eval["eval_loss"] == want_eval["eval_loss"]
-    got_w, want_w = weights(run / "model.safetensors"), weights(reference / "model.safetensors")
-    assert all((got_w[k] == want_w[k]).all() for k in got_w)
+    assert same_weights(run / "model.safetensors", reference / "model.safetensors")
     assert [p.name for p in run.iterdir() if is_leftover(p.name)] == []

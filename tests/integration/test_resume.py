@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import signal
 from pathlib import Path
 
 import pytest
 from helpers import (
     MAX_STEPS,
+    completed_run,
+    copy_checkpoints,
     finish,
     losses_by_step,
     run_cli,
+    same_weights,
     start,
-    subprocess_env,
     train_args,
     wait_for,
 )
@@ -27,21 +28,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("resume")
-
-
-@pytest.fixture(scope="module")
-def env(workdir: Path) -> dict[str, str]:
-    return subprocess_env(workdir / "cache")
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(workdir: Path, env: dict[str, str]) -> Path:
-    run = workdir / "uninterrupted"
-    code, log = run_cli(train_args(run), env, workdir / "uninterrupted.log")
-    assert code == 0, log
-    return run
+    return completed_run(workdir / "uninterrupted", train_args(workdir / "uninterrupted"), env)
 
 
 def final_eval_loss(run: Path) -> float:
@@ -62,14 +50,7 @@ def assert_same_result(resumed: Path, reference: Path, after_step: int) -> None:
     for step in later:
         assert got[step] == want[step], (step, got[step], want[step])
     assert final_eval_loss(resumed) == final_eval_loss(reference)
-    assert same_weights(resumed, reference)
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    from safetensors.numpy import load_file
-
-    left, right = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    return left.keys() == right.keys() and all((left[k] == right[k]).all() for k in left)
+    assert same_weights(resumed / "model.safetensors", reference / "model.safetensors")
 
 
 def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(
@@ -97,43 +78,34 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_uninterrupted(
     assert first["status"] == "failed" and "without recording an end" in first["error"]
 
 
-def test_torn_newest_checkpoint_is_skipped_with_a_warning(
-    workdir: Path, env: dict[str, str], uninterrupted: Path
-) -> None:
-    run = workdir / "torn"
-    run.mkdir()
-    for step in (4, 8):
-        shutil.copytree(uninterrupted / f"checkpoint-{step}", run / f"checkpoint-{step}")
-    weights = run / "checkpoint-8" / "model.safetensors"
-    full_size = weights.stat().st_size
+def truncate_weights(checkpoint: Path) -> None:
+    weights = checkpoint / "model.safetensors"
     with open(weights, "r+b") as handle:
-        handle.truncate(full_size // 2)
-    assert "truncated" in checkpoint_problem(run / "checkpoint-8")
-
-    code, log = run_cli(train_args(run), env, workdir / "torn.log")
-    assert code == 0, log
-    warning = next(line for line in log.splitlines() if "Skipping torn checkpoint" in line)
-    assert str(run / "checkpoint-8") in warning and "model.safetensors" in warning
-    assert re.search(r"resuming from \S*checkpoint-4\b", log), log
-    assert_same_result(run, uninterrupted, after_step=4)
+        handle.truncate(weights.stat().st_size // 2)
 
 
-def test_resume_from_a_checkpoint_without_marker_uses_the_previous_one(
-    workdir: Path, env: dict[str, str], uninterrupted: Path
+@pytest.mark.parametrize(
+    ("damage", "why", "explicit"),
+    [
+        (truncate_weights, "model.safetensors", False),
+        (lambda c: (c / MARKER).unlink(), "no completion marker", True),
+    ],
+    ids=["truncated weights, automatic resume", "no marker, --resume-from"],
+)
+def test_a_torn_newest_checkpoint_is_skipped_with_a_warning_naming_it(
+    workdir: Path, env: dict[str, str], uninterrupted: Path, damage, why: str, explicit: bool
 ) -> None:
-    source = workdir / "source"
-    source.mkdir()
-    for step in (4, 8):
-        shutil.copytree(uninterrupted / f"checkpoint-{step}", source / f"checkpoint-{step}")
-    (source / "checkpoint-8" / MARKER).unlink()
-    run = workdir / "explicit"
-    code, log = run_cli(
-        train_args(run, flags=("--resume-from", str(source / "checkpoint-8"))), env, workdir / "explicit.log"
-    )
+    source = workdir / f"source-{why[:5]}"
+    copy_checkpoints(uninterrupted, source, (4, 8))
+    damage(source / "checkpoint-8")
+    assert checkpoint_problem(source / "checkpoint-8") is not None
+    run = workdir / f"torn-{why[:5]}" if explicit else source
+    flags = ("--resume-from", str(source / "checkpoint-8")) if explicit else ()
+    code, log = run_cli(train_args(run, flags=flags), env, workdir / f"{run.name}.log")
     assert code == 0, log
     warning = next(line for line in log.splitlines() if "Skipping torn checkpoint" in line)
-    assert "checkpoint-8" in warning and "no completion marker" in warning
-    assert f"Resuming from {source / 'checkpoint-4'}" in log
+    assert str(source / "checkpoint-8") in warning and why in warning
+    assert re.search(rf"[Rr]esuming from {re.escape(str(source / 'checkpoint-4'))}\b", log), log
     assert_same_result(run, uninterrupted, after_step=4)
 
 
