@@ -80,23 +80,14 @@ def make_tokenizer(source: bytes, directory: Path) -> Path:
     """A GPT-2-like tokenizer: byte-level BPE, vocab 50257, <|endoftext|>, model_max_length 1024."""
     if (directory / "tokenizer.json").exists():
         return directory
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from clm_runner.models.bpe import as_transformers_tokenizer, train_byte_level_bpe
 
     text = source[:TOKENIZER_TRAINING_BYTES].decode("utf-8", errors="replace")
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    backend = train_byte_level_bpe(
+        vocab_size=VOCAB_SIZE, texts=text.splitlines(keepends=True), byte_level_post_processor=True
     )
-    backend.train_from_iterator(text.splitlines(keepends=True), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    tokenizer = as_transformers_tokenizer(
+        backend,
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
         unk_token="<|endoftext|>",
@@ -115,8 +106,8 @@ def measure_clm_runner(corpus: str, tokenizer_dir: str, cache: str, hf_cache: st
     sys.path.insert(0, str(REPO))
     from transformers import AutoTokenizer
 
-    from clm_runner.blocks import prepare_splits
-    from clm_runner.recipe import load_recipe
+    from clm_runner.config.load import load_recipe
+    from clm_runner.data.prepare import prepare_splits
 
     recipe = load_recipe(
         None,

@@ -73,20 +73,10 @@ def generated_text(*, seed: int, n_words: int) -> str:
 
 
 def train_tokenizer(text: str, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from clm_runner.models.bpe import EOS, as_transformers_tokenizer, train_byte_level_bpe
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|endoftext|>"],
-        show_progress=False,
-    )
-    bpe.train_from_iterator(text.split("\n\n"), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    bpe = train_byte_level_bpe(vocab_size=vocab_size, texts=text.split("\n\n"))
+    return as_transformers_tokenizer(bpe, eos_token=EOS)
 
 
 def build_model(tokenizer, seed: int):
@@ -144,7 +134,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from clm_runner.perplexity import evaluate_strided
+    from clm_runner.eval.perplexity import evaluate_strided
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

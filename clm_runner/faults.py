@@ -10,9 +10,10 @@ failpoint idea of etcd, and FoundationDB's simulation testing):
 
 - POINT: a name below (`write.run.json`, `checkpoint.model`, ...).
 - HIT: fire the N-th time the point is reached in this process (default 1).
-- ACTION: `kill` (SIGKILL this process, the default), `enospc` (the write fails: no space left on the
-  device), `eacces` (permission denied), `erofs` (read-only file system), `delayS` (sleep S seconds at every
-  hit from the N-th on: a slow machine, so a test can signal a run mid-way).
+- ACTION: `kill` (SIGKILL this process, the default), `torn` (cut the point's file, or the largest file
+  under its directory, to half its size, then SIGKILL: a kill in the middle of writing it), `enospc` (the
+  write fails: no space left on the device), `eacces` (permission denied), `erofs` (read-only file system),
+  `delayS` (sleep S seconds at every hit from the N-th on: a slow machine, so a test can signal a run).
 - rankR: only on global rank R of a multi-process run.
 
 tests/test_faults.py (`make fault-test`) kills a real `train` at every point in turn and resumes it.
@@ -48,7 +49,7 @@ POINTS = (
 train_results.json, eval_results.json, all_results.json, trainer_state.json, ...) between writing its
 temporary file and renaming it into place."""
 
-ACTIONS = ("kill", "enospc", "eacces", "erofs")
+ACTIONS = ("kill", "torn", "enospc", "eacces", "erofs")
 _ERRNO = {"enospc": errno.ENOSPC, "eacces": errno.EACCES, "erofs": errno.EROFS}
 
 
@@ -80,6 +81,19 @@ _ACTIVE = _parse(os.environ.get(ENV))
 _hits = 0
 
 
+def _tear(path: Path) -> None:
+    """Cut a file (or the largest file under a directory) to half its size, as a kill mid-write leaves it."""
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(path.rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else -1)
+    )
+    target = files[-1] if files else None
+    if target is not None and target.is_file():
+        with open(target, "r+b") as handle:
+            handle.truncate(target.stat().st_size // 2)
+
+
 def point(name: str, path: str | Path | None = None) -> None:
     """A place where a crash could tear something: fails here when CLM_RUNNER_FAULT names it, else nothing."""
     if _ACTIVE is None or _ACTIVE[0] != name:
@@ -95,7 +109,9 @@ def point(name: str, path: str | Path | None = None) -> None:
         return
     if _hits != hit:
         return
-    if action == "kill":
+    if action == "torn" and path is not None:
+        _tear(Path(path))
+    if action in ("kill", "torn"):
         os.kill(os.getpid(), signal.SIGKILL)
     code = _ERRNO[action]
     raise OSError(code, os.strerror(code), str(path) if path is not None else None)

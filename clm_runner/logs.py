@@ -32,8 +32,24 @@ class CurrentStderr(logging.StreamHandler):
         pass
 
 
-def setup_logging(*, quiet: bool = False) -> None:
-    """clm_runner's logger at INFO on stderr; transformers and datasets at WARNING; bars off if quiet."""
+def live_display(quiet: bool) -> bool:
+    """Live progress bars: only when not quiet and stderr is a terminal that shows them in place.
+
+    Anywhere else (a Slurm or CI log, a pipe) a bar's carriage-return frames pile up; plain log lines, one
+    per logging step, say the same.
+    """
+    if quiet:
+        return False
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+def setup_logging(*, quiet: bool = False) -> bool:
+    """clm_runner's logger at INFO on stderr; transformers and datasets at WARNING; their bars off unless
+    progress is shown live (see live_display). Returns whether it is: the one place that decides."""
     logger = logging.getLogger("clm_runner")
     if not any(getattr(h, "_clm_runner", False) for h in logger.handlers):
         handler = CurrentStderr()
@@ -49,9 +65,11 @@ def setup_logging(*, quiet: bool = False) -> None:
 
     transformers.utils.logging.set_verbosity_warning()
     datasets.utils.logging.set_verbosity_warning()
-    if quiet:
+    live = live_display(quiet)
+    if not live:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+    return live
 
 
 class SecretMask(logging.Filter):
@@ -59,13 +77,13 @@ class SecretMask(logging.Filter):
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        from clm_runner.secrets import MIN_SECRET_LENGTH, secret_values
+        from clm_runner.config.secrets import MIN_SECRET_LENGTH, secret_values
 
         known = [s for s in secrets if len(s) >= MIN_SECRET_LENGTH]
         self.secrets = sorted({*known, *secret_values()}, key=len, reverse=True)
 
     def mask(self, text: str) -> str:
-        from clm_runner.secrets import scrub
+        from clm_runner.config.secrets import scrub
 
         return scrub(text, self.secrets, MASK)
 

@@ -367,21 +367,11 @@ def generate_split(rng: random.Random, names: NameBook, target_bytes: int) -> tu
 
 def train_tokenizer(train_path: Path, tokenizer_dir: Path) -> object:
     """Byte-level BPE like GPT-2, trained on train_path only, saved so AutoTokenizer loads it offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from clm_runner.models.bpe import as_transformers_tokenizer, train_byte_level_bpe
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=[EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train([str(train_path)], trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+    tokenizer = train_byte_level_bpe(vocab_size=VOCAB_SIZE, files=[train_path], special_tokens=[EOS_TOKEN])
+    wrapped = as_transformers_tokenizer(
+        tokenizer,
         eos_token=EOS_TOKEN,
         bos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,

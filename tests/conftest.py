@@ -1,9 +1,11 @@
-"""Shared by every test module."""
+"""Shared by every test module: offline and isolated by default, hypothesis profiles, the `gpu` marker."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
 from hypothesis import settings
 
 # `make test`: the same examples every run, so a red CI can be reproduced; `make fuzz`: a longer search
@@ -13,10 +15,26 @@ settings.register_profile("explore", max_examples=5000, derandomize=False, print
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def offline_and_isolated(tmp_path_factory: pytest.TempPathFactory):
+    """No test reaches the Hub, and none reads or writes the user's preprocessing cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    patch.setenv("HF_DATASETS_OFFLINE", "1")
+    patch.setenv("CLM_RUNNER_CACHE", str(tmp_path_factory.mktemp("clm-runner-cache")))
+    yield
+    patch.undo()
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A preprocessing cache of this test's own (empty at its start)."""
+    monkeypatch.setenv("CLM_RUNNER_CACHE", str(tmp_path / "clm-runner-cache"))
+    return tmp_path / "clm-runner-cache"
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """`gpu` tests run for real where CUDA is; elsewhere they are skipped (the CPU suite fakes CUDA)."""
-    import pytest
-
     try:
         import torch
 

@@ -1,0 +1,51 @@
+"""`clm-runner data`: prepare a recipe's data and print what training will see."""
+
+from __future__ import annotations
+
+import click
+
+from clm_runner.cli.app import cli, recipe_options
+
+
+@cli.command()
+@recipe_options()
+@click.option(
+    "--save", type=click.Path(), default=None, metavar="DIR", help="Write the blocks with save_to_disk."
+)
+def data(recipe_path: str, overrides: tuple[str, ...], save: str | None) -> None:
+    """Prepare (and cache) the recipe's data; print rows, tokens and blocks per split.
+
+    \b
+    Example:
+      clm-runner data --recipe recipes/smoke.toml --save /tmp/smoke-blocks
+    """
+    from clm_runner.cli.tables import render_table
+    from clm_runner.config.load import load_recipe
+    from clm_runner.data.summary import summarize_data
+
+    loaded = load_recipe(recipe_path, overrides, require_output_dir=False)
+    summary = summarize_data(loaded, save=save)
+    click.echo(f"block_size: {summary.block_size}   grouping: {summary.grouping}")
+    headers = ["split", "rows", "tokens", "blocks", "dropped", "null rows", "tokens/s"]
+    rows = []
+    for name, s in summary.stats.items():
+        if s is None:
+            rows.append([name, "stream", "-", "-", "-", "-", "-"])
+            continue
+        rate = s.tokens / s.seconds if s.seconds > 0 else float("inf")
+        rows.append(
+            [
+                name,
+                f"{s.rows:,}",
+                f"{s.tokens:,}",
+                f"{s.blocks:,}",
+                f"{s.dropped_tokens:,}",
+                f"{s.null_rows:,}",
+                f"{rate:,.0f}",
+            ]
+        )
+    click.echo(render_table(headers, rows))
+    for name, text in summary.previews.items():
+        click.echo(f"\nfirst {name} block starts: {text!r}")
+    if summary.saved_to is not None:
+        click.echo(f"\nSaved blocks to {summary.saved_to} (load with datasets.load_from_disk).")

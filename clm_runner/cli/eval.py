@@ -1,0 +1,91 @@
+"""`clm-runner eval`: hand the request to clm_runner.eval.job and print what it measured."""
+
+from __future__ import annotations
+
+import click
+
+from clm_runner.cli.app import cli, recipe_options
+
+
+@cli.command("eval")
+@click.option(
+    "--run", "run_dir", type=click.Path(), default=None, metavar="DIR", help="A trained run's output dir."
+)
+@recipe_options(required=False)
+@click.option(
+    "--checkpoint", type=click.Path(), default=None, metavar="PATH", help="Evaluate this checkpoint."
+)
+@click.option(
+    "--all-checkpoints", is_flag=True, help="Evaluate every checkpoint of --run (writes eval_history.json)."
+)
+@click.option("--split", default=None, help="Split to score: validation (default), test or train.")
+@click.option("--stride", type=int, default=None, help="Strided sliding-window perplexity with this stride.")
+@click.option(
+    "--context", type=int, default=None, help="Window length for --stride (default: the block size)."
+)
+@click.option(
+    "--output", "-o", type=click.Path(), default=None, metavar="FILE", help="Write the metrics as JSON."
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def eval_command(
+    run_dir: str | None,
+    recipe_path: str | None,
+    overrides: tuple[str, ...],
+    checkpoint: str | None,
+    all_checkpoints: bool,
+    split: str | None,
+    stride: int | None,
+    context: int | None,
+    output: str | None,
+    quiet: bool,
+) -> None:
+    """Perplexity of a trained run, one checkpoint, or any model.
+
+    \b
+    Examples:
+      clm-runner eval --run runs/smoke
+      clm-runner eval --run runs/smoke --checkpoint checkpoint-111 --split test
+      clm-runner eval --recipe recipes/gpt2-wikitext.toml --set model.model_name_or_path=gpt2 --stride 512
+    """
+    if run_dir is None and recipe_path is None:
+        raise click.UsageError(
+            "Say what to evaluate: --run DIR (a trained run) or --recipe FILE (any model)."
+        )
+    from clm_runner.eval.job import EvalRequest, run_eval
+
+    outcome = run_eval(
+        EvalRequest(
+            run_dir=run_dir,
+            recipe_path=recipe_path,
+            overrides=overrides,
+            checkpoint=checkpoint,
+            all_checkpoints=all_checkpoints,
+            split=split,
+            stride=stride,
+            context=context,
+            output=output,
+            quiet=quiet,
+        )
+    )
+    click.echo(render_eval_table(outcome.rows, label=outcome.label))
+    for path in outcome.written:
+        click.echo(f"Wrote {path}")
+
+
+def render_eval_table(rows: list[dict], *, label: str = "split") -> str:
+    from clm_runner.cli.tables import render_table
+
+    headers = [label, "method", "blocks", "tokens", "loss", "perplexity", "accuracy"]
+    lines = [
+        [
+            str(r.get(label, r.get("split"))),
+            str(r.get("method", "blocks")),
+            f"{r['eval_samples']:,}",
+            f"{r['eval_tokens']:,}",
+            f"{r['eval_loss']:.4f}",
+            f"{r['perplexity']:.3f}",
+            f"{r['eval_accuracy']:.4f}",
+        ]
+        for r in rows
+    ]
+    return render_table(headers, lines, left_columns=2)

@@ -1,0 +1,54 @@
+"""`clm-runner generate`: continue a prompt with a trained run."""
+
+from __future__ import annotations
+
+import click
+
+from clm_runner.cli.app import cli
+
+
+@cli.command()
+@click.argument("run", type=click.Path(), metavar="RUN")
+@click.option("--prompt", "-p", required=True, help="Text the generation starts from.")
+@click.option("--max-new-tokens", type=int, default=50, show_default=True, help="Tokens to add.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 means greedy decoding.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option(
+    "--top-k", type=int, default=50, show_default=True, help="Sample among the k likeliest (0: off)."
+)
+@click.option("--seed", type=int, default=None, help="Same seed, same text.")
+@click.option("--num-samples", "-n", type=int, default=1, show_default=True, help="Texts to generate.")
+def generate(
+    run: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    num_samples: int,
+) -> None:
+    """Continue a prompt with a trained run (or any checkpoint or model directory).
+
+    \b
+    Example:
+      clm-runner generate runs/smoke --prompt " = Valley of" --seed 1 --num-samples 2
+    """
+    from clm_runner.logs import setup_logging
+    from clm_runner.models.generate import generate_text
+
+    setup_logging(quiet=True)
+    texts = generate_text(
+        run,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        num_samples=num_samples,
+    )
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            click.echo(f"--- sample {i + 1} ---")
+        click.echo(text)

@@ -1,0 +1,1 @@
+"""Recipes: the schema of a job, reading TOML and --set, type and value checks, rendering, secrets."""

@@ -1,0 +1,1 @@
+"""Data: raw text sources -> tokens -> blocks, cached on disk (or streamed)."""

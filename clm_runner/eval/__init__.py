@@ -1,0 +1,1 @@
+"""Evaluation: exact perplexity (blocks and strided windows) and the `eval` job."""

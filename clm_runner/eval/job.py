@@ -1,0 +1,263 @@
+"""`clm-runner eval`: exact perplexity of a run, a checkpoint, or any model on a recipe's data.
+
+Where a result goes: `--output FILE` if given; for `--run`, an evaluation identical to the one training
+ran at its end (the final model, the validation split, the blocks method, the run's own [model] and
+[data]) updates the run's eval_results.json and all_results.json, as run_clm keeps them; any other one is
+written under evals/ in the run dir, with a name that says what it measured, and never replaces them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clm_runner.config.load import load_recipe
+from clm_runner.config.schema import Recipe
+from clm_runner.errors import EvalError, OutputDirError
+from clm_runner.rundir.policy import RECIPE_FILE, list_checkpoints, save_metrics, write_json_atomic
+
+logger = logging.getLogger("clm_runner")
+
+EVALS_DIR = "evals"
+"""Evaluations of a run other than training's own (other splits, methods, checkpoints or data)."""
+HISTORY_FILE = "eval_history.json"
+SPLITS = ("validation", "test", "train")
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    run_dir: str | None = None
+    recipe_path: str | None = None
+    overrides: Sequence[str] = ()
+    checkpoint: str | None = None
+    all_checkpoints: bool = False
+    split: str | None = None
+    stride: int | None = None
+    context: int | None = None
+    output: str | None = None
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """What an evaluation measured (one row per model) and the files it wrote."""
+
+    rows: list[dict[str, Any]]
+    label: str = "split"
+    written: list[Path] = field(default_factory=list)
+
+
+def load_run_recipe(run_dir: Path, overrides: Sequence[str]) -> Recipe:
+    """The recipe a run was trained with (its recipe.toml), with `--set` applied on top."""
+    if not run_dir.is_dir():
+        raise OutputDirError(
+            f"--run {run_dir}: no such directory. Pass the output_dir of a `clm-runner train` run."
+        )
+    path = run_dir / RECIPE_FILE
+    if not path.exists():
+        raise OutputDirError(
+            f"{run_dir} is not a clm-runner run (no {RECIPE_FILE}). Pass a run's output_dir, or evaluate any "
+            "model with --recipe FILE --set model.model_name_or_path=DIR."
+        )
+    return load_recipe(path, overrides, require_output_dir=False)
+
+
+def resolve_checkpoint(run_dir: Path | None, checkpoint: str) -> Path:
+    """--checkpoint as given, else looked up inside the run ("checkpoint-6" means RUN/checkpoint-6)."""
+    given = Path(checkpoint)
+    if given.is_dir():
+        return given
+    if run_dir is not None and (run_dir / checkpoint).is_dir():
+        return run_dir / checkpoint
+    where = f" (nor {run_dir / checkpoint})" if run_dir is not None else ""
+    known = [p.name for p in list_checkpoints(run_dir)] if run_dir is not None else []
+    listing = f" Checkpoints of {run_dir}: {', '.join(known)}." if known else ""
+    raise OutputDirError(f"--checkpoint {checkpoint}: no such directory{where}.{listing}")
+
+
+def check_request(request: EvalRequest, recipe: Recipe) -> tuple[str, int | None]:
+    """The split and stride to use, refused before any model or data is loaded when they cannot work."""
+    if request.all_checkpoints and request.run_dir is None:
+        raise EvalError("--all-checkpoints needs --run DIR.")
+    if request.all_checkpoints and request.checkpoint:
+        raise EvalError("--all-checkpoints and --checkpoint contradict each other; choose one.")
+    split = request.split or recipe.eval.split
+    if split not in SPLITS:
+        raise EvalError(f"--split {split!r}: choose validation, test or train.")
+    stride = request.stride if request.stride is not None else recipe.eval.stride
+    if stride is None and request.context is not None:
+        raise EvalError("--context only applies with --stride; blocks use data.block_size.")
+    if stride is not None and recipe.data.streaming:
+        raise EvalError(
+            "Strided evaluation needs the whole token stream; it does not work with data.streaming. "
+            "Set data.streaming = false, or evaluate blocks (no --stride)."
+        )
+    return split, stride
+
+
+def run_eval(request: EvalRequest) -> EvalOutcome:
+    from clm_runner.logs import setup_logging
+
+    live = setup_logging(quiet=request.quiet)
+    request = dataclasses.replace(request, quiet=not live)
+    run_dir = Path(request.run_dir) if request.run_dir else None
+    if run_dir is not None:
+        recipe = load_run_recipe(run_dir, request.overrides)
+    else:
+        recipe = load_recipe(request.recipe_path, request.overrides, require_output_dir=False)
+    split, stride = check_request(request, recipe)
+    checkpoint = resolve_checkpoint(run_dir, request.checkpoint) if request.checkpoint else None
+
+    if request.all_checkpoints:
+        assert run_dir is not None
+        return evaluate_all_checkpoints(recipe, run_dir, request, split, stride)
+
+    model_dir = checkpoint or run_dir
+    metrics = evaluate_model(recipe, str(model_dir) if model_dir else None, request, split, stride)
+    written: list[Path] = []
+    if request.output:
+        write_json_atomic(Path(request.output), metrics)
+        written.append(Path(request.output))
+    if run_dir is not None:
+        if checkpoint is None and is_trainings_evaluation(run_dir, recipe, metrics):
+            save_metrics(run_dir, "eval", metrics)  # where run_clm keeps a run's evaluation
+            written += [run_dir / "eval_results.json", run_dir / "all_results.json"]
+        else:
+            path = run_dir / EVALS_DIR / evaluation_name(run_dir, recipe, metrics, checkpoint)
+            write_json_atomic(path, metrics)
+            written.append(path)
+    return EvalOutcome([metrics], written=written)
+
+
+def _source_sections(recipe: Recipe) -> dict[str, Any]:
+    """What decides the measured number besides the split and method: the model and the data."""
+    plain = recipe.to_dict()
+    return {"model": plain.get("model", {}), "data": plain.get("data", {})}
+
+
+def _differs_from_run(run_dir: Path, recipe: Recipe) -> str | None:
+    """None when the recipe's [model] and [data] are the run's own; else a short hash of what differs."""
+    trained = load_run_recipe(run_dir, ())
+    ours = _source_sections(recipe)
+    if ours == _source_sections(trained):
+        return None
+    return hashlib.sha256(json.dumps(ours, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def is_trainings_evaluation(run_dir: Path, recipe: Recipe, metrics: dict[str, Any]) -> bool:
+    """Whether an evaluation of a run's final model is the one training ran at its end."""
+    return (
+        metrics.get("split") == "validation"
+        and metrics.get("method") == "blocks"
+        and _differs_from_run(run_dir, recipe) is None
+    )
+
+
+def evaluation_name(run_dir: Path, recipe: Recipe, metrics: dict[str, Any], checkpoint: Path | None) -> str:
+    """evals/ file name that says what was measured: [checkpoint_]split_method[_recipe-HASH].json."""
+    parts = [checkpoint.name] if checkpoint is not None else []
+    parts.append(str(metrics["split"]))
+    if metrics["method"] == "strided":
+        parts.append(f"strided-context{metrics['context']}-stride{metrics['stride']}")
+    else:
+        parts.append(f"blocks{metrics['block_size']}")
+    changed = _differs_from_run(run_dir, recipe)
+    if changed is not None:
+        parts.append(f"recipe-{changed}")
+    return "_".join(parts) + ".json"
+
+
+def evaluate_model(
+    recipe: Recipe, model_dir: str | None, request: EvalRequest, split: str, stride: int | None
+) -> dict[str, Any]:
+    """Load the model (a saved dir, or what the recipe names) and score one split of the recipe's data."""
+    import torch
+
+    from clm_runner.data.blocks import resolve_block_size
+    from clm_runner.data.prepare import prepare_splits
+    from clm_runner.eval.perplexity import evaluate_blocks, evaluate_strided
+    from clm_runner.models.loading import (
+        check_model_sources,
+        load_config,
+        load_model,
+        load_tokenizer,
+        load_trained,
+    )
+
+    if model_dir is not None:
+        model, tokenizer = load_trained(model_dir, dtype=recipe.model.dtype)
+        model_name = model_dir
+    else:
+        from transformers import set_seed
+
+        check_model_sources(recipe.model)
+        tokenizer = load_tokenizer(recipe.model)
+        set_seed(int(recipe.training.get("seed", 42)))  # a from-scratch model's random init, reproducibly
+        model = load_model(recipe.model, load_config(recipe.model), tokenizer)
+        model_name = recipe.model.model_name_or_path or f"{recipe.model.model_type} (random init)"
+
+    block_size = resolve_block_size(recipe.data.block_size, tokenizer, model.config, warn=logger.warning)
+    context = request.context or recipe.eval.context or block_size
+    prepared = prepare_splits(recipe, tokenizer, block_size, [split], progress=not request.quiet)[split]
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    batch_size = int(recipe.training.get("per_device_eval_batch_size", 8))
+    if stride is not None:
+        # data.max_eval_samples keeps the first N blocks; the strided windows score the same text.
+        result = evaluate_strided(
+            model,
+            prepared.scored_stream(),
+            context=context,
+            stride=stride,
+            batch_size=batch_size,
+            tokenizer=tokenizer,
+            device=device,
+        )
+    else:
+        result = evaluate_blocks(
+            model,
+            prepared.blocks,
+            batch_size=batch_size,
+            tokenizer=tokenizer,
+            device=device,
+            **prepared.eval_text(),
+        )
+
+    metrics = dict(result.to_metrics())
+    metrics.update({"split": split, "model": model_name, "data": describe_data(recipe)})
+    return metrics
+
+
+def describe_data(recipe: Recipe) -> str:
+    data = recipe.data
+    if data.dataset_name:
+        return " ".join(x for x in (data.dataset_name, data.dataset_config_name) if x)
+    files = [data.train_file, data.validation_file, data.test_file]
+    return ", ".join(str(f) for f in files if f)
+
+
+def evaluate_all_checkpoints(
+    recipe: Recipe, run_dir: Path, request: EvalRequest, split: str, stride: int | None
+) -> EvalOutcome:
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise OutputDirError(f"{run_dir} has no checkpoint-N directories to evaluate.")
+    rows = []
+    for checkpoint in checkpoints:
+        metrics = evaluate_model(recipe, str(checkpoint), request, split, stride)
+        metrics["checkpoint"] = checkpoint.name
+        rows.append(metrics)
+    history = {"checkpoints": rows}
+    written = [run_dir / HISTORY_FILE]
+    write_json_atomic(run_dir / HISTORY_FILE, history)
+    if request.output:
+        write_json_atomic(Path(request.output), history)
+        written.append(Path(request.output))
+    return EvalOutcome(rows, label="checkpoint", written=written)

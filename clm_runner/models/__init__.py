@@ -1,0 +1,1 @@
+"""Models: loading config, tokenizer and weights (hub or local), their summary, text generation."""

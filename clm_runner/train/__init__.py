@@ -1,0 +1,1 @@
+"""Training: the run around the Trainer, its measurements and display, devices, processes, signals."""

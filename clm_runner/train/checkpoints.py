@@ -1,0 +1,129 @@
+"""The Trainer's saves, made atomic: each checkpoint staged and sealed, the final model staged and renamed.
+
+Upstream Trainer writes `checkpoint-N` and the final model in place, so a kill during a save leaves a torn
+directory that `get_last_checkpoint` still picks, or a torn model.safetensors. Here every save is written
+under a temporary name first (the on-disk format is clm_runner.rundir.checkpoints').
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from clm_runner import faults
+from clm_runner.rundir.checkpoints import (
+    TRAINER_STATE,
+    remove_stale_temporaries,
+    rotate_checkpoints,
+    seal_checkpoint,
+    staging_dir,
+)
+from clm_runner.rundir.files import fsync_path, give_default_modes
+
+
+def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: int | None) -> Path:
+    """Trainer._save_checkpoint (transformers 5.x), writing into tmp-checkpoint-N and sealing it.
+
+    Mirrors the upstream order (model, best-checkpoint bookkeeping, optimizer/scheduler/scaler/RNG,
+    trainer state, push, rotation) so resuming restores exactly what upstream restores.
+    """
+    from transformers.trainer_callback import ExportableState
+    from transformers.trainer_utils import SaveStrategy
+
+    args = trainer.args
+    step = trainer.state.global_step
+    if trainer.hp_search_backend is None and trial is None:
+        trainer.store_flos()
+    run_dir = Path(trainer._get_output_dir(trial=trial))
+    final = run_dir / f"checkpoint-{step}"
+    staging = staging_dir(run_dir, step)
+    if args.should_save:
+        remove_stale_temporaries(run_dir)
+    # Every rank writes into the staging dir (its RNG state, sharded states): none may start before the
+    # stale one is gone, and the rename must wait until all are done.
+    trainer.accelerator.wait_for_everyone()
+    if args.should_save:
+        staging.mkdir(parents=True, exist_ok=True)
+    faults.point("checkpoint.staging", staging)
+
+    trainer.save_model(str(staging), _internal_call=True)
+    faults.point("checkpoint.model", staging)
+
+    if (
+        args.save_strategy in [SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST]
+        and trainer.state.best_global_step
+    ):
+        trainer.accelerator.wait_for_everyone()
+        best = run_dir / f"checkpoint-{trainer.state.best_global_step}"
+        if trainer.state.best_global_step == step or best.exists():
+            trainer.state.best_model_checkpoint = str(best)
+
+    if not args.save_only_model:
+        trainer._save_optimizer_and_scheduler(str(staging))
+        trainer._save_scaler(str(staging))
+        trainer._save_rng_state(str(staging))
+        faults.point("checkpoint.optimizer", staging)
+
+    if args.should_save:
+        exportable = [
+            cb
+            for cb in trainer.callback_handler.callbacks + [trainer.control]
+            if isinstance(cb, ExportableState)
+        ]
+        for cb in exportable:
+            name = cb.__class__.__name__
+            if isinstance(trainer.state.stateful_callbacks.get(name), list):
+                trainer.state.stateful_callbacks[name].append(cb.state())
+            else:
+                trainer.state.stateful_callbacks[name] = cb.state()
+        trainer.state.save_to_json(str(staging / TRAINER_STATE))
+        faults.point("checkpoint.state", staging / TRAINER_STATE)
+
+    trainer.accelerator.wait_for_everyone()
+    if args.should_save:
+        # What a resume must know about the run that wrote it: how many processes shared each step.
+        facts = {
+            "world_size": int(args.world_size),
+            "per_device_train_batch_size": int(args.per_device_train_batch_size),
+            "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
+        }
+        seal_checkpoint(staging, final, step=step, facts=facts)
+    trainer.accelerator.wait_for_everyone()
+
+    if args.push_to_hub:
+        trainer._push_from_checkpoint(str(final))
+    if args.should_save:
+        best = Path(trainer.state.best_model_checkpoint) if trainer.state.best_model_checkpoint else None
+        rotate_checkpoints(run_dir, limit, best=best)
+    return final
+
+
+def save_final_model(trainer: Any, output_dir: Path) -> None:
+    """The final model, written whole: staged in tmp-final, synced, then each file renamed into place.
+
+    Saved in place, a kill mid-write would leave a torn model.safetensors in the output dir; renamed, each
+    file is either the old one or the new one, complete.
+    """
+    from clm_runner.rundir.policy import FINAL_STAGING
+
+    staging = output_dir / FINAL_STAGING
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return
+    give_default_modes(staging)
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    for file in files:
+        fsync_path(file)
+    faults.point("final.save", staging)
+    for file in files:
+        target = output_dir / file.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, target)
+    fsync_path(output_dir)
+    shutil.rmtree(staging, ignore_errors=True)

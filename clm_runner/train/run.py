@@ -1,0 +1,350 @@
+"""`clm-runner train`: run_clm's pipeline (data, model, Trainer, metrics, model card) for one recipe.
+
+Everything that can be checked before any heavy work is checked first, by `prepare_run`
+(clm_runner.train.setup), the same code `clm-runner recipe check` runs. Nothing is written into the output dir
+until the run starts (data prepared, model built): a start that fails leaves the directory as it was.
+
+Around the run, what keeps it from being lost: one process per output dir (clm_runner.rundir.lock), run.json
+(clm_runner.rundir.manifest), a checkpoint and a resume command on SIGINT/SIGTERM (clm_runner.train.interrupts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from clm_runner import faults
+from clm_runner.config.render import render_toml, unrecorded_secrets
+from clm_runner.config.schema import Recipe
+from clm_runner.rundir.policy import (
+    LOG_FILE_NAME,
+    RECIPE_FILE,
+    OutputPlan,
+    archive_previous_run,
+    give_default_modes,
+    latest_checkpoint,
+    write_text_atomic,
+)
+from clm_runner.train.checkpoints import save_final_model
+from clm_runner.train.distributed import (
+    decide_on_rank0,
+    describe_preprocessing,
+    gather_to_all,
+    global_batch,
+    is_distributed,
+    is_main_process,
+    quiet_replica_logging,
+    recipe_for_preprocessing,
+)
+from clm_runner.train.interrupts import GracefulStop, RunInterrupted, StopNow, signal_name
+from clm_runner.train.setup import RunSetup, TrainOptions, prepare_run
+
+logger = logging.getLogger("clm_runner")
+
+
+def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
+    """Train as the recipe says, evaluate, and leave run_clm's files plus recipe.toml and run.json."""
+    from clm_runner.config.secrets import redact_argv, secret_values
+    from clm_runner.logs import buffer_log, setup_logging
+    from clm_runner.rundir.lock import RunLock
+
+    live = setup_logging(quiet=options.quiet)
+    options = dataclasses.replace(options, quiet=not live)  # plain lines off a terminal, as --quiet
+    quiet_replica_logging()
+    if recipe.training.get("hub_token"):
+        os.environ["HF_TOKEN"] = str(recipe.training["hub_token"])  # read by huggingface_hub
+    # Until the run starts, the log is kept in memory: a start that fails writes no train.log.
+    log = buffer_log(secrets=secret_values(recipe)) if is_main_process() else None
+    try:
+        setup = prepare_run(recipe, options, decide=decide_on_rank0)
+        plan = setup.plan
+        if plan.action == "complete":
+            logger.info(plan.note)
+            return {}
+        # Only rank 0 writes into the output dir, so only rank 0 may clean up after a failed start.
+        created_dir = is_main_process() and not plan.output_dir.exists()
+        command = " ".join(redact_argv(options.argv, secret_values(recipe)))
+        # Rank 0 holds the lock; the other ranks learn that it was taken (or all stop with its error).
+        lock = decide_on_rank0(lambda: RunLock.acquire(plan.output_dir, command), share=lambda held: None)
+        stop = GracefulStop().install()
+        session = _RunSession(setup, stop, log)
+        try:
+            return _train(setup, session)
+        except BaseException as exc:
+            session.fail(exc)
+            raise  # fail() always raises; this keeps type checkers and readers sure of it
+        finally:
+            stop.restore()
+            if lock is not None:
+                lock.release()
+            if created_dir and not session.started:
+                # Failed before the run started (bad data, unreachable hub): leave no directory behind.
+                with contextlib.suppress(OSError):
+                    plan.output_dir.rmdir()
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
+    from transformers import default_data_collator, set_seed
+
+    from clm_runner.data.prepare import prepare_splits
+    from clm_runner.models.loading import load_model
+    from clm_runner.train.device import describe, describe_line
+    from clm_runner.train.display import throughput_line
+    from clm_runner.train.measure import install_callbacks
+    from clm_runner.train.trainer import ClmTrainer
+
+    recipe, args, plan, options = setup.recipe, setup.args, setup.plan, setup.options
+    if args.should_log:
+        logger.info(plan.note)
+        logger.info(describe_line(describe(setup.recorded_kwargs)))
+    # Seeded before the model is built, as run_clm does, so a from-scratch init is reproducible.
+    set_seed(args.seed)
+    logger.info(global_batch(args, setup.block_size).describe())
+    splits = ["train", "validation"] if args.do_eval else ["train"]
+    prepared = prepare_splits(
+        recipe_for_preprocessing(recipe),
+        setup.tokenizer,
+        setup.block_size,
+        splits,
+        main_process_first=lambda desc: args.main_process_first(desc=desc),
+        progress=not options.quiet and is_main_process(),
+    )
+    if is_distributed():
+        built = sorted(name for name, split in prepared.items() if split.cache_path and not split.from_cache)
+        logger.info(describe_preprocessing(gather_to_all(built)))
+    model = load_model(recipe.model, setup.config, setup.tokenizer, resuming=plan.resume_from is not None)
+    if plan.resume_from is not None and args.should_log:
+        changed = global_batch_change(plan.resume_from, args, setup.block_size)
+        if changed:
+            logger.warning(changed)
+
+    train_dataset = prepared["train"].blocks
+    eval_dataset = prepared["validation"].blocks if args.do_eval else None
+    trainer = ClmTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=setup.tokenizer,
+        data_collator=default_data_collator,
+    )
+    throughput, totals = install_callbacks(
+        trainer, config=model.config, block_size=setup.block_size, quiet=options.quiet
+    )
+    trainer.graceful_stop = session.stop
+    trainer.run_totals = totals
+    session.begin(prepared)
+
+    resume_from = str(plan.resume_from) if plan.resume_from else None
+    with session.stop.during_training():
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+    if session.stop.stopped_at_step is not None:
+        raise session.interrupted(trainer.state.global_step)
+    faults.point("train.end")
+    save_final_model(trainer, plan.output_dir)  # the tokenizer too, so the output dir loads on its own
+
+    metrics = totals.whole_run_metrics(dict(train_result.metrics), trainer, throughput)
+    if args.should_log:
+        logger.info(throughput_line(metrics))
+    metrics["train_samples"] = _count(train_dataset, recipe.data.max_train_samples)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    results: dict[str, Any] = {"train": metrics}
+    if args.do_eval:
+        logger.info("*** Evaluate ***")
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = _count(eval_dataset, recipe.data.max_eval_samples)
+        # How the number was computed, as `clm-runner eval` labels it.
+        eval_metrics.update(method="blocks", block_size=setup.block_size, split="validation")
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        results["eval"] = eval_metrics
+
+    faults.point("card.write", plan.output_dir / "README.md")
+    if args.push_to_hub:
+        trainer.push_to_hub(**model_card_kwargs(recipe))  # writes the model card, then uploads
+    else:
+        trainer.create_model_card(**model_card_kwargs(recipe))
+    if trainer.is_world_process_zero():
+        give_default_modes(plan.output_dir, since=session.started_at)
+    session.finish("completed", trainer.state.global_step)
+    return results
+
+
+class _RunSession:
+    """One attempt: its start (the first write into the output dir), run.json and its ending."""
+
+    def __init__(self, setup: RunSetup, stop: GracefulStop, log: Any) -> None:
+        self.setup = setup
+        self.recipe = setup.recipe
+        self.options = setup.options
+        self.plan = setup.plan
+        self.stop = stop
+        self.log = log
+        self.manifest: Any = None
+        self.started = False
+        self.started_at = time.time()
+
+    def begin(self, prepared: dict[str, Any]) -> None:
+        """The run starts: the output dir is changed for the first time (rank 0 only)."""
+        self.started = True
+        self.started_at = time.time()
+        if not is_main_process():
+            return
+        from clm_runner.rundir.policy import remove_leftovers
+
+        if self.plan.archive:
+            archive_previous_run(self.plan.output_dir)
+        for leftover in remove_leftovers(self.plan.output_dir):
+            logger.info("Removed %s, left half written by an attempt that was stopped.", leftover)
+        # run.json first: a directory holding it (and its log) is known to be this run's, if the start is
+        # cut short here, and the same command starts it over in place.
+        self.start_manifest(prepared)
+        if self.log is not None:
+            self.log.start_file(self.plan.output_dir / LOG_FILE_NAME)
+        save_resolved_recipe(self.recipe, self.plan, self.setup.resolved)
+        faults.point("startup.begun", self.plan.output_dir)
+
+    def start_manifest(self, prepared: dict[str, Any]) -> None:
+        from clm_runner.data.sources import data_fingerprint
+        from clm_runner.rundir.manifest import RunManifest, device_info
+        from clm_runner.train.device import describe
+
+        data = data_fingerprint(self.recipe.data)
+        data["prepared"] = {
+            name: {
+                "cache_key": split.cache_path.name if split.cache_path else None,
+                "blocks": _count(split.blocks, None),
+            }
+            for name, split in prepared.items()
+        }
+        self.manifest = RunManifest.start(
+            self.plan.output_dir,
+            recipe=self.recipe,
+            resolved=self.setup.resolved,
+            argv=self.options.argv,
+            seed=self.setup.args.seed,
+            data=data,
+            devices=device_info(self.setup.args),
+            resumed_from=self.plan.resume_from,
+        )
+        # The precision / compile / data-loading choice made for this device (performance.py).
+        self.manifest.update(
+            performance=describe(self.setup.recorded_kwargs),
+            secrets_not_recorded=unrecorded_secrets(self.recipe),
+            recipe_changes=list(self.plan.recipe_changes),
+        )
+
+    def finish(self, status: str, global_step: int | None = None, error: str | None = None) -> None:
+        if self.manifest is None:
+            return
+        try:
+            self.manifest.finish(status, global_step=global_step, error=error)
+        except OSError as exc:  # the disk that failed the run may fail this too; say so, keep the first error
+            logger.warning("Could not record the run's end in run.json (%s).", exc)
+
+    def resume_command(self) -> str:
+        from clm_runner.config.secrets import secret_values
+        from clm_runner.rundir.manifest import resume_command
+
+        return resume_command(self.options.argv, self.plan.output_dir, secret_values(self.recipe))
+
+    def interrupted(self, global_step: int) -> RunInterrupted:
+        signum = self.stop.signum or 2
+        checkpoint = self.plan.output_dir / f"checkpoint-{global_step}"
+        message = (
+            f"Stopped by {signal_name(signum)} after step {global_step}; checkpoint written to {checkpoint}. "
+            f"Resume with: {self.resume_command()}"
+        )
+        if is_main_process():
+            logger.warning(message)
+        self.finish("interrupted", global_step, f"stopped by {signal_name(signum)}")
+        return RunInterrupted(message, signum=signum, quiet=True)
+
+    def fail(self, exc: BaseException) -> None:
+        """Record how the attempt ended and raise what the CLI should report."""
+        if isinstance(exc, RunInterrupted):
+            raise exc
+        if isinstance(exc, (StopNow, KeyboardInterrupt)):
+            signum = exc.signum if isinstance(exc, StopNow) else 2
+            newest = latest_checkpoint(self.plan.output_dir, warn=False)
+            where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
+            message = (
+                f"Stopped at once by {signal_name(signum)} ({where}). Resume with: {self.resume_command()}"
+            )
+            if is_main_process():
+                logger.warning(message)
+            self.finish("interrupted", None, f"stopped at once by {signal_name(signum)}")
+            raise RunInterrupted(message, signum=signum, quiet=True) from None
+        from clm_runner.config.secrets import scrub, secret_values
+        from clm_runner.rundir.storage import storage_error
+
+        stored = storage_error(exc, self.plan.output_dir)
+        self.finish("failed", None, scrub(f"{type(exc).__name__}: {exc}", secret_values(self.recipe)))
+        if stored is not None:
+            raise stored from None
+        raise exc
+
+
+def global_batch_change(checkpoint: Path, args: Any, block_size: int) -> str | None:
+    """A warning when a run resumes with another global batch than the checkpoint was trained with."""
+    from clm_runner.rundir.checkpoints import read_marker
+
+    marker = read_marker(checkpoint)
+    keys = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
+    if not all(isinstance(marker.get(key), int) for key in keys):
+        return None
+    before = (
+        marker["world_size"] * marker["per_device_train_batch_size"] * marker["gradient_accumulation_steps"]
+    )
+    now = global_batch(args, block_size)
+    if before == now.blocks:
+        return None
+    processes = f"{marker['world_size']} process{'es' if marker['world_size'] != 1 else ''}"
+    return (
+        f"Resuming {checkpoint.name}, trained with {processes} and {before} blocks per optimizer step, with "
+        f"{now.world_size} and {now.blocks} ({before * block_size:,} -> {now.tokens:,} tokens per step): the "
+        "global batch changed, and so do the steps per epoch and the losses. To keep it, launch as many "
+        "processes as before, or set training.gradient_accumulation_steps to make up the difference."
+    )
+
+
+def _count(dataset: Any, limit: int | None) -> int:
+    try:
+        return len(dataset)
+    except TypeError:  # a stream has no length; run_clm reports the requested maximum
+        return limit if limit is not None else -1
+
+
+def model_card_kwargs(recipe: Recipe) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"finetuned_from": recipe.model.model_name_or_path, "tasks": "text-generation"}
+    data = recipe.data
+    if data.dataset_name is not None:
+        kwargs["dataset_tags"] = data.dataset_name
+        if data.dataset_config_name is not None:
+            kwargs["dataset_args"] = data.dataset_config_name
+            kwargs["dataset"] = f"{data.dataset_name} {data.dataset_config_name}"
+        else:
+            kwargs["dataset"] = data.dataset_name
+    return kwargs
+
+
+def save_resolved_recipe(recipe: Recipe, plan: OutputPlan, resolved: dict[str, Any]) -> Path:
+    """recipe.toml: every key with its effective value, so the run can be repeated from its dir alone."""
+    header = (
+        "Resolved recipe of this run, written by clm-runner. Repeat it with:\n"
+        f"  clm-runner train --recipe {plan.output_dir / RECIPE_FILE} --set training.output_dir=NEW_DIR"
+    )
+    path = plan.output_dir / RECIPE_FILE
+    write_text_atomic(path, render_toml(resolved, header=header, unrecorded=unrecorded_secrets(recipe)))
+    return path

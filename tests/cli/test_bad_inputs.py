@@ -1,0 +1,363 @@
+"""Every bad input of the "a typo must not cost a run" list: exit 2, one clear line, no traceback, nothing changed.
+
+Each case builds a small world (recipe, data, output dir) under tmp_path, snapshots it, runs the CLI, and
+checks: exit status 2, exactly one `error:` line that names the problem and its fix, no traceback, and
+every file and directory of the world as it was (a new output dir is not left behind either).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers import ASSETS, REPO, TINY_CONFIG, snapshot
+
+from clm_runner.cli import cli
+from clm_runner.rundir.checkpoints import seal_checkpoint
+
+pytestmark = pytest.mark.usefixtures("fresh_cache")  # outside the world each test snapshots
+
+
+TEXT = (ASSETS / "train.txt").read_text(encoding="utf-8")[:20000]
+
+
+def recipe_text(world: Path, *, data: str | None = None, model: str | None = None, extra: str = "") -> str:
+    model = model or (
+        f'model_type = "gpt2"\nconfig_overrides = "{TINY_CONFIG}"\ntokenizer_name = "{ASSETS / "tokenizer"}"'
+    )
+    data = data or f'train_file = "{world / "train.txt"}"\nvalidation_file = "{world / "valid.txt"}"'
+    return (
+        f"[model]\n{model}\n\n[data]\n{data}\nblock_size = 32\n\n"
+        f'[training]\noutput_dir = "{world / "out"}"\nmax_steps = 2\nreport_to = "none"\n{extra}\n'
+    )
+
+
+@dataclass
+class World:
+    root: Path
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.toml"
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    root = tmp_path / "world"
+    root.mkdir()
+    (root / "train.txt").write_text(TEXT, encoding="utf-8")
+    (root / "valid.txt").write_text(TEXT[:5000], encoding="utf-8")
+    (root / "recipe.toml").write_text(recipe_text(root), encoding="utf-8")
+    return World(root)
+
+
+def refuse(world: World, args: list[str], *fragments: str) -> str:
+    """Run the CLI and check the refusal contract; returns the error line."""
+    before = snapshot(world.root)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    assert snapshot(world.root) == before, "the refusal changed files on disk"
+    return errors[0]
+
+
+def train(world: World, *sets: str, recipe: Path | None = None) -> list[str]:
+    return [
+        "train",
+        "--recipe",
+        str(recipe or world.recipe),
+        "--quiet",
+        *[a for s in sets for a in ("--set", s)],
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recipe
+
+
+def test_missing_recipe_file(world: World) -> None:
+    refuse(
+        world,
+        train(world, recipe=world.root / "nope.toml"),
+        "Recipe file not found",
+        "nope.toml",
+        "Check the path",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "position"),
+    [
+        ('[model]\nmodel_type = = "gpt2"\n', "line 2, column 14"),
+        ('[model]\nmodel_type = "gpt2"\ntokenizer_name = \'x\n', "line 3, column 20"),  # unclosed at the end
+        ("[model\nmodel_type = 1\n", "line 1, column 7"),
+    ],
+)
+def test_toml_syntax_error_names_line_and_column(world: World, text: str, position: str) -> None:
+    world.recipe.write_text(text)
+    refuse(world, train(world), "not valid TOML", position, "Fix the syntax")
+
+
+def test_unknown_key_names_the_closest_valid_one(world: World) -> None:
+    world.recipe.write_text(world.recipe.read_text().replace("block_size = 32", "blok_size = 32"))
+    refuse(world, train(world), "unknown key data.blok_size", "did you mean data.block_size?")
+
+
+def test_unknown_training_key_names_the_closest_valid_one(world: World) -> None:
+    refuse(
+        world,
+        train(world, "training.learnig_rate=1e-4"),
+        "unknown key training.learnig_rate",
+        "training.learning_rate",
+    )
+
+
+def test_wrong_type(world: World) -> None:
+    refuse(world, train(world, 'training.max_steps="ten"'), "training.max_steps must be an integer", "'ten'")
+    refuse(world, train(world, "data.block_size=1.5"), "data.block_size must be an integer")
+
+
+def test_conflicting_keys(world: World) -> None:
+    refuse(
+        world,
+        train(world, "model.model_name_or_path=gpt2"),
+        "Can't use model.config_overrides with",
+        "model.model_name_or_path",
+        "Choose one",
+    )
+    refuse(
+        world, train(world, "data.dataset_name=wikitext"), "data.dataset_name together with data.train_file"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# --set
+
+
+def test_set_without_equals(world: World) -> None:
+    refuse(
+        world, train(world, "training.max_steps"), "Malformed --set 'training.max_steps'", "section.key=value"
+    )
+
+
+def test_set_with_an_unknown_section(world: World) -> None:
+    refuse(world, train(world, "trainig.max_steps=3"), "unknown section [trainig]", "did you mean training?")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+def test_missing_data_file(world: World) -> None:
+    refuse(
+        world,
+        train(world, f"data.train_file={world.root / 'absent.txt'}"),
+        "absent.txt does not exist",
+        "Fix the path",
+    )
+
+
+def test_unsupported_extension(world: World) -> None:
+    (world.root / "train.docx").write_bytes(b"PK\x03\x04 not text")
+    refuse(
+        world,
+        train(world, f"data.train_file={world.root / 'train.docx'}"),
+        "unsupported extension '.docx'",
+        "Rename or convert",
+    )
+
+
+@pytest.mark.parametrize("content", ["", "\n\n   \n\t\n"], ids=["empty", "blank-only"])
+def test_empty_or_blank_data(world: World, content: str) -> None:
+    (world.root / "train.txt").write_text(content)
+    line = refuse(world, train(world), "train.txt")
+    assert ("is empty. Put text in it" in line) or (
+        "only blank text" in line and "Give it some text" in line
+    ), line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out_dir", ["absent", "pre-created empty"])
+def test_data_too_short_for_one_block(world: World, out_dir: str) -> None:
+    """Found while preparing data, after the output dir is locked: the start must still leave it as it was
+    (a pre-created empty dir used to keep a train.log, so the retry was refused as non-empty)."""
+    if out_dir != "absent":
+        world.out.mkdir()
+    (world.root / "train.txt").write_text("Only a few words here.\n")
+    refuse(
+        world,
+        train(world),
+        "too few for one block of 32 tokens",
+        "Give it more text, or lower data.block_size",
+    )
+    (world.root / "train.txt").write_text(TEXT, encoding="utf-8")
+    result = CliRunner().invoke(cli, train(world, "training.max_steps=1"))
+    assert result.exit_code == 0, result.output  # the retry needs no --overwrite
+
+
+def test_block_longer_than_the_models_positions(world: World, tmp_path_factory) -> None:
+    """Accepted by train (run_clm's rule caps by model_max_length only) and failing at the final evaluation,
+    after the whole training; now refused before any data is prepared."""
+    cache = Path(os.environ["CLM_RUNNER_CACHE"])
+    refuse(
+        world,
+        train(world, "data.block_size=128"),
+        "data.block_size = 128 is longer than the model's 64 positions",
+        "set data.block_size to 64 or less",
+    )
+    refuse(
+        world,
+        ["recipe", "check", "--recipe", str(world.recipe), "--set", "data.block_size=128"],
+        "64 positions",
+    )
+    assert not (cache / "blocks").exists()  # nothing was tokenized
+
+
+@pytest.mark.parametrize("size", [0, -4])
+def test_block_size_zero_or_less(world: World, size: int) -> None:
+    refuse(world, train(world, f"data.block_size={size}"), "data.block_size must be a positive number")
+
+
+@pytest.mark.slow
+def test_non_utf8_data_is_a_clear_error_or_replaced_on_request(world: World) -> None:
+    (world.root / "train.txt").write_bytes(TEXT.encode("utf-8") + b"caf\xe9 latin-1 bytes\n")
+    refuse(world, train(world), "train.txt", "UTF-8", 'encoding_errors = "replace"')
+    result = CliRunner().invoke(cli, train(world, 'data.encoding_errors="replace"', "training.max_steps=1"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((world.out / "run.json").read_text())["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output dir
+
+
+def test_non_empty_output_dir_without_checkpoints(world: World) -> None:
+    world.out.mkdir()
+    (world.out / "notes.txt").write_text("precious")
+    refuse(world, train(world), "not empty", "notes.txt", "--overwrite")
+
+
+def test_output_dir_in_use(world: World) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from clm_runner.rundir.lock import RunLock;"
+            "RunLock.acquire(Path(sys.argv[1]), 'clm-runner train'); print('ready', flush=True); time.sleep(60)",
+            str(world.out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        refuse(world, train(world), f"in use by pid {holder.pid}", "another training.output_dir")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_output_dir_with_only_torn_checkpoints(world: World) -> None:
+    staging = world.out / "tmp-checkpoint-4"
+    staging.mkdir(parents=True)
+    (staging / "trainer_state.json").write_text("{}")
+    seal_checkpoint(staging, world.out / "checkpoint-4", step=4)
+    (world.out / "checkpoint-4" / "trainer_state.json").write_text("{}  ")  # changed after sealing: torn
+    refuse(world, train(world), "only torn checkpoints", "checkpoint-4", "--overwrite")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hub while offline
+
+
+def test_hub_model_while_offline(world: World) -> None:
+    model = 'model_name_or_path = "openai-community/gpt2"'
+    world.recipe.write_text(recipe_text(world.root, model=model))
+    refuse(
+        world, train(world), "Can't reach the Hugging Face Hub", "openai-community/gpt2", "local directory"
+    )
+
+
+def test_hub_dataset_while_offline(world: World) -> None:
+    world.recipe.write_text(recipe_text(world.root, data='dataset_name = "someone/unseen-dataset"'))
+    refuse(world, train(world), "Hugging Face Hub", "someone/unseen-dataset")
+
+
+# ---------------------------------------------------------------------------------------------------
+# eval
+
+
+def test_eval_on_a_directory_that_is_not_a_run(world: World) -> None:
+    plain = world.root / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("not a run")
+    refuse(
+        world,
+        ["eval", "--run", str(plain)],
+        "is not a clm-runner run (no recipe.toml)",
+        "Pass a run's output_dir",
+    )
+    refuse(world, ["eval", "--run", str(world.root / "missing")], "no such directory", "output_dir of a")
+    # A recipe but no trained model (world holds recipe.toml): named too.
+    refuse(world, ["eval", "--run", str(world.root)], "holds no saved model (no config.json)", "checkpoint-N")
+
+
+# ---------------------------------------------------------------------------------------------------
+# recipe check runs what train runs before any heavy work
+
+
+@pytest.mark.parametrize(
+    ("sets", "fragment"),
+    [
+        (["data.train_file=absent.txt"], "absent.txt does not exist"),
+        (["training.eval_strategy=epochs"], "did you mean 'epoch'?"),
+        (["training.lr_scheduler_type=cosin"], "did you mean 'cosine'?"),
+        (["model.config_overrides=n_layer=two"], "model.config_overrides 'n_layer=two'"),
+        ([f"model.tokenizer_name={ASSETS / 'tokenizr'}"], "no such directory"),
+        (["data.block_size=128"], "longer than the model's 64 positions"),
+        (["training.per_device_train_batch_size=0"], "at least 1 block"),
+        (["training.report_to=wandb"], "not installed"),
+    ],
+    ids=[
+        "train_file",
+        "eval_strategy",
+        "scheduler",
+        "config_overrides",
+        "tokenizer",
+        "block",
+        "batch",
+        "report",
+    ],
+)
+def test_check_refuses_what_train_refuses_with_the_same_line(
+    world: World, sets: list[str], fragment: str
+) -> None:
+    """`recipe check` said ok to recipes that `train` then rejected (or that failed later with a traceback)."""
+    check = ["recipe", "check", "--recipe", str(world.recipe), *[a for s in sets for a in ("--set", s)]]
+    checked = refuse(world, check, fragment)
+    trained = refuse(world, train(world, *sets), fragment)
+    assert checked == trained
+
+
+def test_check_says_what_train_would_do_with_the_output_dir(world: World) -> None:
+    result = CliRunner().invoke(cli, ["recipe", "check", "--recipe", str(world.recipe)])
+    assert result.exit_code == 0, result.output
+    assert "ok (block_size 32). Training into new output dir" in result.output
+    world.out.mkdir()
+    (world.out / "notes.txt").write_text("x")
+    refuse(world, ["recipe", "check", "--recipe", str(world.recipe)], "not empty", "--overwrite")

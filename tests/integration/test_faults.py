@@ -1,0 +1,259 @@
+"""Runs never lost, proven: kill a real `train` at every named fault point, resume it with the same command.
+
+Every case ends with the uninterrupted run's global step, eval loss and weights, every JSON file parses,
+every safetensors file loads, nothing half written is left, and the results count the whole run. `make
+fault-test` runs this file (it is left out of `make test`: about five minutes on two cores).
+
+Why equality and not a tolerance: the resumed attempt runs on the same machine, with the same thread count
+(1), the same data order, weights, optimizer and RNG states (all restored bit for bit): each remaining step
+is the same float operations in the same order as in the uninterrupted run. Only the whole-run mean train
+loss is a different float sum: the saved partial sum plus the rest, instead of one running sum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ASSETS, REPO, SMOKE, completed_run, run_cli, same_weights, train_args
+
+from clm_runner.rundir.checkpoints import checkpoint_problem, scan_checkpoints
+from clm_runner.rundir.policy import is_leftover
+
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
+
+MAX_STEPS = 12
+LOSS_SUM_RTOL = 1e-13
+"""train_loss is a sum of MAX_STEPS float64 step losses divided by MAX_STEPS; adding them in another
+grouping moves the sum by at most MAX_STEPS x 2**-53 of it (1.3e-15): 1e-13 bounds it with room."""
+
+# A run that passes every point: checkpoints at 4, 8 and 12 (3 of them, so rotation with a limit of 2
+# deletes one), evaluations at steps 6 and 12, and the final evaluation.
+EXTRA = (
+    "training.save_steps=4",
+    "training.save_total_limit=2",
+    "training.eval_strategy=steps",
+    "training.eval_steps=6",
+)
+
+# (point, hit): where SIGKILL strikes. A hit of 1 at a checkpoint point strikes the first checkpoint (none is
+# sealed yet: the same command must start the run over), 2 the second (resume from the first).
+NEW, RESTART, RESUME = "Training into new output dir", "starting it over in place", "resuming from"
+KILL_POINTS = [
+    ("startup.lock", 1, NEW),  # only the lock's leftovers: as good as empty
+    ("write.run.json", 1, NEW),
+    ("startup.begun", 1, RESTART),  # run.json, train.log, recipe.toml: this run's start
+    ("checkpoint.staging", 1, RESTART),
+    ("checkpoint.model", 1, RESTART),
+    ("checkpoint.optimizer", 2, RESUME),
+    ("checkpoint.state", 2, RESUME),
+    ("checkpoint.marker", 2, RESUME),
+    ("checkpoint.renamed", 2, RESUME),
+    ("rotation.delete", 1, RESUME),
+    ("evaluate", 1, RESTART),  # eval_on_start (the smoke recipe's), before any checkpoint
+    ("evaluate", 2, RESUME),  # the evaluation at step 6, after checkpoint-4
+    ("write.trainer_state.json", 1, RESUME),
+    ("train.end", 1, RESUME),
+    ("final.save", 1, RESUME),
+    ("write.train_results.json", 1, RESUME),
+    ("write.eval_results.json", 1, RESUME),
+    ("write.all_results.json", 2, RESUME),
+    ("card.write", 1, RESUME),
+    ("write.run.json", 3, RESUME),  # the last run.json write: the run's end is about to be recorded
+]
+# (point, hit, what it says on resume): killed in the middle of writing a file, cut to half its size first.
+# A staged file must never be read as a whole one.
+TORN_POINTS = [
+    ("checkpoint.optimizer", 1, RESTART),  # the optimizer state of the first checkpoint
+    ("checkpoint.model", 2, RESUME),  # the weights of a later checkpoint
+    ("final.save", 1, RESUME),  # the final model
+]
+CASES = [(*case, "kill") for case in KILL_POINTS] + [(*case, "torn") for case in TORN_POINTS]
+
+
+def args_for(run: Path) -> list[str]:
+    return train_args(run, *EXTRA, max_steps=MAX_STEPS)
+
+
+@pytest.fixture(scope="module")
+def reference(workdir: Path, env: dict[str, str]) -> Path:
+    return completed_run(workdir / "uninterrupted", args_for(workdir / "uninterrupted"), env)
+
+
+def weights(path: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def assert_whole_and_equal(run: Path, reference: Path) -> None:
+    for path in run.rglob("*.json"):
+        json.loads(path.read_text())  # every JSON parses
+    for path in run.rglob("*.safetensors"):
+        weights(path)  # every weights file loads
+    leftovers = [p.name for p in run.iterdir() if is_leftover(p.name)]
+    assert leftovers == [], leftovers
+    assert not scan_checkpoints(run).torn
+    for checkpoint in scan_checkpoints(run).complete:
+        assert checkpoint_problem(checkpoint) is None
+    state, want = (json.loads((d / "trainer_state.json").read_text()) for d in (run, reference))
+    assert state["global_step"] == want["global_step"] == MAX_STEPS
+    got_eval, want_eval = (json.loads((d / "eval_results.json").read_text()) for d in (run, reference))
+    assert got_eval["eval_loss"] == want_eval["eval_loss"]
+    assert same_weights(run / "model.safetensors", reference / "model.safetensors")
+    got, ref = (json.loads((d / "train_results.json").read_text()) for d in (run, reference))
+    assert got["train_tokens"] == ref["train_tokens"]  # the whole run's, not the last attempt's
+    assert got["train_loss"] == pytest.approx(ref["train_loss"], rel=LOSS_SUM_RTOL)
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("point", "hit", "says", "action"), CASES, ids=[f"{a} {p}@{h}" for p, h, _, a in CASES]
+)
+def test_killed_at_a_fault_point_the_same_command_finishes_the_run(
+    workdir: Path, env: dict[str, str], reference: Path, point: str, hit: int, says: str, action: str
+) -> None:
+    run = workdir / f"{action}-{point}-{hit}"
+    args = args_for(run)
+    code, log = run_cli(
+        args, {**env, "CLM_RUNNER_FAULT": f"{point}@{hit}:{action}"}, workdir / f"{run.name}-1.log"
+    )
+    assert code == -signal.SIGKILL, f"the fault point was not reached:\n{log[-2000:]}"
+    code, log = run_cli(args, env, workdir / f"{run.name}-2.log")
+    assert code == 0, log[-3000:]
+    assert "error:" not in log and says in log, log[-3000:]
+    assert_whole_and_equal(run, reference)
+
+
+@pytest.mark.parametrize(
+    ("point", "hit", "action", "says"),
+    [
+        ("checkpoint.model", 2, "enospc", "No space left on the device writing"),
+        ("write.train_results.json", 1, "enospc", "No space left on the device writing"),
+        ("final.save", 1, "enospc", "No space left on the device writing"),
+        ("checkpoint.staging", 2, "eacces", "Permission denied writing"),
+        ("write.run.json", 2, "erofs", "The file system is read-only writing"),
+    ],
+)
+def test_a_failed_write_ends_the_attempt_in_one_line_and_the_same_command_resumes(
+    workdir: Path, env: dict[str, str], reference: Path, point: str, hit: int, action: str, says: str
+) -> None:
+    run = workdir / f"{action}-{point}-{hit}"
+    args = args_for(run)
+    code, log = run_cli(
+        args, {**env, "CLM_RUNNER_FAULT": f"{point}@{hit}:{action}"}, workdir / f"{run.name}-1.log"
+    )
+    assert code == 1, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0], log[-3000:]
+    assert str(run) in errors[0] and "run the same command to resume" in errors[0]
+    if action == "enospc":
+        assert re.search(r"\(\d+\.\d+ [GM]iB free\)", errors[0]), errors[0]
+    assert "Traceback" not in log
+    newest = scan_checkpoints(run).newest_complete
+    if newest is not None:
+        assert f"the last sealed checkpoint, {newest.name}, is intact" in errors[0]
+        assert checkpoint_problem(newest) is None
+    code, log = run_cli(args, env, workdir / f"{run.name}-2.log")
+    assert code == 0, log[-3000:]
+    assert_whole_and_equal(run, reference)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory anyway")
+def test_an_output_dir_made_read_only_mid_run_is_one_line_and_resumable(
+    workdir: Path, env: dict[str, str], reference: Path
+) -> None:
+    from helpers import finish, start, wait_for
+
+    run = workdir / "read-only"
+    log = workdir / "read-only-1.log"
+    process = start(args_for(run), {**env, "CLM_TEST_STEP_DELAY": "0.3"}, log)
+    wait_for(
+        lambda: (run / "checkpoint-4" / "clm_runner_complete.json").exists(), process, what="checkpoint-4"
+    )
+    run.chmod(0o555)
+    try:
+        assert finish(process) == 1
+    finally:
+        run.chmod(0o755)
+    errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Permission denied writing" in errors[0]
+    code, text = run_cli(args_for(run), env, workdir / "read-only-2.log")
+    assert code == 0, text[-3000:]
+    assert_whole_and_equal(run, reference)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two processes
+
+
+def torchrun(*clm_args: str) -> list[str]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), "--monitor-interval", "1", "-m", "clm_runner", *clm_args,
+    ]  # fmt: skip
+
+
+def two_process_args(run: Path) -> list[str]:
+    sets = [
+        f"model.tokenizer_name={ASSETS / 'tokenizer'}",
+        "model.config_overrides=n_layer=1,n_head=2,n_embd=32,n_positions=64,vocab_size=2048,bos_token_id=0,eos_token_id=0",
+        f"data.train_file={ASSETS / 'train.txt'}",
+        f"data.validation_file={ASSETS / 'validation.txt'}",
+        "data.block_size=32",
+        "data.max_train_samples=64",
+        "data.max_eval_samples=16",
+        f"training.output_dir={run}",
+        "training.per_device_train_batch_size=4",
+        "training.max_steps=8",
+        "training.save_strategy=steps",
+        "training.save_steps=2",
+        "training.eval_strategy=no",
+        "training.logging_steps=1",
+    ]
+    return ["train", "--recipe", str(SMOKE), "--quiet", *[a for s in sets for a in ("--set", s)]]
+
+
+def test_two_processes_killed_while_saving_resume_to_the_same_result(
+    workdir: Path, env: dict[str, str]
+) -> None:
+    """Rank 1 is killed after writing its part of checkpoint-4 (torchrun then stops rank 0): no rank sealed
+    it, and the same torchrun command resumes from checkpoint-2 to the uninterrupted 2-process result."""
+    env = {**env, "HF_HOME": str(workdir / "hf-home")}
+    reference, run = workdir / "two-uninterrupted", workdir / "two-killed"
+
+    def launch(target: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            torchrun(*two_process_args(target)), env={**env, **(extra_env or {})}, capture_output=True,
+            text=True, timeout=600, cwd=REPO,
+        )  # fmt: skip
+
+    done = launch(reference)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = launch(run, {"CLM_RUNNER_FAULT": "checkpoint.optimizer@2:kill:rank1"})
+    assert killed.returncode != 0
+    assert [p.name for p in scan_checkpoints(run).complete] == ["checkpoint-2"]  # checkpoint-4 never sealed
+    resumed = launch(run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run / 'checkpoint-2'}" in resumed.stdout + resumed.stderr
+    assert_two_process_result(run, reference)
+
+
+def assert_two_process_result(run: Path, reference: Path) -> None:
+    state, want = (json.loads((d / "trainer_state.json").read_text()) for d in (run, reference))
+    assert state["global_step"] == want["global_step"] == 8
+    got_eval, want_eval = (json.loads((d / "eval_results.json").read_text()) for d in (run, reference))
+    assert got_eval["eval_loss"] == want_eval["eval_loss"]
+    assert same_weights(run / "model.safetensors", reference / "model.safetensors")
+    assert [p.name for p in run.iterdir() if is_leftover(p.name)] == []

@@ -1,0 +1,74 @@
+"""The package's layout holds: click only in cli/, small modules with a docstring, no import cycle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+PACKAGE = REPO / "clm_runner"
+MODULES = sorted(PACKAGE.rglob("*.py"))
+MAX_LINES = 400
+
+
+def module_name(path: Path) -> str:
+    name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    return name.removesuffix(".__init__")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """clm_runner modules `path` imports, at its top or inside functions (a lazy import is a dependency too)."""
+    known = {module_name(p) for p in MODULES}
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clm_runner"):
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name in known} - {module_name(path)}
+
+
+def test_only_the_cli_imports_click() -> None:
+    outside = [
+        module_name(p)
+        for p in MODULES
+        if "click"
+        in {a.name for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.Import) for a in n.names}
+        | {n.module for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ImportFrom)}
+        and p.parent.name != "cli"
+    ]
+    assert outside == []
+
+
+@pytest.mark.parametrize("path", MODULES, ids=module_name)
+def test_each_module_is_small_and_says_what_it_holds(path: Path) -> None:
+    assert len(path.read_text().splitlines()) <= MAX_LINES
+    docstring = ast.get_docstring(ast.parse(path.read_text()))
+    assert docstring and docstring.strip(), f"{module_name(path)} has no docstring saying its one job"
+
+
+def test_no_import_cycle() -> None:
+    graph = {module_name(p): imported_modules(p) for p in MODULES}
+    # Importing clm_runner.x.y runs clm_runner.x's __init__ first: that is not a dependency of y on x.
+    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for dependency in sorted(graph[module]):
+            if state.get(dependency) == 1:
+                cycle = path[path.index(dependency) :] + [dependency]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dependency not in state:
+                visit(dependency)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
