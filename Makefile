@@ -41,11 +41,11 @@ test: install
 
 # Kill a real run at every named fault point (and fill its disk, take its permissions) and resume it.
 fault-test: install
-	$(OFFLINE) $(BIN)/python -m pytest -q -m fault tests/test_faults.py
+	$(OFFLINE) $(BIN)/python -m pytest -q -m fault tests/integration/test_faults.py
 
 # A longer, freshly random search of the recipe reader (make test runs a fixed, reproducible one).
 fuzz: install
-	$(OFFLINE) HYPOTHESIS_PROFILE=explore $(BIN)/python -m pytest -q tests/test_fuzz.py
+	$(OFFLINE) HYPOTHESIS_PROFILE=explore $(BIN)/python -m pytest -q tests/config/test_fuzz.py
 
 lint: install
 	$(BIN)/ruff check clm_runner tests benchmarks scripts

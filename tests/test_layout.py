@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,14 @@ def test_no_import_cycle() -> None:
     for module in sorted(graph):
         if module not in state:
             visit(module)
+
+
+def test_every_test_path_the_build_files_name_exists() -> None:
+    """make fault-test / make fuzz / CI name test files by path; a move must carry them along."""
+    named = {
+        match
+        for build_file in (REPO / "Makefile", REPO / ".ci" / "run")
+        for match in re.findall(r"tests/[\w/]+\.py", build_file.read_text())
+    }
+    assert named, "the Makefile names its fault and fuzz test files"
+    assert [path for path in sorted(named) if not (REPO / path).is_file()] == []
