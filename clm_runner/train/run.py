@@ -255,7 +255,7 @@ class _RunSession:
 
     def resume_command(self) -> str:
         from clm_runner.config.secrets import secret_values
-        from clm_runner.rundir.manifest import resume_command
+        from clm_runner.train.interrupts import resume_command
 
         return resume_command(self.options.argv, self.plan.output_dir, secret_values(self.recipe))
 

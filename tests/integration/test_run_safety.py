@@ -21,7 +21,8 @@ from clm_runner.config.secrets import redact_argv, scrub
 from clm_runner.errors import ClmError, ModelError
 from clm_runner.rundir.checkpoints import scan_checkpoints
 from clm_runner.rundir.lock import LOCK_NAME, RunLock, ensure_free, read_owner
-from clm_runner.rundir.manifest import recipe_hash, resume_command
+from clm_runner.rundir.manifest import recipe_hash
+from clm_runner.train.interrupts import resume_command
 
 pytestmark = pytest.mark.slow
 

@@ -382,7 +382,7 @@ def test_non_empty_output_dir_is_refused_on_every_rank_with_one_error(tmp_path: 
 
 
 def test_the_resume_command_keeps_the_launcher_and_its_process_count(monkeypatch) -> None:
-    from clm_runner.rundir.manifest import resume_command
+    from clm_runner.train.interrupts import resume_command
 
     argv = ["/x/clm_runner/__main__.py", "train", "--recipe", "r.toml", "--overwrite"]
     torchrun = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "RANK": "0", "TORCHELASTIC_RUN_ID": "x"}
