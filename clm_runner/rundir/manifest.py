@@ -27,7 +27,16 @@ MANIFEST_NAME = "run.json"
 STATUSES = ("running", "completed", "failed", "interrupted")
 MANIFEST_FORMAT = 1
 
-SOFTWARE = ("transformers", "torch", "datasets", "accelerate", "tokenizers", "huggingface_hub", "numpy")
+SOFTWARE = (
+    "transformers",
+    "torch",
+    "datasets",
+    "accelerate",
+    "peft",
+    "tokenizers",
+    "huggingface_hub",
+    "numpy",
+)
 
 
 # ---------------------------------------------------------------------------------------------------

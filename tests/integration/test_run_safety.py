@@ -326,7 +326,7 @@ def test_pickled_weights_are_refused(tmp_path: Path) -> None:
     import torch
     from transformers import GPT2LMHeadModel
 
-    from clm_runner.models.loading import load_trained
+    from clm_runner.models.trained import load_trained
 
     model = GPT2LMHeadModel(tiny_gpt2_config(n_embd=8, vocab_size=16, n_positions=8))
     model.config.save_pretrained(tmp_path)
