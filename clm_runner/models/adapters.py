@@ -143,6 +143,44 @@ def plan_adapter(adapter: AdapterConfig, config: Any) -> AdapterPlan:
     return AdapterPlan(lora, int(trainable), int(total), adapted, adapter.load_in_4bit)
 
 
+SHAPING_KEYS = (
+    "r",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "layers_to_transform",
+    "rank_pattern",
+    "use_dora",
+)
+"""adapter keys that decide which tensors a checkpoint's adapter holds: they can't change when resuming."""
+
+
+def check_resume_matches(checkpoint: Path, plan: AdapterPlan | None) -> None:
+    """A checkpoint resumes only into the same kind of run: full into full, the same adapter's shapes."""
+    holds_adapter = (checkpoint / ADAPTER_CONFIG).is_file()
+    fix = "Resume with the recipe the run was trained with (its recipe.toml), or start over with --no-resume --overwrite."
+    if plan is None and holds_adapter:
+        raise RecipeError(
+            f"{checkpoint} holds a LoRA adapter, but the recipe has no [adapter] section. {fix}"
+        )
+    if plan is None:
+        return
+    if not holds_adapter:
+        raise RecipeError(f"{checkpoint} holds a full model, but the recipe has an [adapter] section. {fix}")
+    saved = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
+    differ = []
+    for key in SHAPING_KEYS:
+        ours, theirs = plan.lora.get(key), saved.get(key)
+        if isinstance(ours, list) and isinstance(theirs, list):
+            ours, theirs = sorted(ours), sorted(theirs)
+        if key in plan.lora and ours != theirs:
+            differ.append(f"adapter.{key} = {plan.lora.get(key)!r} (the checkpoint's: {saved.get(key)!r})")
+    if differ:
+        raise RecipeError(
+            f"{checkpoint}'s adapter has other shapes than the recipe asks for: {'; '.join(differ)}. {fix}"
+        )
+
+
 def check_quantization(adapter: AdapterConfig, *, use_cpu: bool) -> None:
     """QLoRA needs CUDA and bitsandbytes: refused in one line anywhere else, before any heavy work."""
     if not adapter.load_in_4bit:

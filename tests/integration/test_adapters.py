@@ -13,6 +13,7 @@ from helpers import (
     ASSETS,
     SMOKE,
     completed_run,
+    copy_checkpoints,
     independent_perplexity,
     invoke,
     lora_sets,
@@ -313,3 +314,27 @@ def test_a_two_process_adapter_run_under_torchrun(
     alone = json.loads(out.read_text())
     assert alone["eval_tokens"] == written["eval_tokens"]
     assert alone["eval_loss"] == pytest.approx(written["eval_loss"], rel=FORWARD_RTOL)
+
+
+def test_a_checkpoint_resumes_only_into_a_run_of_its_kind(lora_run: Path, base: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    copy_checkpoints(lora_run, run, (4,))
+    before = snapshot(run)
+    full = [
+        "train",
+        "--recipe",
+        str(SMOKE),
+        "--quiet",
+        *tiny_sets(run),
+        *sets(f"model.model_name_or_path={base}"),
+    ]
+    full += sets("model.model_type=", "model.config_overrides=", "model.tokenizer_name=")
+    other_rank = lora_train(base, run, "adapter.r=8")
+    for args, expected in (
+        (full, "holds a LoRA adapter, but the recipe has no [adapter] section"),
+        (other_rank, "adapter.r = 8 (the checkpoint's: 4)"),
+    ):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert expected in result.output and "--no-resume --overwrite" in result.output
+        assert snapshot(run) == before
