@@ -32,9 +32,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 smoke-test: install
-	rm -rf runs/smoke
+	rm -rf runs/smoke runs/smoke-lora runs/smoke-lora-merged
 	$(OFFLINE) $(BIN)/clm-runner train --recipe recipes/smoke.toml
 	$(OFFLINE) $(BIN)/clm-runner eval --run runs/smoke
+	$(OFFLINE) $(BIN)/clm-runner train --recipe recipes/smoke-lora.toml
+	$(OFFLINE) $(BIN)/clm-runner eval --run runs/smoke-lora
+	$(OFFLINE) $(BIN)/clm-runner export runs/smoke-lora --merge --output runs/smoke-lora-merged
 
 test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q

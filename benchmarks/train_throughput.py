@@ -13,7 +13,7 @@ biases neither side:
 Tokens/s are timed the same way for both by a separate clock callback: from the end of step `--warmup`
 (compilation, worker start-up, allocator warm-up excluded) to the end of the last step, with a CUDA
 synchronize at both ends. MFU = flops_per_token x tokens/s / peak, with flops_per_token = 6N + 12*L*d*T
-(`clm_runner.models.summary.flops_per_token`) and the peak the GPU's dense bf16 one for both columns.
+(`clm_runner.models.flops.flops_per_token`) and the peak the GPU's dense bf16 one for both columns.
 
     python benchmarks/train_throughput.py                  # CPU: tiny GPT-2, must be >= 0.95x
     python benchmarks/train_throughput.py --gpu-config     # GPT-2 124M, block 1024, batch 8 (the reference recipe)
@@ -218,7 +218,7 @@ def main() -> int:
     import torch
     import transformers
 
-    from clm_runner.models.summary import flops_per_token
+    from clm_runner.models.flops import flops_per_token
     from clm_runner.train import device as performance
 
     cuda = torch.cuda.is_available()

@@ -165,6 +165,60 @@ def tiny_gpt2_config(**overrides: object):
     return GPT2Config(**values)
 
 
+def tiny_base_model(directory: Path, seed: int = 0) -> Path:
+    """A tiny GPT-2 with random weights (seeded) and the smoke tokenizer, saved as a pretrained model directory:
+    the base model of the adapter tests."""
+    import shutil
+
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(directory)
+    for file in (ASSETS / "tokenizer").iterdir():
+        shutil.copy(file, directory / file.name)
+    return directory
+
+
+def lora_sets(base: Path, output_dir: Path, *extra: str, max_steps: int = MAX_STEPS) -> list[str]:
+    """tiny_sets for LoRA on `base` (tiny_base_model): rank-4 adapters on PEFT's default for GPT-2 (c_attn)."""
+    return tiny_sets(
+        output_dir,
+        "model.config_overrides=",
+        "model.tokenizer_name=",
+        "model.model_type=",
+        f"model.model_name_or_path={base}",
+        "adapter.r=4",
+        "adapter.lora_alpha=8",
+        "training.learning_rate=5e-3",
+        *extra,
+        max_steps=max_steps,
+    )
+
+
+def independent_perplexity(model, tokenizer, text_path: Path, block_size: int, max_blocks: int | None = None):
+    """Plain forward passes over run_clm-style blocks of the text: (exp(sum NLL / predicted tokens), tokens)."""
+    import math
+
+    import torch
+
+    ids: list[int] = []
+    for line in text_path.read_text(encoding="utf-8").splitlines(keepends=True):
+        ids.extend(tokenizer(line)["input_ids"])
+    n_blocks = len(ids) // block_size
+    if max_blocks is not None:
+        n_blocks = min(n_blocks, max_blocks)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for b in range(n_blocks):
+            block = torch.tensor([ids[b * block_size : (b + 1) * block_size]])
+            logits = model(input_ids=block).logits[0, :-1].double()
+            total += -torch.log_softmax(logits, dim=-1).gather(1, block[0, 1:, None]).sum().item()
+            count += block_size - 1
+    return math.exp(total / count), count
+
+
 def byte_level_tokenizer(
     texts, *, vocab_size: int = 400, special_tokens=(EOS,), template: tuple | None = None, **roles
 ):

@@ -84,3 +84,44 @@ def test_every_test_path_the_build_files_name_exists() -> None:
     }
     assert named, "the Makefile names its fault and fuzz test files"
     assert [path for path in sorted(named) if not (REPO / path).is_file()] == []
+
+
+def _defined_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def test_docs_name_only_modules_and_functions_that_exist() -> None:
+    """The regroup left docs pointing at clm_runner.summary and clm_runner.performance, which had moved."""
+    docs = [
+        REPO / "README.md",
+        *sorted((REPO / "docs").glob("*.md")),
+        *sorted((REPO / "benchmarks").glob("*.py")),
+    ]
+    dangling = []
+    for doc in docs:
+        for dotted in set(re.findall(r"\bclm_runner(?:\.\w+)+", doc.read_text())):
+            parts = dotted.split(".")
+            # The longest prefix that is a module; what follows it must be defined there.
+            for cut in range(len(parts), 0, -1):
+                base = REPO.joinpath(*parts[:cut])
+                module = (
+                    base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+                )
+                if module.is_file():
+                    rest = parts[cut:]
+                    if rest and rest[0] not in _defined_names(module):
+                        dangling.append(f"{doc.name}: {dotted}")
+                    break
+            else:
+                dangling.append(f"{doc.name}: {dotted}")
+    assert dangling == []

@@ -4,7 +4,7 @@ The work lives in the other subpackages; a command parses, calls them and report
 standard library are imported here, so `clm-runner --help` answers at once.
 """
 
-from clm_runner.cli import data, eval, generate, model, recipe, report, train  # noqa: F401 - registers commands
+from clm_runner.cli import data, eval, export, generate, model, recipe, report, train  # noqa: F401 - registers commands
 from clm_runner.cli.app import cli, main
 
 __all__ = ["cli", "main"]

@@ -18,6 +18,13 @@ from clm_runner.cli.app import cli
 )
 @click.option("--seed", type=int, default=None, help="Same seed, same text.")
 @click.option("--num-samples", "-n", type=int, default=1, show_default=True, help="Texts to generate.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="model.KEY=VALUE",
+    help="For an adapter run: where its base model is, e.g. --set model.model_name_or_path=DIR.",
+)
 def generate(
     run: str,
     prompt: str,
@@ -27,12 +34,17 @@ def generate(
     top_k: int,
     seed: int | None,
     num_samples: int,
+    overrides: tuple[str, ...],
 ) -> None:
     """Continue a prompt with a trained run (or any checkpoint or model directory).
 
     \b
-    Example:
+    An adapter run (LoRA) is put back on its base model, found in the run's recipe.toml.
+
+    \b
+    Examples:
       clm-runner generate runs/smoke --prompt " = Valley of" --seed 1 --num-samples 2
+      clm-runner generate runs/smoke-lora/checkpoint-37 --prompt " = Valley of" --temperature 0
     """
     from clm_runner.logs import setup_logging
     from clm_runner.models.generate import generate_text
@@ -47,6 +59,7 @@ def generate(
         top_k=top_k,
         seed=seed,
         num_samples=num_samples,
+        overrides=overrides,
     )
     for i, text in enumerate(texts):
         if len(texts) > 1:

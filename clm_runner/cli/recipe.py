@@ -38,8 +38,8 @@ def recipe_check(recipe_path: str, overrides: tuple[str, ...]) -> None:
     """Run every check `train` runs before any heavy work, without training.
 
     Keys, types and values; the TrainingArguments train would build; files and directories the recipe
-    names; the tokenizer, config and block size; the hub where it is needed; and what the output dir
-    allows (new, resume, refused).
+    names; the tokenizer, config and block size; where [adapter]'s adapters go; the hub where it is
+    needed; and what the output dir allows (new, resume, refused).
 
     \b
     Example:
@@ -53,3 +53,5 @@ def recipe_check(recipe_path: str, overrides: tuple[str, ...]) -> None:
     loaded = load_recipe(recipe_path, overrides)
     setup = prepare_run(loaded, TrainOptions())
     click.echo(f"{recipe_path}: ok (block_size {setup.block_size}). {setup.plan.note}")
+    if setup.adapter is not None:
+        click.echo(setup.adapter.describe())

@@ -96,6 +96,10 @@ def key_annotation(section: str, key: str) -> Any | None:
     """The declared type of section.key, or None for a key the section does not have."""
     if section == "training":
         return training_argument_types().get(key)
+    if section == "adapter":
+        from clm_runner.config.adapter_keys import key_annotation as adapter_key_annotation
+
+        return adapter_key_annotation(key)
     cls = SECTIONS.get(section)
     return typing.get_type_hints(cls).get(key) if cls is not None else None
 
@@ -198,13 +202,37 @@ def build_recipe(
         raise RecipeError(
             f"{where}data.streaming needs training.max_steps > 0: a stream has no length to count epochs by."
         )
+    adapter = None
+    if "adapter" in raw:
+        from clm_runner.config.adapter_keys import validate_adapter
+
+        adapter = validate_adapter(raw["adapter"], where)
+        _check_adapter_fits(sections["model"], training, where)
     return Recipe(
         model=sections["model"],
         data=sections["data"],
         training=types.MappingProxyType(training),
         eval=sections["eval"],
+        adapter=adapter,
         source=source,
     )
+
+
+def _check_adapter_fits(model: Any, training: Mapping[str, Any], where: str) -> None:
+    """An adapter adapts pretrained weights, under DDP or on one device."""
+    if model.model_name_or_path is None:
+        raise RecipeError(
+            f"{where}[adapter] trains small adapters on a pretrained model, but model.model_name_or_path is "
+            "unset (a model built from scratch has nothing to adapt). Set model.model_name_or_path to the base "
+            "model, or remove [adapter] to train every weight."
+        )
+    for key in ("fsdp", "deepspeed"):
+        if training.get(key):
+            raise RecipeError(
+                f"{where}[adapter] with training.{key} is not supported: adapters train under DDP "
+                f"(torchrun / accelerate launch) or on one device. Remove training.{key} (an adapter's "
+                "gradients and optimizer state are a small fraction of the model), or remove [adapter]."
+            )
 
 
 def _refuse_placeholders(raw: Mapping[str, Any], where: str) -> None:

@@ -23,6 +23,13 @@ def resolved_dict(
     if training_overrides:
         training.update(training_overrides)
     full["training"] = training
+    if recipe.adapter is not None:
+        from clm_runner.config.adapter_keys import lora_defaults
+
+        adapter = {"method": recipe.adapter.method, "load_in_4bit": recipe.adapter.load_in_4bit}
+        adapter.update(lora_defaults())
+        adapter.update(recipe.adapter.lora)
+        full["adapter"] = adapter
     plain, _ = secrets.strip_secrets(full)
     return plain
 

@@ -1,5 +1,6 @@
 """Recipes: the typed, frozen configuration of one job ([model], [data], [eval]; [training] is checked
-against the installed TrainingArguments by clm_runner.config.load).
+against the installed TrainingArguments by clm_runner.config.load, [adapter] against peft's LoraConfig by
+clm_runner.config.adapter_keys).
 
 Each field says what it is; `__post_init__` checks the rules between fields, naming both keys and the fix.
 Precedence is defaults < recipe file < `--set section.key=value` (clm_runner.config.load).
@@ -24,6 +25,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "ALL_SECTIONS",
+    "AdapterConfig",
     "DTYPES",
     "SECTIONS",
     "DataConfig",
@@ -191,8 +193,23 @@ class EvalConfig:
                 raise RecipeError(f"eval.{key} must be a positive number of tokens; got {value}.")
 
 
+@dataclass(frozen=True)
+class AdapterConfig:
+    """[adapter]: train small adapter matrices on a frozen base model instead of every weight (PEFT)."""
+
+    method: Literal["lora"] = "lora"
+    """The adapter method; LoRA is the one clm-runner trains."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes, CUDA only)."""
+    lora: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+    """peft.LoraConfig's keys, with PEFT's names and defaults (r, lora_alpha, target_modules, ...)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "load_in_4bit": self.load_in_4bit, **self.lora}
+
+
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig}
-ALL_SECTIONS = ("model", "data", "training", "eval")
+ALL_SECTIONS = ("model", "data", "training", "eval", "adapter")
 
 
 @dataclass(frozen=True)
@@ -203,6 +220,8 @@ class Recipe:
     data: DataConfig
     training: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    adapter: AdapterConfig | None = None
+    """None: every weight is trained (no [adapter] section)."""
     source: str | None = None
     """The recipe file it came from (None for recipes built in code)."""
 
@@ -217,6 +236,8 @@ class Recipe:
             out[name] = _drop_none(dataclasses.asdict(getattr(self, name)))
         out["training"] = _drop_none(dict(self.training))
         out["eval"] = _drop_none(dataclasses.asdict(self.eval))
+        if self.adapter is not None:
+            out["adapter"] = _drop_none(self.adapter.to_dict())
         return out
 
 

@@ -62,20 +62,20 @@ def _compute_training_defaults() -> dict[str, Any]:
             value = f.default_factory()
         else:
             continue
-        out[f.name] = _plain(value)
+        out[f.name] = plain_value(value)
     out.update(CLM_RUNNER_DEFAULTS)
     return out
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     import enum
 
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_value(v) for k, v in value.items()}
     return value
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from clm_runner.config.load import load_recipe
 from clm_runner.config.schema import Recipe
 from clm_runner.errors import EvalError, OutputDirError
+from clm_runner.rundir.checkpoints import resolve_checkpoint
 from clm_runner.rundir.policy import RECIPE_FILE, list_checkpoints, save_metrics, write_json_atomic
 
 logger = logging.getLogger("clm_runner")
@@ -66,19 +67,6 @@ def load_run_recipe(run_dir: Path, overrides: Sequence[str]) -> Recipe:
             "model with --recipe FILE --set model.model_name_or_path=DIR."
         )
     return load_recipe(path, overrides, require_output_dir=False)
-
-
-def resolve_checkpoint(run_dir: Path | None, checkpoint: str) -> Path:
-    """--checkpoint as given, else looked up inside the run ("checkpoint-6" means RUN/checkpoint-6)."""
-    given = Path(checkpoint)
-    if given.is_dir():
-        return given
-    if run_dir is not None and (run_dir / checkpoint).is_dir():
-        return run_dir / checkpoint
-    where = f" (nor {run_dir / checkpoint})" if run_dir is not None else ""
-    known = [p.name for p in list_checkpoints(run_dir)] if run_dir is not None else []
-    listing = f" Checkpoints of {run_dir}: {', '.join(known)}." if known else ""
-    raise OutputDirError(f"--checkpoint {checkpoint}: no such directory{where}.{listing}")
 
 
 def check_request(request: EvalRequest, recipe: Recipe) -> tuple[str, int | None]:
@@ -182,16 +170,11 @@ def evaluate_model(
     from clm_runner.data.blocks import resolve_block_size
     from clm_runner.data.prepare import prepare_splits
     from clm_runner.eval.perplexity import evaluate_blocks, evaluate_strided
-    from clm_runner.models.loading import (
-        check_model_sources,
-        load_config,
-        load_model,
-        load_tokenizer,
-        load_trained,
-    )
+    from clm_runner.models.loading import check_model_sources, load_config, load_model, load_tokenizer
+    from clm_runner.models.trained import load_trained
 
     if model_dir is not None:
-        model, tokenizer = load_trained(model_dir, dtype=recipe.model.dtype)
+        model, tokenizer = load_trained(model_dir, dtype=recipe.model.dtype, overrides=request.overrides)
         model_name = model_dir
     else:
         from transformers import set_seed

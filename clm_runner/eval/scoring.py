@@ -130,7 +130,9 @@ def evaluation_mode(
         except StopIteration as error:
             raise ModelError("the model has no parameters: load a causal language model") from error
     device = torch.device(device)
-    forward_parameters = inspect.signature(model.forward).parameters
+    # A PEFT model's forward takes **kwargs and hands them to the base model: ask the base what it takes.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward_parameters = inspect.signature(inner.forward).parameters
     takes_logits_to_keep = "logits_to_keep" in forward_parameters
     takes_use_cache = "use_cache" in forward_parameters
     autocast = (

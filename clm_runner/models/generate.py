@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clm_runner.errors import ClmError, ModelError
+from clm_runner.errors import ClmError
 
 
 class GenerationOptionError(ClmError):
@@ -56,32 +57,17 @@ def _dtype_for(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_for_generation(model_dir: str | Path, device: torch.device) -> tuple[Any, Any]:
-    """(tokenizer, model in eval mode on `device`) from a local directory; never contacts the Hub."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_for_generation(
+    model_dir: str | Path, device: torch.device, overrides: Sequence[str] = ()
+) -> tuple[Any, Any]:
+    """(tokenizer, model in eval mode on `device`) from a local directory; never contacts the Hub.
 
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelError(
-            f"{model_dir} does not exist; pass a run's output_dir or one of its checkpoint-N dirs"
-        )
-    if not (model_dir / "config.json").is_file():
-        raise ModelError(
-            f"{model_dir} holds no saved model (no config.json); pass the output_dir of a finished run "
-            "or one of its checkpoint-N dirs"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ModelError(
-            f"cannot load a tokenizer from {model_dir} ({error}); the run must save its tokenizer next to the model"
-        ) from error
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, dtype=_dtype_for(device)
-        )
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load a causal language model from {model_dir} ({error})") from error
+    An adapter run is put back on its base model; `overrides` (`model.model_name_or_path=DIR`) can point
+    at a local copy of that base.
+    """
+    from clm_runner.models.trained import load_trained
+
+    model, tokenizer = load_trained(model_dir, dtype=_dtype_for(device), overrides=overrides)
     return tokenizer, model.to(device).eval()
 
 
@@ -118,6 +104,7 @@ def generate_text(
     seed: int | None = None,
     num_samples: int = 1,
     device: str | torch.device | None = None,
+    overrides: Sequence[str] = (),
 ) -> list[str]:
     """`num_samples` texts, each the prompt verbatim plus up to `max_new_tokens` generated tokens.
 
@@ -133,7 +120,7 @@ def generate_text(
         num_samples=num_samples,
     )
     resolved_device = _resolve_device(device)
-    tokenizer, model = load_for_generation(model_dir, resolved_device)
+    tokenizer, model = load_for_generation(model_dir, resolved_device, overrides)
 
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if not prompt_ids:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clm_runner.config.schema import ModelConfig
@@ -41,8 +42,6 @@ MODEL_SOURCE_KEYS = ("model_name_or_path", "config_name", "tokenizer_name")
 
 def check_model_sources(model: ModelConfig) -> None:
     """A local path the recipe names must exist: say "no such directory", not a hub repo-id error."""
-    from pathlib import Path
-
     from clm_runner.models.hub import is_valid_repo_id
 
     for key in MODEL_SOURCE_KEYS:
@@ -61,6 +60,21 @@ def check_model_sources(model: ModelConfig) -> None:
                 f"model.{key} = {name!r}: no such directory ({path.resolve()}). Fix the path (relative paths "
                 "are taken from the directory you run in), or give a hub id such as 'openai-community/gpt2'."
             )
+
+
+def build_meta_model(config: Any) -> torch.nn.Module:
+    """Instantiate the causal LM for `config` on the meta device: shapes only, no memory, no download."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as error:
+        raise ModelError(
+            f"cannot build a causal language model from config of type {type(config).__name__!r}: {error}; "
+            "use a decoder-only model (model_type such as gpt2, llama, qwen2)"
+        ) from error
 
 
 def load_config(model: ModelConfig) -> PretrainedConfig:
@@ -106,13 +120,29 @@ def load_tokenizer(model: ModelConfig, source: str | None = None) -> PreTrainedT
         return AutoTokenizer.from_pretrained(source, use_fast=model.use_fast_tokenizer, **kwargs)
 
 
-def torch_dtype(name: str | None) -> torch.dtype | str:
+def torch_dtype(name: Any) -> torch.dtype | str:
     """The dtype to load weights in. transformers 5 defaults to "auto"; we pass float32 unless told."""
     import torch
 
+    if isinstance(name, torch.dtype):
+        return name
     if name == "auto":
         return "auto"
     return getattr(torch, name) if name else torch.float32
+
+
+def quantization_config() -> Any:
+    """QLoRA's base: 4-bit NF4 with double quantization, computing in bf16 where the GPU has it."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
 
 
 def load_model(
@@ -121,28 +151,36 @@ def load_model(
     tokenizer: PreTrainedTokenizerBase | None,
     *,
     resuming: bool = False,
+    dtype: Any = None,
+    quantize_4bit: bool = False,
 ) -> PreTrainedModel:
     """Pretrained weights when model_name_or_path is set, else a fresh model from `config`.
 
     `resuming`: the weights will come from a checkpoint; the model built here only gives them a shape.
+    `dtype` overrides model.dtype; `quantize_4bit` loads the weights in 4-bit (QLoRA's frozen base).
     """
     from transformers import AutoModelForCausalLM
 
     warn_remote_code(model)
+    dtype = torch_dtype(dtype if dtype is not None else model.dtype)
     if model.model_name_or_path:
         prepare_hub_access([model.model_name_or_path])
+        extra: dict[str, Any] = {}
+        if quantize_4bit:
+            extra["quantization_config"] = quantization_config()
         with hub_errors("model", model.model_name_or_path, fix=LOCAL_FIX):
             loaded = AutoModelForCausalLM.from_pretrained(
                 model.model_name_or_path,
                 config=config,
-                dtype=torch_dtype(model.dtype),
+                dtype=dtype,
                 use_safetensors=True,  # never unpickle weights: .bin files are refused
                 **_hub_kwargs(model),
+                **extra,
             )
     else:
         try:
             loaded = AutoModelForCausalLM.from_config(
-                config, trust_remote_code=model.trust_remote_code, dtype=torch_dtype(model.dtype)
+                config, trust_remote_code=model.trust_remote_code, dtype=dtype
             )
         except ValueError as exc:
             raise ModelError(f"Can't build a causal LM from model_type {model.model_type!r}: {exc}") from None
@@ -179,27 +217,3 @@ def resize_embeddings(model: PreTrainedModel, vocab_size: int) -> None:
     if vocab_size > rows:
         logger.warning("Resizing token embeddings from %d to %d rows to fit the tokenizer.", rows, vocab_size)
         model.resize_token_embeddings(vocab_size)
-
-
-def load_trained(path: str, *, dtype: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A model and tokenizer saved by `train` (a run dir or one of its checkpoints)."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ModelError(
-            f"{directory}: no such directory. Pass a run's output_dir or one of its checkpoint-N directories."
-        )
-    if not (directory / "config.json").exists():
-        raise ModelError(
-            f"{directory} holds no saved model (no config.json). Pass a run's output_dir or one of its "
-            "checkpoint-N directories."
-        )
-    with hub_errors("model", str(directory), fix="Pass a run's output_dir or a checkpoint directory"):
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch_dtype(dtype), local_files_only=True, use_safetensors=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    return mark_causal_loss(model), tokenizer

@@ -5,10 +5,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 from torch import nn
 
 from clm_runner.errors import ModelError
+from clm_runner.models.flops import (
+    _attention_shape,
+    _flops_from_counts,
+    _forward_flops,
+    _require_positive_seq_len,
+    embedding_parameter_count,
+    matmul_parameter_count,
+)
+from clm_runner.models.loading import build_meta_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,20 +70,8 @@ class ModelSummary:
     seq_len: int
     flops_per_token: int
     forward_flops_per_token: int
-
-
-def build_meta_model(config: Any) -> nn.Module:
-    """Instantiate the causal LM for `config` on the meta device: shapes only, no memory, no download."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except ValueError as error:
-        raise ModelError(
-            f"cannot build a causal language model from config of type {type(config).__name__!r}: {error}; "
-            "use a decoder-only model (model_type such as gpt2, llama, qwen2)"
-        ) from error
+    adapter_parameters: int = 0
+    """LoRA adapter parameters (the trainable ones) in an adapter run; 0 when every weight trains."""
 
 
 def _parameter_owners(model: nn.Module) -> dict[str, str]:
@@ -85,98 +81,6 @@ def _parameter_owners(model: nn.Module) -> dict[str, str]:
     for name, parameter in model.named_parameters(remove_duplicate=False):
         owners[name] = first_name_by_identity.setdefault(id(parameter), name)
     return owners
-
-
-def embedding_parameter_count(model: nn.Module) -> int:
-    """Parameters of every nn.Embedding (token and learned position tables), tied tensors counted once."""
-    seen: set[int] = set()
-    count = 0
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            for parameter in module.parameters(recurse=False):
-                if id(parameter) not in seen:
-                    seen.add(id(parameter))
-                    count += parameter.numel()
-    return count
-
-
-def matmul_parameter_count(model: nn.Module) -> int:
-    """N for the FLOPs formula: all unique parameters except those only used as embedding lookups.
-
-    Convention of nanoGPT's `estimate_mfu` / `get_num_params(non_embedding=True)` (after PaLM, Chowdhery
-    et al. 2022, appendix B): a table lookup costs no multiply-adds, so position embeddings are excluded,
-    but a token embedding tied to the output head is included because the head multiplies by it once per
-    token. Generalised here to untied models: an input embedding table is excluded and the separate
-    output head counts like any other Linear. For GPT-2 124M: 124,439,808 - 786,432 (wpe) = 123,653,376.
-    Biases and norm weights stay in N (about 0.1% of GPT-2 124M; nanoGPT keeps them too).
-    """
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    used_by_head = (
-        {id(p) for p in output_embeddings.parameters(recurse=False)}
-        if output_embeddings is not None
-        else set()
-    )
-    lookup_only = 0
-    seen: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            for parameter in module.parameters(recurse=False):
-                if id(parameter) not in seen and id(parameter) not in used_by_head:
-                    seen.add(id(parameter))
-                    lookup_only += parameter.numel()
-    total = sum(p.numel() for _, p in model.named_parameters())
-    return total - lookup_only
-
-
-def _attention_shape(config: Any) -> tuple[int, int]:
-    """(num_layers, attention width H*Q) read from the standard config names (GPT-2 aliases them)."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    try:
-        num_layers = int(text_config.num_hidden_layers)
-        hidden_size = int(text_config.hidden_size)
-    except AttributeError as error:
-        raise ModelError(
-            f"config of type {type(config).__name__!r} has no num_hidden_layers/hidden_size; "
-            "FLOPs per token can only be computed for transformer decoder configs"
-        ) from error
-    num_heads = getattr(text_config, "num_attention_heads", None)
-    head_dim = getattr(text_config, "head_dim", None)
-    # Some models (e.g. Gemma) decouple head_dim from hidden_size / num_heads; PaLM's term is L*H*Q*T.
-    attention_width = int(num_heads) * int(head_dim) if num_heads and head_dim else hidden_size
-    return num_layers, attention_width
-
-
-def _flops_from_counts(matmul_parameters: int, num_layers: int, attention_width: int, seq_len: int) -> int:
-    # 6N: forward 2 FLOPs per multiply-add per parameter, backward twice that. 12*L*d*T: QK^T and
-    # attention*V over a context of T, forward+backward, no discount for the causal mask (PaLM, nanoGPT).
-    return 6 * matmul_parameters + 12 * num_layers * attention_width * seq_len
-
-
-def _require_positive_seq_len(seq_len: int) -> None:
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ModelError(f"sequence length must be a positive integer, got {seq_len!r}")
-
-
-def flops_per_token(config: Any, seq_len: int) -> int:
-    """Training model FLOPs per token (forward + backward): 6*N + 12*L*d*T.
-
-    N = `matmul_parameter_count`: every parameter except embedding tables used only as lookups (for
-    tied GPT-2: all parameters minus position embeddings, the nanoGPT/PaLM convention). L = number of
-    transformer blocks, d = attention width (num_heads * head_dim, which is hidden_size for GPT-2),
-    T = `seq_len`, the context length the tokens are trained at. Recomputation (gradient
-    checkpointing) is not counted: this is *model* FLOPs, the numerator of MFU.
-    """
-    _require_positive_seq_len(seq_len)
-    num_layers, attention_width = _attention_shape(config)
-    return _flops_from_counts(
-        matmul_parameter_count(build_meta_model(config)), num_layers, attention_width, seq_len
-    )
-
-
-def forward_flops_per_token(config: Any, seq_len: int) -> int:
-    """Forward-only model FLOPs per token, 2*N + 4*L*d*T: exactly one third of `flops_per_token`."""
-    training = flops_per_token(config, seq_len)
-    return training // 3
 
 
 def _own_parameters(module: nn.Module, path: str, owners: dict[str, str]) -> tuple[ParameterInfo, ...]:
@@ -242,6 +146,14 @@ def _collapse_repeats(children: list[ModuleNode]) -> list[ModuleNode]:
     return collapsed
 
 
+def _class_label(module: nn.Module) -> str:
+    """The class name; a PEFT layer says it is one ("lora.Linear" wraps GPT-2's Conv1D too)."""
+    cls = type(module)
+    if cls.__module__.startswith("peft.tuners."):
+        return f"{cls.__module__.split('.')[2]}.{cls.__name__}"
+    return cls.__name__
+
+
 def module_tree(model: nn.Module) -> ModuleNode:
     """The model's module tree with own parameters, per-subtree counts, ties and collapsed repeats."""
     owners = _parameter_owners(model)
@@ -257,7 +169,7 @@ def module_tree(model: nn.Module) -> ModuleNode:
         return ModuleNode(
             name=name,
             path=path,
-            class_name=type(module).__name__,
+            class_name=_class_label(module),
             parameters=parameters,
             children=tuple(_collapse_repeats(children)),
             num_parameters=num_parameters,
@@ -267,11 +179,12 @@ def module_tree(model: nn.Module) -> ModuleNode:
     return visit(model, "", "")
 
 
-def describe_model(config: Any, seq_len: int | None = None) -> ModelSummary:
+def describe_model(config: Any, seq_len: int | None = None, adapter: Any = None) -> ModelSummary:
     """Summarise the causal LM that `config` defines, built on the meta device (nothing allocated).
 
     `seq_len` is the context length for FLOPs per token; default: the config's max_position_embeddings
-    (n_positions for GPT-2).
+    (n_positions for GPT-2). `adapter` (an AdapterPlan): the LoRA adapters are put in the tree, and only
+    they count as trainable.
     """
     if seq_len is None:
         seq_len = getattr(config.get_text_config(), "max_position_embeddings", None)
@@ -282,11 +195,19 @@ def describe_model(config: Any, seq_len: int | None = None) -> ModelSummary:
             )
     _require_positive_seq_len(seq_len)
     model = build_meta_model(config)
+    adapter_parameters = 0
+    if adapter is not None:
+        from clm_runner.models.adapters import inject_adapters
+
+        model = inject_adapters(model, adapter.lora).get_base_model()  # the base, adapters put in place
+        adapter_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     owners = _parameter_owners(model)
     unique = list(model.named_parameters())
     num_layers, attention_width = _attention_shape(config)
     matmul_parameters = matmul_parameter_count(model)
-    training_flops = _flops_from_counts(matmul_parameters, num_layers, attention_width, seq_len)
+    training_flops = _flops_from_counts(
+        matmul_parameters, num_layers, attention_width, seq_len, adapter_parameters
+    )
     return ModelSummary(
         model_type=getattr(config, "model_type", ""),
         class_name=type(model).__name__,
@@ -300,7 +221,8 @@ def describe_model(config: Any, seq_len: int | None = None) -> ModelSummary:
         attention_width=attention_width,
         seq_len=seq_len,
         flops_per_token=training_flops,
-        forward_flops_per_token=training_flops // 3,
+        forward_flops_per_token=_forward_flops(matmul_parameters, num_layers, attention_width, seq_len),
+        adapter_parameters=adapter_parameters,
     )
 
 
@@ -371,12 +293,19 @@ def render_summary(summary: ModelSummary) -> str:
         f"N={summary.matmul_parameters:,} (all but lookup-only embeddings), "
         f"L={summary.num_layers}, d={summary.attention_width}, T={summary.seq_len}"
     )
+    if summary.adapter_parameters:
+        share = 100.0 * summary.trainable_parameters / summary.total_parameters
+        trainable = f"{summary.trainable_parameters:,} ({share:.4f}%: the LoRA adapters; the base is frozen)"
+        formula = f"  = 4*(N-N_a) + 6*N_a + 12*L*d*T with N_a={summary.adapter_parameters:,} (adapters), "
+    else:
+        trainable = f"{summary.trainable_parameters:,}"
+        formula = "  = 6*N + 12*L*d*T with "
     totals = [
         f"total parameters:      {summary.total_parameters:,} (tied weights counted once)",
-        f"trainable parameters:  {summary.trainable_parameters:,}",
+        f"trainable parameters:  {trainable}",
         f"embedding parameters:  {summary.embedding_parameters:,} (token and position tables)",
         f"FLOPs per token (train, forward+backward) at seq_len {summary.seq_len}: {training_flops}",
-        f"  = 6*N + 12*L*d*T with {formula_terms}",
+        formula + formula_terms,
         f"FLOPs per token (forward only): {summary.forward_flops_per_token:,}",
         f"total_parameters: {summary.total_parameters}",
     ]

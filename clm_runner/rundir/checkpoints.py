@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from clm_runner import faults
+from clm_runner.errors import OutputDirError
 from clm_runner.rundir.files import default_file_mode, fsync_path
 
 logger = logging.getLogger("clm_runner")
@@ -221,3 +222,16 @@ def rotate_checkpoints(run_dir: Path, limit: int | None, *, best: Path | None = 
         deleted.append(path)
         remaining -= 1
     return deleted
+
+
+def resolve_checkpoint(run_dir: Path | None, checkpoint: str) -> Path:
+    """--checkpoint as given, else looked up inside the run ("checkpoint-6" means RUN/checkpoint-6)."""
+    given = Path(checkpoint)
+    if given.is_dir():
+        return given
+    if run_dir is not None and (run_dir / checkpoint).is_dir():
+        return run_dir / checkpoint
+    where = f" (nor {run_dir / checkpoint})" if run_dir is not None else ""
+    known = [p.name for p in scan_checkpoints(run_dir).complete] if run_dir is not None else []
+    listing = f" Checkpoints of {run_dir}: {', '.join(known)}." if known else ""
+    raise OutputDirError(f"--checkpoint {checkpoint}: no such directory{where}.{listing}")

@@ -12,23 +12,31 @@ import hashlib
 import json
 import os
 import platform
-import shlex
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from clm_runner.config.schema import Recipe
-from clm_runner.config.secrets import drop_secret_sets, redact_argv, scrub, secret_values
+from clm_runner.config.secrets import redact_argv, scrub, secret_values
 from clm_runner.rundir.policy import read_json, write_text_atomic
 
 MANIFEST_NAME = "run.json"
 STATUSES = ("running", "completed", "failed", "interrupted")
 MANIFEST_FORMAT = 1
 
-SOFTWARE = ("transformers", "torch", "datasets", "accelerate", "tokenizers", "huggingface_hub", "numpy")
+SOFTWARE = (
+    "transformers",
+    "torch",
+    "datasets",
+    "accelerate",
+    "peft",
+    "tokenizers",
+    "huggingface_hub",
+    "numpy",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,36 +208,3 @@ def _previous_attempts(path: Path) -> list[dict[str, Any]]:
         last["error"] = "the process ended without recording an end (killed?)"
     attempts.append(last)
     return attempts
-
-
-def resume_command(argv: Sequence[str], output_dir: Path, secrets: Iterable[str] = ()) -> str:
-    """The command that continues this run: the same one, minus flags that would stop it from resuming.
-
-    A token given with `--set model.token=...` is left out (it is never printed); the command says so.
-    """
-    from clm_runner.train.distributed import launcher_prefix
-
-    launcher, launcher_note = launcher_prefix()
-    program = launcher or "clm-runner"
-    args = list(argv[1:]) if argv else []
-    if "train" not in args:
-        return f"{program} train --recipe {shlex.quote(str(output_dir / 'recipe.toml'))}{launcher_note}"
-    kept: list[str] = []
-    skip_next = False
-    for arg in args:
-        if skip_next:
-            skip_next = False
-            continue
-        if arg in ("--no-resume", "--overwrite"):
-            continue
-        if arg == "--resume-from":
-            skip_next = True
-            continue
-        if arg.startswith("--resume-from="):
-            continue
-        kept.append(arg)
-    kept, dropped = drop_secret_sets(kept)
-    command = f"{program} " + shlex.join(redact_argv(kept, secrets)) + launcher_note
-    if dropped:
-        command += f"  (add --set {dropped[0]}=YOUR_TOKEN again, or set HF_TOKEN: tokens are never printed)"
-    return command

@@ -47,6 +47,7 @@ __all__ = [
     "list_checkpoints",
     "read_json",
     "write_json_atomic",
+    "run_dir_of",
     "write_text_atomic",
 ]
 
@@ -56,6 +57,14 @@ RECIPE_FILE = "recipe.toml"
 STAGING_PREFIXES = (STAGING_PREFIX, DELETING_PREFIX)
 FINAL_STAGING = "tmp-final"
 """Where the final model is written before its files are renamed into the output dir."""
+
+
+def run_dir_of(model_dir: Path) -> Path | None:
+    """The run a model dir belongs to: itself (an output dir) or its parent (a checkpoint); None if neither."""
+    for candidate in (model_dir, model_dir.parent):
+        if (candidate / RECIPE_FILE).is_file():
+            return candidate
+    return None
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

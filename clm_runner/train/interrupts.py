@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+from clm_runner.config.secrets import drop_secret_sets, redact_argv
 from clm_runner.errors import ClmError
+from clm_runner.train.distributed import launcher_prefix
 
 logger = logging.getLogger("clm_runner")
 
@@ -115,3 +119,34 @@ class GracefulStop:
         if flag.item() and self.signum is None:
             self.signum = signal.SIGTERM  # another rank got the signal
         return bool(flag.item())
+
+
+def resume_command(argv: Sequence[str], output_dir: Path, secrets: Iterable[str] = ()) -> str:
+    """The command that continues this run: the same one, minus flags that would stop it from resuming.
+
+    A token given with `--set model.token=...` is left out (it is never printed); the command says so.
+    """
+    launcher, launcher_note = launcher_prefix()
+    program = launcher or "clm-runner"
+    args = list(argv[1:]) if argv else []
+    if "train" not in args:
+        return f"{program} train --recipe {shlex.quote(str(output_dir / 'recipe.toml'))}{launcher_note}"
+    kept: list[str] = []
+    skip_next = False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg in ("--no-resume", "--overwrite"):
+            continue
+        if arg == "--resume-from":
+            skip_next = True
+            continue
+        if arg.startswith("--resume-from="):
+            continue
+        kept.append(arg)
+    kept, dropped = drop_secret_sets(kept)
+    command = f"{program} " + shlex.join(redact_argv(kept, secrets)) + launcher_note
+    if dropped:
+        command += f"  (add --set {dropped[0]}=YOUR_TOKEN again, or set HF_TOKEN: tokens are never printed)"
+    return command

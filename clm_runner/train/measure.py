@@ -7,7 +7,7 @@ the micro-batches really held (`ClmTrainer.tokens_trained`). On CUDA the clock i
 where it ran; the Trainer synchronizes there anyway to read the loss, so this adds no stall.
 
 MFU (model FLOPs utilization) = flops_per_token x tokens/s / (peak FLOP/s per GPU x GPUs), where
-flops_per_token = 6N + 12*L*d*T from `clm_runner.models.summary.flops_per_token` (N: parameters in matmuls,
+flops_per_token = 6N + 12*L*d*T from `clm_runner.models.flops.flops_per_token` (N: parameters in matmuls,
 L layers, d attention width, T block size; recomputation not counted) and the peak comes from
 `clm_runner.train.device.PEAK_FLOPS` for the precision the run's matmuls use. Unknown device: no MFU.
 """
@@ -242,12 +242,12 @@ def _estimated_totals(args: Any, state: Any, block_size: int) -> dict[str, float
 
 
 def install_callbacks(
-    trainer: Any, *, config: Any, block_size: int, quiet: bool
+    trainer: Any, *, config: Any, block_size: int, quiet: bool, adapter: Any = None
 ) -> tuple[ThroughputCallback, RunTotals]:
     """Replace the Trainer's dict-printing progress with ours; add throughput and whole-run measurement."""
     import torch
 
-    from clm_runner.models.summary import flops_per_token
+    from clm_runner.models.flops import flops_per_token
     from clm_runner.train import device as performance
 
     for noisy in (PrinterCallback, HfProgressCallback):
@@ -267,7 +267,7 @@ def install_callbacks(
         peak = performance.peak_flops(torch.cuda.get_device_name(args.device), precision)
         peak_total = peak * args.world_size if peak is not None else None
     try:
-        flops = flops_per_token(config, block_size)
+        flops = flops_per_token(config, block_size, adapter)
     except Exception as error:  # an exotic config without layer counts: no MFU, never a failed run
         logger.warning("No MFU for this model: %s", error)
         flops = None

@@ -120,7 +120,18 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     if is_distributed():
         built = sorted(name for name, split in prepared.items() if split.cache_path and not split.from_cache)
         logger.info(describe_preprocessing(gather_to_all(built)))
-    model = load_model(recipe.model, setup.config, setup.tokenizer, resuming=plan.resume_from is not None)
+    adapter = setup.adapter
+    model = load_model(
+        recipe.model,
+        setup.config,
+        setup.tokenizer,
+        resuming=plan.resume_from is not None,
+        quantize_4bit=adapter is not None and adapter.load_in_4bit,
+    )
+    if adapter is not None:
+        from clm_runner.models.adapters import wrap_with_adapter
+
+        model = wrap_with_adapter(model, adapter, gradient_checkpointing=bool(args.gradient_checkpointing))
     if plan.resume_from is not None and args.should_log:
         changed = global_batch_change(plan.resume_from, args, setup.block_size)
         if changed:
@@ -137,7 +148,7 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
         data_collator=default_data_collator,
     )
     throughput, totals = install_callbacks(
-        trainer, config=model.config, block_size=setup.block_size, quiet=options.quiet
+        trainer, config=model.config, block_size=setup.block_size, quiet=options.quiet, adapter=adapter
     )
     trainer.graceful_stop = session.stop
     trainer.run_totals = totals
@@ -175,6 +186,10 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
         trainer.push_to_hub(**model_card_kwargs(recipe))  # writes the model card, then uploads
     else:
         trainer.create_model_card(**model_card_kwargs(recipe))
+    if adapter is not None and trainer.is_world_process_zero():
+        from clm_runner.models.adapters import add_adapter_note
+
+        add_adapter_note(plan.output_dir / "README.md", recipe.model, adapter)
     if trainer.is_world_process_zero():
         give_default_modes(plan.output_dir, since=session.started_at)
     session.finish("completed", trainer.state.global_step)
@@ -244,6 +259,13 @@ class _RunSession:
             secrets_not_recorded=unrecorded_secrets(self.recipe),
             recipe_changes=list(self.plan.recipe_changes),
         )
+        if self.setup.adapter is not None:
+            from clm_runner.models.adapter_runs import base_model_identity
+
+            self.manifest.update(
+                adapter=self.setup.adapter.manifest(),
+                base_model=base_model_identity(self.recipe.model, self.setup.config),
+            )
 
     def finish(self, status: str, global_step: int | None = None, error: str | None = None) -> None:
         if self.manifest is None:
@@ -255,7 +277,7 @@ class _RunSession:
 
     def resume_command(self) -> str:
         from clm_runner.config.secrets import secret_values
-        from clm_runner.rundir.manifest import resume_command
+        from clm_runner.train.interrupts import resume_command
 
         return resume_command(self.options.argv, self.plan.output_dir, secret_values(self.recipe))
 

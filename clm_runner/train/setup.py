@@ -80,11 +80,13 @@ class RunSetup:
     config: Any
     block_size: int
     plan: OutputPlan
+    adapter: Any = None
+    """clm_runner.models.adapters.AdapterPlan when the recipe has [adapter]: what PEFT resolved."""
 
     @property
     def resolved(self) -> dict[str, Any]:
         """The resolved recipe as recipe.toml and run.json record it (secret keys left out)."""
-        return resolved_recipe(self.recipe, self.recorded_kwargs, self.block_size)
+        return resolved_recipe(self.recipe, self.recorded_kwargs, self.block_size, self.adapter)
 
 
 def resume_point(recipe: Recipe, options: TrainOptions) -> str | None:
@@ -126,8 +128,14 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
     tokenizer = load_tokenizer(recipe.model)
     config = load_config(recipe.model)
     block_size = resolve_block_size(recipe.data.block_size, tokenizer, config, warn=logger.warning)
+    adapter = None
+    if recipe.adapter is not None:
+        from clm_runner.models.adapters import check_quantization, plan_adapter
+
+        check_quantization(recipe.adapter, use_cpu=bool(args.use_cpu))
+        adapter = plan_adapter(recipe.adapter, config)
     identity = RunIdentity(
-        resolved=resolved_recipe(recipe, recorded, block_size),
+        resolved=resolved_recipe(recipe, recorded, block_size, adapter),
         max_steps=int(args.max_steps),
         num_train_epochs=float(args.num_train_epochs),
     )
@@ -143,11 +151,22 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
         )
 
     plan = (decide or (lambda fn: fn()))(decide_plan)
-    return RunSetup(recipe, options, kwargs, recorded, args, tokenizer, config, block_size, plan)
+    if plan.resume_from is not None:
+        from clm_runner.models.adapters import check_resume_matches
+
+        check_resume_matches(Path(plan.resume_from), adapter)
+    return RunSetup(recipe, options, kwargs, recorded, args, tokenizer, config, block_size, plan, adapter)
 
 
-def resolved_recipe(recipe: Recipe, kwargs: dict[str, Any], block_size: int) -> dict[str, Any]:
-    """Every key with its effective value (secret keys left out), as recipe.toml and run.json record it."""
+def resolved_recipe(
+    recipe: Recipe, kwargs: dict[str, Any], block_size: int, adapter: Any = None
+) -> dict[str, Any]:
+    """Every key with its effective value (secret keys left out), as recipe.toml and run.json record it.
+
+    An adapter's target_modules and fan_in_fan_out are recorded as PEFT resolved them for this model.
+    """
     resolved = resolved_dict(recipe, training_overrides=kwargs)
     resolved["data"]["block_size"] = block_size
+    if adapter is not None:
+        resolved["adapter"].update(adapter.lora)
     return resolved

@@ -314,7 +314,12 @@ def test_eval_on_a_directory_that_is_not_a_run(world: World) -> None:
     )
     refuse(world, ["eval", "--run", str(world.root / "missing")], "no such directory", "output_dir of a")
     # A recipe but no trained model (world holds recipe.toml): named too.
-    refuse(world, ["eval", "--run", str(world.root)], "holds no saved model (no config.json)", "checkpoint-N")
+    refuse(
+        world,
+        ["eval", "--run", str(world.root)],
+        "holds no saved model (no config.json or adapter_config.json)",
+        "checkpoint-N",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ COMMANDS = [
     ["report"],
     ["generate"],
     ["model"],
+    ["export"],
 ]
 
 
@@ -60,7 +61,9 @@ def test_module_entry_point_version() -> None:
 
 # What `make smoke-test` leaves: runs/smoke, its 4 epochs of ceil(580 blocks / 16) = 37 steps, of whose
 # checkpoints save_total_limit = 2 keeps the last two.
+# recipes/smoke-lora.toml: 1 epoch, 37 steps, one checkpoint.
 SMOKE_RUN = {"runs/smoke", "runs/smoke/checkpoint-111", "runs/smoke/checkpoint-148"}
+SMOKE_RUN |= {"runs/smoke-lora", "runs/smoke-lora/checkpoint-37"}
 
 
 def _examples(text: str) -> list[list[str]]:
@@ -92,9 +95,11 @@ def test_help_examples_name_only_paths_that_exist_or_that_an_example_creates() -
                 assert run in made, args
                 if "--checkpoint" in flags:
                     assert f"{run}/{flags['--checkpoint']}" in made, args
-            if args[1] in ("report", "generate"):
+            if args[1] in ("report", "generate", "export"):
                 runs = [a for a in args[2:] if not a.startswith("-")][: None if args[1] == "report" else 1]
                 assert all(r in made for r in runs), args
+                if args[1] == "export" and "--checkpoint" in flags:
+                    assert f"{runs[0]}/{flags['--checkpoint']}" in made, args
 
 
 @pytest.mark.parametrize(

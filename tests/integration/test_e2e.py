@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import ASSETS, REPO, SMOKE, invoke, snapshot
+from helpers import ASSETS, REPO, SMOKE, independent_perplexity, invoke, snapshot
 from tolerances import FORWARD_RTOL
 
 from clm_runner.cli import cli
@@ -81,25 +81,11 @@ def test_loss_falls(trained_run: Path) -> None:
     assert evals[-1] < math.log(2048) - 1.0, evals  # well below a uniform guess over the vocab
 
 
-def independent_perplexity(model_dir: Path, text_path: Path, block_size: int) -> tuple[float, int]:
-    """Plain forward passes over run_clm-style blocks of the text: sum NLL / number of predicted tokens."""
+def plain_model_perplexity(model_dir: Path, text_path: Path, block_size: int) -> tuple[float, int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids: list[int] = []
-    for line in text_path.read_text(encoding="utf-8").splitlines(keepends=True):
-        ids.extend(tokenizer(line)["input_ids"])
-    n_blocks = len(ids) // block_size
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for b in range(n_blocks):
-            block = torch.tensor([ids[b * block_size : (b + 1) * block_size]])
-            logits = model(block).logits[0, :-1].double()
-            nll = -torch.log_softmax(logits, dim=-1).gather(1, block[0, 1:, None]).sum()
-            total += nll.item()
-            count += block_size - 1
-    return math.exp(total / count), count
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return independent_perplexity(model, AutoTokenizer.from_pretrained(model_dir), text_path, block_size)
 
 
 def test_eval_equals_an_independent_forward_pass(trained_run: Path, tmp_path: Path) -> None:
@@ -107,7 +93,7 @@ def test_eval_equals_an_independent_forward_pass(trained_run: Path, tmp_path: Pa
     result = invoke("eval", "--run", str(trained_run), "--quiet", "--output", str(out))
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
-    expected, tokens = independent_perplexity(trained_run, ASSETS / "validation.txt", 128)
+    expected, tokens = plain_model_perplexity(trained_run, ASSETS / "validation.txt", 128)
     assert metrics["eval_tokens"] == tokens
     assert metrics["perplexity"] == pytest.approx(expected, rel=FORWARD_RTOL)
     # The number train wrote at the end is the same one.

@@ -21,7 +21,8 @@ from clm_runner.config.secrets import redact_argv, scrub
 from clm_runner.errors import ClmError, ModelError
 from clm_runner.rundir.checkpoints import scan_checkpoints
 from clm_runner.rundir.lock import LOCK_NAME, RunLock, ensure_free, read_owner
-from clm_runner.rundir.manifest import recipe_hash, resume_command
+from clm_runner.rundir.manifest import recipe_hash
+from clm_runner.train.interrupts import resume_command
 
 pytestmark = pytest.mark.slow
 
@@ -325,7 +326,7 @@ def test_pickled_weights_are_refused(tmp_path: Path) -> None:
     import torch
     from transformers import GPT2LMHeadModel
 
-    from clm_runner.models.loading import load_trained
+    from clm_runner.models.trained import load_trained
 
     model = GPT2LMHeadModel(tiny_gpt2_config(n_embd=8, vocab_size=16, n_positions=8))
     model.config.save_pretrained(tmp_path)

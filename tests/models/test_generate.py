@@ -132,7 +132,7 @@ def test_bad_options_are_user_errors(byte_level_run, options, message):
 
 
 def test_missing_or_non_model_directories_are_model_errors(tmp_path):
-    with pytest.raises(ModelError, match="does not exist"):
+    with pytest.raises(ModelError, match="no such directory"):
         generate_text(tmp_path / "nowhere", PROMPT)
     with pytest.raises(ModelError, match="no config.json"):
         generate_text(tmp_path, PROMPT)

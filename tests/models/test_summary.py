@@ -10,13 +10,8 @@ from helpers import tiny_gpt2_config
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from clm_runner.errors import ModelError
-from clm_runner.models.summary import (
-    describe_model,
-    flops_per_token,
-    forward_flops_per_token,
-    module_tree,
-    render_summary,
-)
+from clm_runner.models.flops import flops_per_token, forward_flops_per_token
+from clm_runner.models.summary import describe_model, module_tree, render_summary
 
 
 def _tiny_gpt2(**overrides) -> GPT2Config:

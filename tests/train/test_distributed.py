@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import ASSETS, REPO, SMOKE, tiny_gpt2_config
+from launchers import (
+    LAUNCH_TIMEOUT_S,
+    PROCESSES,
+    accelerate_launch,
+    free_port,
+    launch_env,
+    rank_logs,
+    run,
+    torchrun,
+)
 from tolerances import FORWARD_RTOL
 
 from clm_runner.cli import cli
@@ -32,8 +41,6 @@ EVAL_BLOCKS = 32
 PER_DEVICE = 4
 MAX_STEPS = 6
 BLOCK_SIZE = 128  # the smoke recipe's
-PROCESSES = 2
-LAUNCH_TIMEOUT_S = 300
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,12 +135,6 @@ def test_lockstep_padding_gives_every_rank_as_many_forwards_as_rank0(
     assert counts == [shard_batches(n_rows, 0, world, batch_size)] * world
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _decide_in_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     """One rank of a gloo group: a value, a value kept on rank 0 (share=), and an error, each decided on rank 0."""
     os.environ.update(
@@ -201,57 +202,6 @@ def tiny_overrides(output_dir: Path) -> list[str]:
         "training.logging_steps=2",
     ]
     return [arg for s in sets for arg in ("--set", s)]
-
-
-def launch_env(cache: Path, home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        {
-            "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-            "CLM_RUNNER_CACHE": str(cache),
-            "HF_HOME": str(home),  # no stray accelerate default_config.yaml from the developer's home
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-        }
-    )
-    for name in distributed.RANK_VARS + distributed.WORLD_SIZE_VARS + distributed.LOCAL_RANK_VARS:
-        env.pop(name, None)
-    return env
-
-
-def torchrun(log_dir: Path, *clm_args: str) -> list[str]:
-    # --log-dir/--redirects: each rank's stdout and stderr in its own file, to see who printed what.
-    # --monitor-interval 1: when ranks stop on an error, all of them have left before the agent looks.
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(PROCESSES),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--monitor-interval", "1",
-        "--log-dir", str(log_dir), "--redirects", "3",
-        "-m", "clm_runner", *clm_args,
-    ]  # fmt: skip
-
-
-def accelerate_launch(*clm_args: str) -> list[str]:
-    return [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-        "-m", "clm_runner", *clm_args,
-    ]  # fmt: skip
-
-
-def rank_logs(log_dir: Path) -> dict[int, str]:
-    """rank -> that rank's stderr, from torchrun --log-dir (one attempt, since --max-restarts is 0)."""
-    found = {int(p.parent.name): p.read_text() for p in log_dir.glob("*/attempt_0/*/stderr.log")}
-    assert sorted(found) == list(range(PROCESSES)), found
-    return found
-
-
-def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=REPO
-    )
 
 
 EXPECTED_FILES = {
@@ -382,7 +332,7 @@ def test_non_empty_output_dir_is_refused_on_every_rank_with_one_error(tmp_path: 
 
 
 def test_the_resume_command_keeps_the_launcher_and_its_process_count(monkeypatch) -> None:
-    from clm_runner.rundir.manifest import resume_command
+    from clm_runner.train.interrupts import resume_command
 
     argv = ["/x/clm_runner/__main__.py", "train", "--recipe", "r.toml", "--overwrite"]
     torchrun = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "RANK": "0", "TORCHELASTIC_RUN_ID": "x"}
