@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clm_runner.config import secrets
-from clm_runner.config.schema import ALL_SECTIONS, SECTIONS, Recipe, tomllib
+from clm_runner.config.schema import ALL_SECTIONS, OPTIONAL_SECTIONS, SECTIONS, Recipe, tomllib
 from clm_runner.config.types import check_type, matches, suggest, training_argument_types, training_defaults
 from clm_runner.errors import RecipeError
 
@@ -100,7 +100,7 @@ def key_annotation(section: str, key: str) -> Any | None:
         from clm_runner.config.adapter_keys import key_annotation as adapter_key_annotation
 
         return adapter_key_annotation(key)
-    cls = SECTIONS.get(section)
+    cls = SECTIONS.get(section) or OPTIONAL_SECTIONS.get(section)
     return typing.get_type_hints(cls).get(key) if cls is not None else None
 
 
@@ -191,6 +191,13 @@ def build_recipe(
         sections = {
             name: _build_section(cls, name, raw.get(name, {}), where) for name, cls in SECTIONS.items()
         }
+        sections.update(
+            {
+                name: _build_section(cls, name, raw[name], where)
+                for name, cls in OPTIONAL_SECTIONS.items()
+                if name in raw
+            }
+        )
     except RecipeError as exc:
         if where and not str(exc).startswith(where):
             raise RecipeError(where + str(exc)) from None
@@ -202,6 +209,10 @@ def build_recipe(
         raise RecipeError(
             f"{where}data.streaming needs training.max_steps > 0: a stream has no length to count epochs by."
         )
+    if "early_stopping" in sections or training.get("load_best_model_at_end"):
+        from clm_runner.config.training_keys import check_best_model_fits
+
+        check_best_model_fits(training, early_stopping="early_stopping" in sections, where=where)
     adapter = None
     if "adapter" in raw:
         from clm_runner.config.adapter_keys import validate_adapter
@@ -214,6 +225,7 @@ def build_recipe(
         training=types.MappingProxyType(training),
         eval=sections["eval"],
         adapter=adapter,
+        early_stopping=sections.get("early_stopping"),
         source=source,
     )
 

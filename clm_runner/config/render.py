@@ -23,6 +23,8 @@ def resolved_dict(
     if training_overrides:
         training.update(training_overrides)
     full["training"] = training
+    if recipe.early_stopping is not None:
+        full["early_stopping"] = dataclasses.asdict(recipe.early_stopping)
     if recipe.adapter is not None:
         from clm_runner.config.adapter_keys import lora_defaults
 

@@ -29,8 +29,10 @@ __all__ = [
     "DTYPES",
     "SECTIONS",
     "DataConfig",
+    "EarlyStoppingConfig",
     "EvalConfig",
     "ModelConfig",
+    "OPTIONAL_SECTIONS",
     "Recipe",
     "tomllib",
 ]
@@ -194,6 +196,29 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """[early_stopping]: stop when evaluations stop improving training.metric_for_best_model (default: eval loss)."""
+
+    patience: int | None = None
+    """Stop after this many evaluations in a row without improvement (required)."""
+    threshold: float = 0.0
+    """An evaluation improves only when it beats the best so far by more than this (in the metric's units)."""
+
+    def __post_init__(self) -> None:
+        if self.patience is None:
+            raise RecipeError(
+                "early_stopping.patience is not set: say after how many evaluations without improvement to stop "
+                "(for example patience = 3)."
+            )
+        if self.patience < 1:
+            raise RecipeError(f"early_stopping.patience must be at least 1 evaluation; got {self.patience}.")
+        if not 0 <= self.threshold < float("inf"):
+            raise RecipeError(
+                f"early_stopping.threshold must be 0 or more (the metric's units); got {self.threshold}."
+            )
+
+
+@dataclass(frozen=True)
 class AdapterConfig:
     """[adapter]: train small adapter matrices on a frozen base model instead of every weight (PEFT)."""
 
@@ -209,7 +234,9 @@ class AdapterConfig:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig}
-ALL_SECTIONS = ("model", "data", "training", "eval", "adapter")
+OPTIONAL_SECTIONS: dict[str, type] = {"early_stopping": EarlyStoppingConfig}
+"""Sections whose absence means the feature is off (None in the Recipe), built like SECTIONS when present."""
+ALL_SECTIONS = ("model", "data", "training", "eval", "early_stopping", "adapter")
 
 
 @dataclass(frozen=True)
@@ -222,6 +249,8 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     adapter: AdapterConfig | None = None
     """None: every weight is trained (no [adapter] section)."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """None: train for the steps or epochs [training] says (no [early_stopping] section)."""
     source: str | None = None
     """The recipe file it came from (None for recipes built in code)."""
 
@@ -236,6 +265,8 @@ class Recipe:
             out[name] = _drop_none(dataclasses.asdict(getattr(self, name)))
         out["training"] = _drop_none(dict(self.training))
         out["eval"] = _drop_none(dataclasses.asdict(self.eval))
+        if self.early_stopping is not None:
+            out["early_stopping"] = _drop_none(dataclasses.asdict(self.early_stopping))
         if self.adapter is not None:
             out["adapter"] = _drop_none(self.adapter.to_dict())
         return out

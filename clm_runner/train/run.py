@@ -152,6 +152,13 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     )
     trainer.graceful_stop = session.stop
     trainer.run_totals = totals
+    early_stopping = None
+    if recipe.early_stopping is not None:
+        from clm_runner.train.early_stopping import EarlyStopping
+
+        early_stopping = EarlyStopping(recipe.early_stopping.patience, recipe.early_stopping.threshold)
+        trainer.add_callback(early_stopping)
+        trainer.early_stopping = recipe.early_stopping
     session.begin(prepared)
 
     resume_from = str(plan.resume_from) if plan.resume_from else None
@@ -175,7 +182,8 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
         logger.info("*** Evaluate ***")
         eval_metrics = trainer.evaluate()
         eval_metrics["eval_samples"] = _count(eval_dataset, recipe.data.max_eval_samples)
-        # How the number was computed, as `clm-runner eval` labels it.
+        # run_clm's key for it, and how the number was computed, as `clm-runner eval` labels it.
+        eval_metrics["perplexity"] = eval_metrics["eval_perplexity"]
         eval_metrics.update(method="blocks", block_size=setup.block_size, split="validation")
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -192,6 +200,7 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
         add_adapter_note(plan.output_dir / "README.md", recipe.model, adapter)
     if trainer.is_world_process_zero():
         give_default_modes(plan.output_dir, since=session.started_at)
+    session.record_best(trainer, early_stopping)
     session.finish("completed", trainer.state.global_step)
     return results
 
@@ -265,6 +274,32 @@ class _RunSession:
             self.manifest.update(
                 adapter=self.setup.adapter.manifest(),
                 base_model=base_model_identity(self.recipe.model, self.setup.config),
+            )
+
+    def record_best(self, trainer: Any, early_stopping: Any) -> None:
+        """run.json names the best checkpoint (load_best_model_at_end, [early_stopping]) and an early stop."""
+        if self.manifest is None:
+            return
+        state, args = trainer.state, trainer.args
+        if args.metric_for_best_model and state.best_metric is not None:
+            best = state.best_model_checkpoint
+            self.manifest.update(
+                best_model={
+                    "checkpoint": Path(best).name if best else None,
+                    "global_step": state.best_global_step,
+                    "metric": args.metric_for_best_model,
+                    "value": state.best_metric,
+                    "final_model_is_best": bool(args.load_best_model_at_end and best),
+                }
+            )
+        if early_stopping is not None:
+            self.manifest.update(
+                early_stopping={
+                    "stopped_early": early_stopping.stopped_at_step is not None
+                    or state.global_step < state.max_steps,
+                    "at_step": state.global_step,
+                    "max_steps": state.max_steps,
+                }
             )
 
     def finish(self, status: str, global_step: int | None = None, error: str | None = None) -> None:

@@ -68,6 +68,9 @@ class ClmTrainer(Trainer):
             self.args.save_total_limit = self.checkpoint_limit
             self.args.eval_on_start = eval_on_start
 
+    early_stopping: Any = None
+    """clm_runner.config.schema.EarlyStoppingConfig when the recipe has [early_stopping]."""
+
     def _steps_left(self, checkpoint: str) -> int:
         """Optimizer steps the run has left after `checkpoint` (upstream would train one more at 0)."""
         import json
@@ -75,9 +78,16 @@ class ClmTrainer(Trainer):
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return 1  # their own loading path: leave it to upstream
         try:
-            done = int(json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["global_step"])
+            saved = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+            done = int(saved["global_step"])
         except (OSError, ValueError, KeyError, TypeError):
             return 1
+        if self.early_stopping is not None:
+            from clm_runner.train.early_stopping import stopped_early
+
+            rule = self.early_stopping
+            if stopped_early(saved.get("log_history", []), self.args, rule.patience, rule.threshold):
+                return 0  # the run had decided to stop at this checkpoint's evaluation
         target = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
         return target - done
 
@@ -189,7 +199,7 @@ class ClmTrainer(Trainer):
         return False
 
     def exact_metrics(self, eval_dataset: Any = None, *, metric_key_prefix: str = "eval") -> dict[str, Any]:
-        """run_clm's metric keys (eval_loss, perplexity, eval_accuracy, eval_samples) plus eval_tokens."""
+        """eval_loss, eval_perplexity, eval_accuracy, eval_samples, eval_tokens: exact, token-weighted."""
         import torch
 
         from clm_runner import faults
@@ -218,11 +228,11 @@ class ClmTrainer(Trainer):
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             result = reduce_across_ranks(result, device=self.args.device)
         values = result.to_metrics()
+        # eval_perplexity, beside eval_loss: TensorBoard files it under eval/ (run_clm's results-file key,
+        # "perplexity", is added to the final evaluation's metrics by `train`).
         metrics: dict[str, Any] = {
             f"{metric_key_prefix}_loss": values["eval_loss"],
-            "perplexity" if metric_key_prefix == "eval" else f"{metric_key_prefix}_perplexity": values[
-                "perplexity"
-            ],
+            f"{metric_key_prefix}_perplexity": values["perplexity"],
             f"{metric_key_prefix}_accuracy": values["eval_accuracy"],
             f"{metric_key_prefix}_samples": values["eval_samples"],
             f"{metric_key_prefix}_tokens": values["eval_tokens"],
