@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clm_runner.config import secrets
-from clm_runner.config.schema import ALL_SECTIONS, OPTIONAL_SECTIONS, SECTIONS, Recipe, tomllib
+from clm_runner.config.schema import (
+    ALL_SECTIONS,
+    OPTIONAL_SECTIONS,
+    SECTIONS,
+    DataConfig,
+    MixSource,
+    Recipe,
+    tomllib,
+)
 from clm_runner.config.types import check_type, matches, suggest, training_argument_types, training_defaults
 from clm_runner.errors import RecipeError
 
@@ -261,7 +269,12 @@ def _refuse_placeholders(raw: Mapping[str, Any], where: str) -> None:
 def _build_section(cls: type, name: str, table: Mapping[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
+    table = dict(table)
+    if cls is DataConfig and "mix" in table:
+        table["mix"] = _build_mix(table["mix"], where)
     for key, value in table.items():
+        if key == "mix" and cls is DataConfig:
+            continue
         if key not in hints:
             raise RecipeError(
                 f"{where}unknown key {name}.{key}{suggest(key, valid, prefix=name + '.')} "
@@ -269,6 +282,18 @@ def _build_section(cls: type, name: str, table: Mapping[str, Any], where: str) -
             )
         check_type(f"{name}.{key}", value, hints[key], where)
     return cls(**table)
+
+
+def _build_mix(tables: Any, where: str) -> tuple[MixSource, ...]:
+    """[[data.mix]]: an array of tables, each with [data]'s source keys and a weight."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise RecipeError(
+            f"{where}data.mix must be an array of tables: write each source as a [[data.mix]] table "
+            "(train_file = ..., weight = ...)."
+        )
+    if not tables:
+        raise RecipeError(f"{where}data.mix is empty: add [[data.mix]] tables, or remove the key.")
+    return tuple(_build_section(MixSource, "data.mix", table, where) for table in tables)
 
 
 def validate_training(table: Mapping[str, Any], where: str = "") -> dict[str, Any]:

@@ -31,6 +31,7 @@ __all__ = [
     "DataConfig",
     "EarlyStoppingConfig",
     "EvalConfig",
+    "MixSource",
     "ModelConfig",
     "OPTIONAL_SECTIONS",
     "Recipe",
@@ -91,6 +92,51 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MixSource:
+    """One corpus of a weighted mix: a [[data.mix]] table, with [data]'s source keys and a weight."""
+
+    name: str | None = None
+    """Its name in logs and metrics (eval_NAME_perplexity); unset: the dataset name or the train file's stem."""
+    weight: float | None = None
+    """Its share of the training blocks, relative to the others' weights (unset on every source: all blocks)."""
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    dataset_revision: str | None = None
+    train_file: str | list[str] | None = None
+    validation_file: str | list[str] | None = None
+    """Its own validation text (unset: carved from its train rows, or [data]'s shared validation_file)."""
+    text_column: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name is not None:
+            return self.name
+        if self.dataset_name is not None:
+            return "_".join(x for x in (self.dataset_name.rsplit("/", 1)[-1], self.dataset_config_name) if x)
+        first = self.train_file[0] if isinstance(self.train_file, list) else self.train_file
+        return Path(str(first)).name.split(".")[0] if first else "source"
+
+    def __post_init__(self) -> None:
+        if self.weight is not None and not 0 < self.weight < float("inf"):
+            raise RecipeError(f"data.mix weight must be a positive number; got {self.weight} ({self.label}).")
+        if self.dataset_name is None and self.train_file is None:
+            raise RecipeError(
+                f"A [[data.mix]] table ({self.name or 'unnamed'}) has no training text: set its train_file, or "
+                "its dataset_name (with dataset_config_name)."
+            )
+        if self.dataset_name is not None and (
+            self.train_file is not None or self.validation_file is not None
+        ):
+            raise RecipeError(
+                f"[[data.mix]] {self.label}: dataset_name and train_file/validation_file in one table. Choose one."
+            )
+        if self.name is not None and not self.name.replace("_", "").replace("-", "").isalnum():
+            raise RecipeError(
+                f"data.mix name {self.name!r}: use letters, digits, - and _ (it becomes a metric name)."
+            )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """What text to train and evaluate on: run_clm's DataTrainingArguments plus clm-runner's own keys."""
 
@@ -135,10 +181,19 @@ class DataConfig:
     """Shuffle rows with this seed before carving the validation split (unset: the first rows, as run_clm)."""
     encoding_errors: Literal["strict", "replace"] = "strict"
     """Non-UTF-8 text: "strict" stops with an error, "replace" substitutes U+FFFD."""
+    mix: tuple[MixSource, ...] = ()
+    """[[data.mix]] tables: several corpora, each with its weight (empty: the one source of [data])."""
+    mix_seed: int = 42
+    """With [[data.mix]] weights: the seed that picks which blocks of each source make up the mix."""
+    mix_sampling: Literal["undersample", "oversample"] = "undersample"
+    """With weights: "undersample" uses no block twice (the mix ends where a source, scaled by its weight,
+    runs out); "oversample" repeats blocks of the smaller sources until every block of the largest is used."""
 
     def __post_init__(self) -> None:
         has_files = any(f is not None for f in (self.train_file, self.validation_file, self.test_file))
-        if self.dataset_name is None and not has_files:
+        if self.mix:
+            self._check_mix()
+        elif self.dataset_name is None and not has_files:
             raise RecipeError(
                 "No data given: set data.dataset_name (a hub dataset) or data.train_file / "
                 "data.validation_file (local files)."
@@ -175,6 +230,42 @@ class DataConfig:
                     "data.run_clm_preprocessing_num_workers has no effect with data.streaming (run_clm "
                     "streams without worker processes); remove the key."
                 )
+
+    def _check_mix(self) -> None:
+        own = ("dataset_name", "dataset_config_name", "dataset_revision", "train_file", "text_column")
+        clash = [key for key in own if getattr(self, key) is not None]
+        if clash:
+            raise RecipeError(
+                f"data.{clash[0]} is set beside [[data.mix]] tables: with a mix, each source names its own "
+                f"text. Move data.{clash[0]} into the [[data.mix]] tables (data.validation_file may stay, as "
+                "the validation set shared by every source)."
+            )
+        if self.streaming:
+            raise RecipeError(
+                "[[data.mix]] with data.streaming is not supported: a mix picks blocks from each prepared "
+                "source. Set data.streaming = false."
+            )
+        labels = [source.label for source in self.mix]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise RecipeError(
+                f"Two [[data.mix]] sources are both named {repeated[0]!r}: give each a distinct name = ... ."
+            )
+        weighted = [source.weight is not None for source in self.mix]
+        if any(weighted) and not all(weighted):
+            missing = [source.label for source in self.mix if source.weight is None]
+            raise RecipeError(
+                f"[[data.mix]] {', '.join(missing)} has no weight while others do: give every source a weight "
+                "(or none, to train on all their blocks)."
+            )
+
+    @property
+    def weights(self) -> tuple[float, ...] | None:
+        """The sources' weights, normalized to sum to 1; None without weights (every block of every source)."""
+        if not self.mix or self.mix[0].weight is None:
+            return None
+        total = sum(float(s.weight or 0) for s in self.mix)
+        return tuple(float(s.weight or 0) / total for s in self.mix)
 
 
 @dataclass(frozen=True)
@@ -263,6 +354,9 @@ class Recipe:
         out: dict[str, dict[str, Any]] = {}
         for name in ("model", "data"):
             out[name] = _drop_none(dataclasses.asdict(getattr(self, name)))
+        out["data"]["mix"] = [_drop_none(source) for source in out["data"].get("mix", ())]
+        if not out["data"]["mix"]:
+            del out["data"]["mix"]
         out["training"] = _drop_none(dict(self.training))
         out["eval"] = _drop_none(dataclasses.asdict(self.eval))
         if self.early_stopping is not None:

@@ -47,6 +47,18 @@ def data_fingerprint(data: DataConfig) -> dict:
     For a hub dataset this holds only what the recipe says; the loaded dataset's own fingerprint is added
     by whoever loads it (see clm_runner.data.cache).
     """
+    if data.mix:
+        from clm_runner.data.mix import source_data
+
+        from_sources = {}
+        for source, weight in zip(data.mix, data.weights or [None] * len(data.mix), strict=True):
+            from_sources[source.label] = {**data_fingerprint(source_data(data, source)), "weight": weight}
+        return {
+            "source": "mix",
+            "sources": from_sources,
+            "seed": data.mix_seed,
+            "sampling": data.mix_sampling,
+        }
     if data.dataset_name is not None:
         return {
             "source": "hub",
@@ -269,6 +281,12 @@ def hub_dataset_errors(name: str) -> Iterator[None]:
 def check_data_sources(data: DataConfig, model: ModelConfig) -> None:
     """Before any heavy work: every local file the recipe names exists and is readable as its kind; a hub
     dataset resolves (its builder only, no data is downloaded)."""
+    if data.mix:
+        from clm_runner.data.mix import source_data
+
+        for source in data.mix:
+            check_data_sources(source_data(data, source), model)
+        return
     if data.dataset_name is None:
         for split, spec in file_specs(data).items():
             split_source(split, spec)

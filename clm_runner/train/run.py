@@ -138,7 +138,11 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
             logger.warning(changed)
 
     train_dataset = prepared["train"].blocks
-    eval_dataset = prepared["validation"].blocks if args.do_eval else None
+    eval_dataset = None
+    if args.do_eval:
+        validation = prepared["validation"]
+        # [[data.mix]] sources validated each on their own: the trainer scores each and their total.
+        eval_dataset = {n: part.blocks for n, part in validation.parts.items()} or validation.blocks
     trainer = ClmTrainer(
         model=model,
         args=args,
@@ -181,7 +185,7 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     if args.do_eval:
         logger.info("*** Evaluate ***")
         eval_metrics = trainer.evaluate()
-        eval_metrics["eval_samples"] = _count(eval_dataset, recipe.data.max_eval_samples)
+        eval_metrics["eval_samples"] = _count(prepared["validation"].blocks, recipe.data.max_eval_samples)
         # run_clm's key for it, and how the number was computed, as `clm-runner eval` labels it.
         eval_metrics["perplexity"] = eval_metrics["eval_perplexity"]
         eval_metrics.update(method="blocks", block_size=setup.block_size, split="validation")
@@ -245,13 +249,7 @@ class _RunSession:
         from clm_runner.train.device import describe
 
         data = data_fingerprint(self.recipe.data)
-        data["prepared"] = {
-            name: {
-                "cache_key": split.cache_path.name if split.cache_path else None,
-                "blocks": _count(split.blocks, None),
-            }
-            for name, split in prepared.items()
-        }
+        data["prepared"] = {name: _prepared_record(split) for name, split in prepared.items()}
         self.manifest = RunManifest.start(
             self.plan.output_dir,
             recipe=self.recipe,
@@ -374,6 +372,19 @@ def global_batch_change(checkpoint: Path, args: Any, block_size: int) -> str | N
         "global batch changed, and so do the steps per epoch and the losses. To keep it, launch as many "
         "processes as before, or set training.gradient_accumulation_steps to make up the difference."
     )
+
+
+def _prepared_record(split: Any) -> dict[str, Any]:
+    """What run.json records of a prepared split: its cache entry and blocks (per source, for a mix)."""
+    record: dict[str, Any] = {
+        "cache_key": split.cache_path.name if split.cache_path else None,
+        "blocks": _count(split.blocks, None),
+    }
+    if split.parts:
+        record["sources"] = {name: _prepared_record(part) for name, part in split.parts.items()}
+        for name, taken in split.mix_counts.items():
+            record["sources"][name]["blocks_in_mix"] = taken
+    return record
 
 
 def _count(dataset: Any, limit: int | None) -> int:

@@ -1,0 +1,146 @@
+"""[[data.mix]]: several corpora, each prepared (and cached) as its own source, their training blocks mixed by weight.
+
+Mixing is an exact proportional block mix, not `datasets.interleave_datasets`' sampling: interleave draws each
+example's source at random, so the shares it realises are the weights only in expectation (off by about
+sqrt(N) blocks); here source i contributes round(p_i x N) blocks, the largest-remainder rounding of its
+normalized weight p_i, so every share is within 1 / N of its weight, in every run. Which blocks of a source
+are taken is drawn with data.mix_seed; the Trainer's sampler then shuffles the mixed blocks each epoch, as it
+shuffles a single source's. N is the largest mix that uses no block twice ("undersample"), or the smallest
+that uses every block of every source, repeating the smaller ones ("oversample").
+
+A source's cache entry is keyed by its own text, tokenizer and block size (clm_runner.data.cache); the mix
+itself is an index selection over those cached blocks, recomputed from the weights and the seed every time,
+so a change of weight or seed can never pick up a stale mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from clm_runner.data.blocks import PreparedSplit, SplitStats
+
+if TYPE_CHECKING:
+    from clm_runner.config.schema import DataConfig, MixSource, Recipe
+
+
+def source_recipe(recipe: Recipe, source: MixSource) -> Recipe:
+    """The recipe of one source: [data] with the source's keys, as if it were the only corpus."""
+    return dataclasses.replace(recipe, data=source_data(recipe.data, source))
+
+
+def source_data(data: DataConfig, source: MixSource) -> DataConfig:
+    """[data] for one source of a mix, as if it were the only corpus."""
+    return dataclasses.replace(
+        data,
+        mix=(),
+        dataset_name=source.dataset_name,
+        dataset_config_name=source.dataset_config_name,
+        dataset_revision=source.dataset_revision,
+        train_file=source.train_file,
+        validation_file=source.validation_file or data.validation_file,
+        text_column=source.text_column,
+        max_train_samples=None,  # applies to the mix, after mixing
+    )
+
+
+def shared_split(recipe: Recipe, split: str) -> bool:
+    """Whether every source has the same `split` ([data]'s validation_file or test_file), prepared once."""
+    data = recipe.data
+    if split == "validation":
+        return data.validation_file is not None and not any(s.validation_file for s in data.mix)
+    if split == "test":
+        return data.test_file is not None
+    return False
+
+
+def mix_counts(available: Sequence[int], weights: Sequence[float] | None, sampling: str) -> list[int]:
+    """Blocks to take from each source: all of them without weights, else the exact proportional mix."""
+    if weights is None:
+        return list(available)
+    if sampling == "undersample":
+        total = min(math.floor(n / p) for n, p in zip(available, weights, strict=True))
+    else:
+        total = max(math.ceil(n / p) for n, p in zip(available, weights, strict=True))
+    exact = [p * total for p in weights]
+    counts = [math.floor(x) for x in exact]
+    # Largest remainders first (ties: the earlier source), so the counts add up to `total` exactly.
+    order = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+    for i in order[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def pick_blocks(available: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` block indices of a source of `available`: a random subset, or every block repeated as needed
+    (whole random passes, then a random part of one more) when count > available."""
+    passes, rest = divmod(count, available)
+    picked = [rng.permutation(available) for _ in range(passes)]
+    picked.append(np.sort(rng.permutation(available)[:rest]))
+    return np.concatenate(picked).astype(np.int64)
+
+
+def mix_train(recipe: Recipe, parts: dict[str, PreparedSplit]) -> PreparedSplit:
+    """The training split of a mix: each source's share of blocks, concatenated (the sampler shuffles)."""
+    import datasets
+
+    data = recipe.data
+    names = list(parts)
+    available = [len(parts[name].blocks) for name in names]
+    counts = mix_counts(available, data.weights, data.mix_sampling)
+    rng = np.random.default_rng(data.mix_seed)
+    chosen = [
+        parts[name].blocks.with_format(None).select(pick_blocks(n, count, rng))
+        for name, n, count in zip(names, available, counts, strict=True)
+    ]
+    blocks = datasets.concatenate_datasets(chosen)
+    limited = data.max_train_samples is not None and data.max_train_samples < len(blocks)
+    if limited:
+        # max_train_samples keeps N blocks of the mix, in the mix's proportions.
+        blocks = blocks.select(
+            np.random.default_rng(data.mix_seed).permutation(len(blocks))[: data.max_train_samples]
+        )
+    return combined(
+        "train", parts, blocks.with_format("torch"), dict(zip(names, counts, strict=True)), limited
+    )
+
+
+def combined(
+    name: str,
+    parts: dict[str, PreparedSplit],
+    blocks: Any = None,
+    counts: dict[str, int] | None = None,
+    limited: bool = False,
+) -> PreparedSplit:
+    """One split made of per-source parts (`parts`); `blocks` default: the parts' blocks one after another."""
+    import datasets
+
+    if blocks is None:
+        blocks = datasets.concatenate_datasets([p.blocks.with_format(None) for p in parts.values()])
+        blocks = blocks.with_format("torch")
+    stats = [p.stats for p in parts.values() if p.stats is not None]
+    total = SplitStats(
+        rows=sum(s.rows for s in stats),
+        tokens=sum(s.tokens for s in stats),
+        blocks=sum(s.blocks for s in stats),
+        dropped_tokens=sum(s.dropped_tokens for s in stats),
+        seconds=round(sum(s.seconds for s in stats), 3),
+        null_rows=sum(s.null_rows for s in stats),
+    )
+    first = next(iter(parts.values()))
+    return PreparedSplit(
+        name=name,
+        blocks=blocks,
+        stream=None,
+        stats=total,
+        from_cache=all(p.from_cache for p in parts.values()),
+        block_size=first.block_size,
+        grouping=first.grouping,
+        limited=limited,
+        parts=parts,
+        mix_counts=counts or {},
+    )
