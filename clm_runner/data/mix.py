@@ -126,7 +126,8 @@ def combined(
     total = SplitStats(
         rows=sum(s.rows for s in stats),
         tokens=sum(s.tokens for s in stats),
-        blocks=sum(s.blocks for s in stats),
+        # The training split's blocks are the mix's (what the Trainer sees); the sources' own are in `parts`.
+        blocks=sum(counts.values()) if counts else sum(s.blocks for s in stats),
         dropped_tokens=sum(s.dropped_tokens for s in stats),
         seconds=round(sum(s.seconds for s in stats), 3),
         null_rows=sum(s.null_rows for s in stats),
