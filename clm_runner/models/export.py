@@ -21,7 +21,8 @@ from pathlib import Path
 
 from clm_runner.config.schema import ModelConfig
 from clm_runner.errors import ModelError, OutputDirError
-from clm_runner.models.adapters import ADAPTER_CONFIG, base_model_config, is_adapter_dir
+from clm_runner.models.adapter_runs import base_model_config, is_adapter_dir
+from clm_runner.models.adapters import ADAPTER_CONFIG
 
 logger = logging.getLogger("clm_runner")
 
@@ -145,7 +146,7 @@ def _pin_base_path(adapter_config: Path, source: Path) -> None:
 def _write_merged(source: Path, target: Path, base: ModelConfig) -> None:
     from transformers import AutoTokenizer
 
-    from clm_runner.models.adapters import load_adapter_run
+    from clm_runner.models.adapter_runs import load_adapter_run
 
     model = load_adapter_run(source, base, merge=True)
     model.save_pretrained(target)  # safetensors, config, generation config: no PEFT needed to load it

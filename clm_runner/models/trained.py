@@ -24,7 +24,8 @@ def load_trained(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clm_runner.models.adapters import ADAPTER_CONFIG, base_model_config, is_adapter_dir, load_adapter_run
+    from clm_runner.models.adapter_runs import base_model_config, is_adapter_dir, load_adapter_run
+    from clm_runner.models.adapters import ADAPTER_CONFIG
 
     directory = Path(path)
     if not directory.is_dir():

@@ -267,7 +267,7 @@ class _RunSession:
             recipe_changes=list(self.plan.recipe_changes),
         )
         if self.setup.adapter is not None:
-            from clm_runner.models.adapters import base_model_identity
+            from clm_runner.models.adapter_runs import base_model_identity
 
             self.manifest.update(
                 adapter=self.setup.adapter.manifest(),

@@ -10,12 +10,8 @@ from helpers import tiny_gpt2_config
 
 from clm_runner.config.schema import AdapterConfig, ModelConfig
 from clm_runner.errors import RecipeError
-from clm_runner.models.adapters import (
-    base_identity_change,
-    base_model_identity,
-    check_quantization,
-    plan_adapter,
-)
+from clm_runner.models.adapter_runs import base_identity_change, base_model_identity
+from clm_runner.models.adapters import check_quantization, plan_adapter
 from clm_runner.models.flops import flops_per_token
 from clm_runner.models.summary import describe_model, render_summary
 
@@ -130,13 +126,13 @@ def test_base_identity_tells_a_different_base(tmp_path: Path) -> None:
 
 
 def test_base_identity_digest_of_a_large_file_sees_its_ends(tmp_path: Path) -> None:
-    from clm_runner.models import adapters
+    from clm_runner.models import adapter_runs
 
     big = tmp_path / "model.safetensors"
-    big.write_bytes(bytes(5 * adapters._SAMPLE))
-    before = adapters._file_digest(big)
+    big.write_bytes(bytes(5 * adapter_runs._SAMPLE))
+    before = adapter_runs._file_digest(big)
     assert "sha256_size_head_tail" in before
     data = bytearray(big.read_bytes())
     data[-1] = 1  # a retrained model's last tensor
     big.write_bytes(bytes(data))
-    assert adapters._file_digest(big) != before
+    assert adapter_runs._file_digest(big) != before
