@@ -36,6 +36,7 @@ from clm_runner.train.distributed import (
     describe_preprocessing,
     gather_to_all,
     global_batch,
+    global_batch_change,
     is_distributed,
     is_main_process,
     quiet_replica_logging,
@@ -349,29 +350,6 @@ class _RunSession:
         if stored is not None:
             raise stored from None
         raise exc
-
-
-def global_batch_change(checkpoint: Path, args: Any, block_size: int) -> str | None:
-    """A warning when a run resumes with another global batch than the checkpoint was trained with."""
-    from clm_runner.rundir.checkpoints import read_marker
-
-    marker = read_marker(checkpoint)
-    keys = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
-    if not all(isinstance(marker.get(key), int) for key in keys):
-        return None
-    before = (
-        marker["world_size"] * marker["per_device_train_batch_size"] * marker["gradient_accumulation_steps"]
-    )
-    now = global_batch(args, block_size)
-    if before == now.blocks:
-        return None
-    processes = f"{marker['world_size']} process{'es' if marker['world_size'] != 1 else ''}"
-    return (
-        f"Resuming {checkpoint.name}, trained with {processes} and {before} blocks per optimizer step, with "
-        f"{now.world_size} and {now.blocks} ({before * block_size:,} -> {now.tokens:,} tokens per step): the "
-        "global batch changed, and so do the steps per epoch and the losses. To keep it, launch as many "
-        "processes as before, or set training.gradient_accumulation_steps to make up the difference."
-    )
 
 
 def _prepared_record(split: Any) -> dict[str, Any]:
