@@ -177,3 +177,29 @@ def test_early_stopping_stops_at_the_right_evaluation(
     assert same_weights(run / "model.safetensors", run / f"checkpoint-{best}" / "model.safetensors")
     assert json.loads((run / "eval_results.json").read_text())["eval_loss"] == seen[best]["eval_loss"]
     assert "Early stopping at step" in (run / "train.log").read_text()
+
+
+def test_report_marks_the_best_point(
+    reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import matplotlib.axes
+
+    from clm_runner.rundir.report import load_run, plot_runs
+
+    evals = evaluations(reference)
+    best = first_best(evals)
+    result = invoke("report", reference)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith(reference.name))
+    assert row.split()[-1] == str(best)  # the "best step" column
+    drawn: list[tuple] = []
+    original = matplotlib.axes.Axes.plot
+
+    def recording(self, *args, **kwargs):
+        drawn.append((args, kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    plot_runs([load_run(reference)], tmp_path / "report.png")
+    stars = [args for args, kwargs in drawn if kwargs.get("marker") == "*"]
+    assert stars == [([best], [evals[best]["eval_perplexity"]])]
