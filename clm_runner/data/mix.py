@@ -76,10 +76,11 @@ def mix_counts(available: Sequence[int], weights: Sequence[float] | None, sampli
 
 
 def pick_blocks(available: int, count: int, rng: np.random.Generator) -> np.ndarray:
-    """`count` block indices of a source of `available`: a random subset, or every block repeated as needed
-    (whole random passes, then a random part of one more) when count > available."""
+    """`count` block indices of a source of `available`, in the source's order: a random subset, or every block
+    as many times as fits and a random subset of one more pass when count > available. (Order is the
+    sampler's job: it shuffles the mix each epoch, as it shuffles one source's blocks.)"""
     passes, rest = divmod(count, available)
-    picked = [rng.permutation(available) for _ in range(passes)]
+    picked = [np.arange(available)] * passes
     picked.append(np.sort(rng.permutation(available)[:rest]))
     return np.concatenate(picked).astype(np.int64)
 

@@ -1,0 +1,166 @@
+"""[[data.mix]] end to end: the realised shares, reproducible with the seed, and per-source validation whose
+perplexities are exact and add up, token-weighted, to the overall one (in `train`, `eval` and `data`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from helpers import ASSETS, SMOKE, TINY_CONFIG, completed_run, independent_perplexity, invoke, sets
+from tolerances import FORWARD_RTOL
+
+BLOCK = 32
+SOURCES = {
+    "encyclopedia": (ASSETS / "train.txt", ASSETS / "validation.txt"),
+    "harbour": (ASSETS / "harbour" / "train.txt", ASSETS / "harbour" / "validation.txt"),
+}
+
+
+def mix_recipe(path: Path, output_dir: Path, weights: tuple[float, float] | None = (0.7, 0.3)) -> Path:
+    tables = []
+    for index, (name, (train, validation)) in enumerate(SOURCES.items()):
+        weight = f"weight = {weights[index]}\n" if weights else ""
+        tables.append(
+            f'[[data.mix]]\nname = "{name}"\ntrain_file = "{train}"\nvalidation_file = "{validation}"\n{weight}'
+        )
+    path.write_text(
+        f'[model]\nmodel_type = "gpt2"\nconfig_overrides = "{TINY_CONFIG}"\n'
+        f'tokenizer_name = "{ASSETS / "tokenizer"}"\n\n'
+        f"[data]\nblock_size = {BLOCK}\n\n" + "\n".join(tables) + "\n"
+        f'[training]\noutput_dir = "{output_dir}"\nper_device_train_batch_size = 4\n'
+        'per_device_eval_batch_size = 16\nmax_steps = 6\nlogging_steps = 1\neval_strategy = "steps"\n'
+        'eval_steps = 3\nsave_strategy = "no"\nreport_to = "none"\nuse_cpu = true\nseed = 42\n'
+    )
+    return path
+
+
+def saved_train_blocks(tmp_path: Path, name: str, *extra: str) -> list[list[int]]:
+    import datasets
+
+    save = tmp_path / name
+    result = invoke(
+        "data", "--recipe", mix_recipe(tmp_path / "mix.toml", tmp_path / "run"), *extra, "--save", save
+    )
+    assert result.exit_code == 0, result.output
+    return datasets.load_from_disk(str(save))["train"]["input_ids"]
+
+
+def source_blocks(path: Path) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+    ids = [
+        i
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+        for i in tokenizer(line)["input_ids"]
+    ]
+    return len(ids) // BLOCK
+
+
+def test_data_prints_each_source_and_its_realised_share(tmp_path: Path) -> None:
+    result = invoke("data", "--recipe", mix_recipe(tmp_path / "mix.toml", tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    rows = {
+        tuple(line.split()[:2]): line.split()
+        for line in result.output.splitlines()
+        if line.split()[:1] in (["encyclopedia"], ["harbour"])
+    }
+    available = {name: source_blocks(train) for name, (train, _) in SOURCES.items()}
+    # Undersampling: the largest mix that uses no block twice; harbour (30%) is the scarce one.
+    total = min(math.floor(n / w) for n, w in zip(available.values(), (0.7, 0.3), strict=True))
+    for name, weight in zip(SOURCES, (0.7, 0.3), strict=True):
+        row = rows[(name, "train")]
+        assert int(row[4].replace(",", "")) == available[name]  # the source's own blocks
+        taken = int(row[5].replace(",", ""))
+        assert abs(taken / total - weight) < 1 / total
+        assert row[6] == f"{taken / total:.4f}" and row[7] == f"{weight:.4f}"
+    assert rows[("harbour", "train")][5].replace(",", "") == str(available["harbour"])
+
+
+def test_the_mix_is_reproducible_with_its_seed(tmp_path: Path) -> None:
+    first = saved_train_blocks(tmp_path, "a")
+    again = saved_train_blocks(tmp_path, "b")
+    other = saved_train_blocks(tmp_path, "c", *sets("data.mix_seed=7"))
+    assert first == again
+    assert len(other) == len(first) and other != first
+    # The same blocks of the scarce source (all of them) and another choice from the plentiful one.
+    assert sorted(map(tuple, other)) != sorted(map(tuple, first))
+
+
+@pytest.fixture(scope="module")
+def mix_run(workdir: Path, env: dict[str, str]) -> Path:
+    run = workdir / "mix-run"
+    recipe = mix_recipe(workdir / "mix.toml", run)
+    return completed_run(run, ["train", "--recipe", str(recipe), "--quiet"], env)
+
+
+def test_per_source_validation_is_exact_and_adds_up(mix_run: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = json.loads((mix_run / "eval_results.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(mix_run)
+    tokenizer = AutoTokenizer.from_pretrained(mix_run)
+    nll, tokens = 0.0, 0
+    for name, (_, validation) in SOURCES.items():
+        expected, count = independent_perplexity(model, tokenizer, validation, BLOCK)
+        assert final[f"eval_{name}_tokens"] == count
+        assert final[f"eval_{name}_perplexity"] == pytest.approx(expected, rel=FORWARD_RTOL)
+        nll += final[f"eval_{name}_loss"] * count
+        tokens += count
+    assert final["eval_tokens"] == tokens
+    counts = [final[f"eval_{name}_tokens"] for name in SOURCES]
+    assert counts[0] != counts[1]  # else a plain mean of the two would pass for the token-weighted one
+    assert final["eval_samples"] == sum(final[f"eval_{name}_samples"] for name in SOURCES)
+    # Token-weighted, not the mean of the two: the totals of one float64 sum, up to its rounding.
+    assert final["eval_loss"] == pytest.approx(nll / tokens, rel=1e-12)
+    assert final["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-12)
+    history = json.loads((mix_run / "trainer_state.json").read_text())["log_history"]
+    periodic = [entry for entry in history if "eval_harbour_perplexity" in entry]
+    assert [entry["step"] for entry in periodic] == [3, 6]
+
+
+def test_eval_of_a_mix_run_reports_each_source_and_all(mix_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    result = invoke("eval", "--run", mix_run, "--output", out)
+    assert result.exit_code == 0, result.output
+    assert "validation: harbour" in result.output and "validation: all" in result.output
+    metrics = json.loads(out.read_text())
+    final = json.loads((mix_run / "eval_results.json").read_text())
+    assert metrics["sources"] == list(SOURCES)
+    for key in ("perplexity", "eval_encyclopedia_perplexity", "eval_harbour_perplexity"):
+        assert metrics[key] == pytest.approx(final[key], rel=FORWARD_RTOL)
+    manifest = json.loads((mix_run / "run.json").read_text())
+    sources = manifest["data"]["prepared"]["train"]["sources"]
+    assert (
+        sum(s["blocks_in_mix"] for s in sources.values()) == manifest["data"]["prepared"]["train"]["blocks"]
+    )
+
+
+def test_one_source_without_weight_behaves_as_plain_data(tmp_path: Path) -> None:
+    """A mix of one unweighted source takes all its blocks: the same blocks as [data] naming that file."""
+    import datasets
+
+    one = tmp_path / "one.toml"
+    text = mix_recipe(tmp_path / "two.toml", tmp_path / "run", weights=None).read_text()
+    one.write_text(
+        text.split("[[data.mix]]")[0]
+        + "[[data.mix]]"
+        + text.split("[[data.mix]]")[1]
+        + text[text.index("[training]") :]
+    )
+    result = invoke("data", "--recipe", one, "--save", tmp_path / "mixed")
+    assert result.exit_code == 0, result.output
+    plain = sets(
+        f"data.train_file={SOURCES['encyclopedia'][0]}",
+        f"data.validation_file={SOURCES['encyclopedia'][1]}",
+        f"model.config_overrides={TINY_CONFIG}",
+        f"model.tokenizer_name={ASSETS / 'tokenizer'}",
+        f"data.block_size={BLOCK}",
+        f"training.output_dir={tmp_path / 'plain-run'}",
+    )
+    result = invoke("data", "--recipe", SMOKE, *plain, "--save", tmp_path / "plain")
+    assert result.exit_code == 0, result.output
+    mixed = datasets.load_from_disk(str(tmp_path / "mixed"))["train"]["input_ids"]
+    assert mixed == datasets.load_from_disk(str(tmp_path / "plain"))["train"]["input_ids"]
