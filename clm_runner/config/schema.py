@@ -114,7 +114,13 @@ class MixSource:
         if self.dataset_name is not None:
             return "_".join(x for x in (self.dataset_name.rsplit("/", 1)[-1], self.dataset_config_name) if x)
         first = self.train_file[0] if isinstance(self.train_file, list) else self.train_file
-        return Path(str(first)).name.split(".")[0] if first else "source"
+        if not first:
+            return "source"
+        path = Path(str(first))
+        stem = path.name.split(".")[0]
+        # corpus/train.txt is named after its folder: "train" would name every source the same.
+        generic = stem.lower() in {"train", "training", "data", "text", "corpus", "all"} or "*" in stem
+        return path.parent.name if generic and path.parent.name not in ("", ".") else stem
 
     def __post_init__(self) -> None:
         if self.weight is not None and not 0 < self.weight < float("inf"):

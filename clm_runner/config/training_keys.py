@@ -247,9 +247,11 @@ def _check_best_metric(value: Any, where: str) -> None:
     name = value.removeprefix("eval_")
     if name not in EVAL_METRICS:
         valid = ", ".join(f"{m!r}" for m in EVAL_METRICS)
+        close = difflib.get_close_matches(name, EVAL_METRICS, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? Valid: " if close else "choose "
         raise RecipeError(
             f"{where}training.metric_for_best_model = {value!r} is not a metric clm-runner's evaluation logs; "
-            f"choose {valid}."
+            f"{hint}{valid}."
         )
 
 

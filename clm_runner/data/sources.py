@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from clm_runner.errors import DataError, HubUnreachableError
+from clm_runner.errors import ClmError, DataError, HubUnreachableError
 from clm_runner.models.hub import is_connection_failure, offline_reason, prepare_hub_access
 
 if TYPE_CHECKING:
@@ -285,7 +285,10 @@ def check_data_sources(data: DataConfig, model: ModelConfig) -> None:
         from clm_runner.data.mix import source_data
 
         for source in data.mix:
-            check_data_sources(source_data(data, source), model)
+            try:
+                check_data_sources(source_data(data, source), model)
+            except ClmError as exc:  # say which source of the mix
+                raise type(exc)(f"[[data.mix]] {source.label}: {exc}") from None
         return
     if data.dataset_name is None:
         for split, spec in file_specs(data).items():
