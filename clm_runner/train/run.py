@@ -43,6 +43,12 @@ from clm_runner.train.distributed import (
     recipe_for_preprocessing,
 )
 from clm_runner.train.interrupts import GracefulStop, RunInterrupted, StopNow, signal_name
+from clm_runner.train.results import (
+    count_blocks,
+    evaluation_of_the_final_model,
+    model_card_kwargs,
+    prepared_record,
+)
 from clm_runner.train.setup import RunSetup, TrainOptions, prepare_run
 
 logger = logging.getLogger("clm_runner")
@@ -177,7 +183,7 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     metrics = totals.whole_run_metrics(dict(train_result.metrics), trainer, throughput)
     if args.should_log:
         logger.info(throughput_line(metrics))
-    metrics["train_samples"] = _count(train_dataset, recipe.data.max_train_samples)
+    metrics["train_samples"] = count_blocks(train_dataset, recipe.data.max_train_samples)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
@@ -185,8 +191,10 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     results: dict[str, Any] = {"train": metrics}
     if args.do_eval:
         logger.info("*** Evaluate ***")
-        eval_metrics = trainer.evaluate()
-        eval_metrics["eval_samples"] = _count(prepared["validation"].blocks, recipe.data.max_eval_samples)
+        eval_metrics = evaluation_of_the_final_model(trainer) or trainer.evaluate()
+        eval_metrics["eval_samples"] = count_blocks(
+            prepared["validation"].blocks, recipe.data.max_eval_samples
+        )
         # run_clm's key for it, and how the number was computed, as `clm-runner eval` labels it.
         eval_metrics["perplexity"] = eval_metrics["eval_perplexity"]
         eval_metrics.update(method="blocks", block_size=setup.block_size, split="validation")
@@ -250,7 +258,7 @@ class _RunSession:
         from clm_runner.train.device import describe
 
         data = data_fingerprint(self.recipe.data)
-        data["prepared"] = {name: _prepared_record(split) for name, split in prepared.items()}
+        data["prepared"] = {name: prepared_record(split) for name, split in prepared.items()}
         self.manifest = RunManifest.start(
             self.plan.output_dir,
             recipe=self.recipe,
@@ -350,39 +358,6 @@ class _RunSession:
         if stored is not None:
             raise stored from None
         raise exc
-
-
-def _prepared_record(split: Any) -> dict[str, Any]:
-    """What run.json records of a prepared split: its cache entry and blocks (per source, for a mix)."""
-    record: dict[str, Any] = {
-        "cache_key": split.cache_path.name if split.cache_path else None,
-        "blocks": _count(split.blocks, None),
-    }
-    if split.parts:
-        record["sources"] = {name: _prepared_record(part) for name, part in split.parts.items()}
-        for name, taken in split.mix_counts.items():
-            record["sources"][name]["blocks_in_mix"] = taken
-    return record
-
-
-def _count(dataset: Any, limit: int | None) -> int:
-    try:
-        return len(dataset)
-    except TypeError:  # a stream has no length; run_clm reports the requested maximum
-        return limit if limit is not None else -1
-
-
-def model_card_kwargs(recipe: Recipe) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"finetuned_from": recipe.model.model_name_or_path, "tasks": "text-generation"}
-    data = recipe.data
-    if data.dataset_name is not None:
-        kwargs["dataset_tags"] = data.dataset_name
-        if data.dataset_config_name is not None:
-            kwargs["dataset_args"] = data.dataset_config_name
-            kwargs["dataset"] = f"{data.dataset_name} {data.dataset_config_name}"
-        else:
-            kwargs["dataset"] = data.dataset_name
-    return kwargs
 
 
 def save_resolved_recipe(recipe: Recipe, plan: OutputPlan, resolved: dict[str, Any]) -> Path:
