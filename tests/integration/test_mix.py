@@ -164,3 +164,23 @@ def test_one_source_without_weight_behaves_as_plain_data(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     mixed = datasets.load_from_disk(str(tmp_path / "mixed"))["train"]["input_ids"]
     assert mixed == datasets.load_from_disk(str(tmp_path / "plain"))["train"]["input_ids"]
+
+
+def test_the_shipped_best_model_recipe_runs(workdir: Path, env: dict[str, str]) -> None:
+    """recipes/smoke-best.toml (mix, per-step evaluation, early stopping, best model), shortened to 20 steps."""
+    run = workdir / "smoke-best"
+    args = ["train", "--recipe", str(SMOKE.parent / "smoke-best.toml"), "--quiet"]
+    args += sets(
+        f"training.output_dir={run}",
+        "training.max_steps=20",
+        "training.eval_steps=10",
+        "training.save_steps=10",
+    )
+    completed_run(run, args, env)
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["best_model"]["final_model_is_best"] is True
+    assert manifest["early_stopping"]["max_steps"] == 20
+    final = json.loads((run / "eval_results.json").read_text())
+    assert {"eval_encyclopedia_perplexity", "eval_harbour_perplexity", "perplexity"} <= set(final)
+    train = manifest["data"]["prepared"]["train"]["sources"]
+    assert {name: s["blocks_in_mix"] for name, s in train.items()} == {"encyclopedia": 459, "harbour": 197}
