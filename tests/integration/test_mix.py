@@ -18,17 +18,25 @@ SOURCES = {
 }
 
 
-def mix_recipe(path: Path, output_dir: Path, weights: tuple[float, float] | None = (0.7, 0.3)) -> Path:
+def mix_recipe(
+    path: Path,
+    output_dir: Path,
+    weights: tuple[float, float] | None = (0.7, 0.3),
+    shared_validation: Path | None = None,
+) -> Path:
     tables = []
     for index, (name, (train, validation)) in enumerate(SOURCES.items()):
         weight = f"weight = {weights[index]}\n" if weights else ""
-        tables.append(
-            f'[[data.mix]]\nname = "{name}"\ntrain_file = "{train}"\nvalidation_file = "{validation}"\n{weight}'
-        )
+        own = "" if shared_validation else f'validation_file = "{validation}"\n'
+        tables.append(f'[[data.mix]]\nname = "{name}"\ntrain_file = "{train}"\n{own}{weight}')
     path.write_text(
         f'[model]\nmodel_type = "gpt2"\nconfig_overrides = "{TINY_CONFIG}"\n'
         f'tokenizer_name = "{ASSETS / "tokenizer"}"\n\n'
-        f"[data]\nblock_size = {BLOCK}\n\n" + "\n".join(tables) + "\n"
+        f"[data]\nblock_size = {BLOCK}\n"
+        + (f'validation_file = "{shared_validation}"\n' if shared_validation else "")
+        + "\n"
+        + "\n".join(tables)
+        + "\n"
         f'[training]\noutput_dir = "{output_dir}"\nper_device_train_batch_size = 4\n'
         'per_device_eval_batch_size = 16\nmax_steps = 6\nlogging_steps = 1\neval_strategy = "steps"\n'
         'eval_steps = 3\nsave_strategy = "no"\nreport_to = "none"\nuse_cpu = true\nseed = 42\n'
@@ -184,3 +192,21 @@ def test_the_shipped_best_model_recipe_runs(workdir: Path, env: dict[str, str]) 
     assert {"eval_encyclopedia_perplexity", "eval_harbour_perplexity", "perplexity"} <= set(final)
     train = manifest["data"]["prepared"]["train"]["sources"]
     assert {name: s["blocks_in_mix"] for name, s in train.items()} == {"encyclopedia": 459, "harbour": 197}
+
+
+def test_a_validation_file_in_data_is_shared_by_every_source(tmp_path: Path) -> None:
+    shared = SOURCES["harbour"][1]
+    recipe = mix_recipe(tmp_path / "mix.toml", tmp_path / "run", shared_validation=shared)
+    result = invoke("data", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    validation = next(line.split() for line in lines if line.startswith("validation"))
+    assert int(validation[3].replace(",", "")) == source_blocks(shared)  # the shared file, once
+    per_source = [line.split()[:2] for line in lines if line.split()[:1] in (["encyclopedia"], ["harbour"])]
+    assert per_source == [["encyclopedia", "train"], ["harbour", "train"]]  # no validation of their own
+    out = tmp_path / "eval.json"
+    model = sets(f"training.output_dir={tmp_path / 'run'}")
+    result = invoke("eval", "--recipe", recipe, *model, "--quiet", "--output", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert "sources" not in metrics and metrics["eval_samples"] == source_blocks(shared)
