@@ -18,6 +18,8 @@ def resolved_dict(
     full = recipe.to_dict()
     for name in ("model", "data", "eval"):
         full[name] = dataclasses.asdict(getattr(recipe, name))
+    # A list, as run.json reads it back: a tuple would make every resume see "data.mix: [] -> ()".
+    full["data"]["mix"] = list(full["data"]["mix"])
     training = training_defaults()
     training.update(recipe.training)
     if training_overrides:

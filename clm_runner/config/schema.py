@@ -246,6 +246,13 @@ class DataConfig:
                 f"text. Move data.{clash[0]} into the [[data.mix]] tables (data.validation_file may stay, as "
                 "the validation set shared by every source)."
             )
+        own_validation = [source.label for source in self.mix if source.validation_file is not None]
+        if self.validation_file is not None and own_validation:
+            raise RecipeError(
+                f"data.validation_file is the validation set every [[data.mix]] source shares, and "
+                f"[[data.mix]] {own_validation[0]} has a validation_file of its own. Keep one: remove "
+                "data.validation_file (each source validated on its own) or the sources' validation_file."
+            )
         if self.streaming:
             raise RecipeError(
                 "[[data.mix]] with data.streaming is not supported: a mix picks blocks from each prepared "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,9 +43,22 @@ def source_data(data: DataConfig, source: MixSource) -> DataConfig:
         dataset_config_name=source.dataset_config_name,
         dataset_revision=source.dataset_revision,
         train_file=source.train_file,
-        validation_file=source.validation_file or data.validation_file,
+        validation_file=source.validation_file,
         text_column=source.text_column,
-        max_train_samples=None,  # applies to the mix, after mixing
+        max_train_samples=None,  # applies to the mix (mix_counts)
+    )
+
+
+def shared_data(data: DataConfig) -> DataConfig:
+    """[data] for a split every source shares ([data]'s validation_file or test_file): that file alone."""
+    return dataclasses.replace(
+        data,
+        mix=(),
+        dataset_name=None,
+        dataset_config_name=None,
+        dataset_revision=None,
+        train_file=None,
+        text_column=None,
     )
 
 
@@ -52,21 +66,30 @@ def shared_split(recipe: Recipe, split: str) -> bool:
     """Whether every source has the same `split` ([data]'s validation_file or test_file), prepared once."""
     data = recipe.data
     if split == "validation":
-        return data.validation_file is not None and not any(s.validation_file for s in data.mix)
+        return data.validation_file is not None
     if split == "test":
         return data.test_file is not None
     return False
 
 
-def mix_counts(available: Sequence[int], weights: Sequence[float] | None, sampling: str) -> list[int]:
-    """Blocks to take from each source: all of them without weights, else the exact proportional mix."""
+def mix_counts(
+    available: Sequence[int], weights: Sequence[float] | None, sampling: str, limit: int | None = None
+) -> list[int]:
+    """Blocks to take from each source: all of them without weights, else the exact proportional mix of
+    `limit` blocks at most (data.max_train_samples)."""
     if weights is None:
         return list(available)
+    # Exact rational arithmetic: the weights as written (0.7 is 7/10), so 700 blocks at 0.7 make 1,000 and
+    # not 999.99...; a float division would be off by one block at such boundaries.
+    written = [Fraction(repr(float(w))) for w in weights]
+    shares = [w / sum(written) for w in written]
     if sampling == "undersample":
-        total = min(math.floor(n / p) for n, p in zip(available, weights, strict=True))
+        total = min(math.floor(n / p) for n, p in zip(available, shares, strict=True))
     else:
-        total = max(math.ceil(n / p) for n, p in zip(available, weights, strict=True))
-    exact = [p * total for p in weights]
+        total = max(math.ceil(n / p) for n, p in zip(available, shares, strict=True))
+    if limit is not None:
+        total = min(total, limit)
+    exact = [p * total for p in shares]
     counts = [math.floor(x) for x in exact]
     # Largest remainders first (ties: the earlier source), so the counts add up to `total` exactly.
     order = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
@@ -92,19 +115,17 @@ def mix_train(recipe: Recipe, parts: dict[str, PreparedSplit]) -> PreparedSplit:
     data = recipe.data
     names = list(parts)
     available = [len(parts[name].blocks) for name in names]
-    counts = mix_counts(available, data.weights, data.mix_sampling)
+    # Unweighted: every block of every source, which is weights in proportion to the sources' sizes (so that
+    # max_train_samples keeps those proportions too).
+    weights = data.weights or [float(n) for n in available]
+    counts = mix_counts(available, weights, data.mix_sampling, data.max_train_samples)
+    limited = counts != mix_counts(available, weights, data.mix_sampling)
     rng = np.random.default_rng(data.mix_seed)
     chosen = [
         parts[name].blocks.with_format(None).select(pick_blocks(n, count, rng))
         for name, n, count in zip(names, available, counts, strict=True)
     ]
     blocks = datasets.concatenate_datasets(chosen)
-    limited = data.max_train_samples is not None and data.max_train_samples < len(blocks)
-    if limited:
-        # max_train_samples keeps N blocks of the mix, in the mix's proportions.
-        blocks = blocks.select(
-            np.random.default_rng(data.mix_seed).permutation(len(blocks))[: data.max_train_samples]
-        )
     return combined(
         "train", parts, blocks.with_format("torch"), dict(zip(names, counts, strict=True)), limited
     )

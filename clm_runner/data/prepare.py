@@ -76,23 +76,24 @@ def _prepare_mix(
     """[[data.mix]]: each source prepared as its own recipe (its own cache entries), then mixed (data.mix)."""
     from clm_runner.data import mix
 
+    own_splits = [s for s in splits if not mix.shared_split(recipe, s)]
     per_source = {
         source.label: prepare_splits(
             mix.source_recipe(recipe, source),
             tokenizer,
             block_size,
-            [s for s in splits if not mix.shared_split(recipe, s)] or ["train"],
+            own_splits,
             main_process_first=main_process_first,
             progress=progress,
         )
-        for source in recipe.data.mix
+        for source in (recipe.data.mix if own_splits else ())  # a shared split alone needs no source
     }
     out: dict[str, PreparedSplit] = {}
     for split in splits:
         if mix.shared_split(recipe, split):
-            first = mix.source_recipe(recipe, recipe.data.mix[0])
+            shared = dataclasses.replace(recipe, data=mix.shared_data(recipe.data))
             out[split] = prepare_splits(
-                first,
+                shared,
                 tokenizer,
                 block_size,
                 [split],

@@ -64,6 +64,11 @@ class EarlyStopping(TrainerCallback):
         self.rule = Patience(self.patience, self.threshold, bool(args.greater_is_better))
         self.rule.replay(state.log_history, metric_key(args.metric_for_best_model))
 
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The final evaluation after training (of the best model, with load_best_model_at_end) is not one of
+        # the run's evaluations: it must not count as one more without improvement.
+        self.rule = None
+
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kwargs: Any
     ) -> None:

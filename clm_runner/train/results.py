@@ -10,15 +10,15 @@ from clm_runner.config.schema import Recipe
 
 def evaluation_of_the_final_model(trainer: Any) -> dict[str, Any] | None:
     """The periodic evaluation of the model now in memory, when training ended on one (eval_strategy "epoch",
-    or steps that divide the run): taken from the log, not computed a second time. None otherwise, and when
-    load_best_model_at_end brought back an earlier checkpoint."""
+    or steps that divide the run): reused, not computed a second time. None otherwise: when load_best_model_at_end
+    brought back an earlier checkpoint, or when the evaluation ran in an earlier attempt (a resumed run may
+    validate on other data)."""
     state = trainer.state
-    last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
-    if last is None or last.get("step") != state.global_step:
+    if trainer.last_evaluation is None or trainer.last_evaluation[0] != state.global_step:
         return None
     if trainer.args.load_best_model_at_end and state.best_global_step not in (None, state.global_step):
         return None
-    return {key: value for key, value in last.items() if key.startswith("eval_") or key == "epoch"}
+    return dict(trainer.last_evaluation[1])
 
 
 def prepared_record(split: Any) -> dict[str, Any]:

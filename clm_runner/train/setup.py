@@ -67,6 +67,9 @@ def best_model_defaults(kwargs: dict[str, Any], *, early_stopping: bool) -> dict
     from clm_runner.config.training_keys import LOWER_IS_BETTER
 
     out: dict[str, Any] = {}
+    if early_stopping and "load_best_model_at_end" not in kwargs:
+        # A stopped run's last checkpoint is `patience` evaluations past its best: end with the best one.
+        out["load_best_model_at_end"] = kwargs["load_best_model_at_end"] = True
     metric = kwargs.get("metric_for_best_model")
     if metric is None and (early_stopping or kwargs.get("load_best_model_at_end")):
         metric = out["metric_for_best_model"] = "loss"

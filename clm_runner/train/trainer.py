@@ -70,13 +70,13 @@ class ClmTrainer(Trainer):
 
     early_stopping: Any = None
     """clm_runner.config.schema.EarlyStoppingConfig when the recipe has [early_stopping]."""
+    last_evaluation: tuple[int, dict[str, Any]] | None = None
+    """(global step, metrics) of the newest evaluation of the validation set that this process ran."""
 
     def _steps_left(self, checkpoint: str) -> int:
         """Optimizer steps the run has left after `checkpoint` (upstream would train one more at 0)."""
         import json
 
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            return 1  # their own loading path: leave it to upstream
         try:
             saved = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
             done = int(saved["global_step"])
@@ -88,6 +88,8 @@ class ClmTrainer(Trainer):
             rule = self.early_stopping
             if stopped_early(saved.get("log_history", []), self.args, rule.patience, rule.threshold):
                 return 0  # the run had decided to stop at this checkpoint's evaluation
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return 1  # their own loading path: leave it to upstream
         target = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
         return target - done
 
@@ -184,6 +186,9 @@ class ClmTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
         metrics = self.exact_metrics(eval_dataset, metric_key_prefix=metric_key_prefix)
+        if eval_dataset is None and metric_key_prefix == "eval":
+            # The step whose weights this evaluation scored, in this process (see train.results).
+            self.last_evaluation = (self.state.global_step, dict(metrics))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -441,6 +441,11 @@ def mix_table(train_file: str, **keys: object) -> str:
         ("", [("{root}/train.txt", {"wieght": 1})], ["did you mean data.mix.weight?"]),
         ("streaming = true", [("{root}/train.txt", {})], ["with data.streaming is not supported"]),
         ('mix_sampling = "oversampel"', [("{root}/train.txt", {})], ["'undersample' or 'oversample'"]),
+        (
+            'validation_file = "{root}/valid.txt"',
+            [("{root}/train.txt", {"validation_file": "{root}/valid.txt"})],
+            ["data.validation_file is the validation set every [[data.mix]] source shares"],
+        ),
     ],
     ids=[
         "beside-data",
@@ -452,12 +457,18 @@ def mix_table(train_file: str, **keys: object) -> str:
         "typo",
         "streaming",
         "sampling",
+        "two-validations",
     ],
 )
 def test_mix_refusals(world: World, data: str, tables: list, fragments: list[str]) -> None:
     root = str(world.root)
     written = "".join(
-        mix_table(t.format(root=root)) if isinstance(t, str) else mix_table(t[0].format(root=root), **t[1])
+        mix_table(t.format(root=root))
+        if isinstance(t, str)
+        else mix_table(
+            t[0].format(root=root),
+            **{k: str(v).format(root=root) if isinstance(v, str) else v for k, v in t[1].items()},
+        )
         for t in tables
     )
     recipe = world.root / "mix.toml"

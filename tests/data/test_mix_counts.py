@@ -55,3 +55,21 @@ def test_the_picked_blocks_depend_only_on_the_seed() -> None:
     assert set(counts) <= {2, 3} and counts.sum() == 250
     subset = pick_blocks(100, 30, np.random.default_rng(0))
     assert len(set(subset)) == 30  # undersampling never repeats a block
+
+
+def test_boundaries_are_exact_not_off_by_one_float_block() -> None:
+    # 700 / 0.7 is 999.99... in floats: the mix must still be 1,000 blocks, 700 + 300, no block repeated.
+    assert mix_counts([700, 300], [0.7, 0.3], "oversample") == [700, 300]
+    assert mix_counts([700, 300], [0.7, 0.3], "undersample") == [700, 300]
+    assert mix_counts([21, 98], [21, 98], "undersample") == [21, 98]
+
+
+@pytest.mark.parametrize("limit", [1, 10, 99, 500])
+def test_a_limit_keeps_the_proportions(limit: int) -> None:
+    """data.max_train_samples on a mix: `limit` blocks, each share still within 1/limit of its weight."""
+    counts = mix_counts([580, 197], [0.7, 0.3], "undersample", limit)
+    assert sum(counts) == limit
+    assert all(abs(c / limit - w) < 1 / limit for c, w in zip(counts, (0.7, 0.3), strict=True))
+    assert mix_counts([580, 197], [0.7, 0.3], "undersample", 10_000) == mix_counts(
+        [580, 197], [0.7, 0.3], "undersample"
+    )

@@ -17,6 +17,7 @@ from helpers import (
     losses_by_step,
     run_cli,
     same_weights,
+    snapshot,
     train_args,
 )
 from tolerances import FORWARD_RTOL
@@ -165,7 +166,9 @@ def test_early_stopping_stops_at_the_right_evaluation(
     stop = expected_stop(evals, patience)
     assert stop is not None and stop < STEPS, "the reference run must plateau for this test to mean anything"
     run = workdir / f"patience-{patience}"
-    completed_run(run, overfit_train(run, f"early_stopping.patience={patience}"), env)
+    # load_best_model_at_end unset: [early_stopping] ends with the best model by default.
+    args = overfit_train(run, f"early_stopping.patience={patience}", "training.load_best_model_at_end=")
+    completed_run(run, args, env)
     seen = {s: e for s, e in evals.items() if s <= stop}
     assert {s: e["eval_loss"] for s, e in evaluations(run).items()} == {
         s: e["eval_loss"] for s, e in seen.items()
@@ -174,9 +177,31 @@ def test_early_stopping_stops_at_the_right_evaluation(
     assert manifest["early_stopping"] == {"stopped_early": True, "at_step": stop, "max_steps": STEPS}
     best = first_best(seen)
     assert manifest["best_model"]["checkpoint"] == f"checkpoint-{best}"
+    assert manifest["best_model"]["final_model_is_best"] is True
     assert same_weights(run / "model.safetensors", run / f"checkpoint-{best}" / "model.safetensors")
     assert json.loads((run / "eval_results.json").read_text())["eval_loss"] == seen[best]["eval_loss"]
     assert "Early stopping at step" in (run / "train.log").read_text()
+    # The same command again: the run is complete (it stopped early), not resumed for the steps it skipped.
+    before = snapshot(run)
+    code, text = run_cli(args, env, workdir / f"patience-{patience}-again.log")
+    assert code == 0 and "is complete" in text, text[-2000:]
+    assert snapshot(run) == before
+
+
+def test_the_final_evaluation_is_not_counted_as_one_more_without_improvement(
+    workdir: Path, env: dict[str, str], reference: Path
+) -> None:
+    """Patience one more than the evaluations after the best: the run trains to its end. The final evaluation
+    (of the best model, so no improvement) is not an evaluation of the run and must not make it 'stop early'."""
+    evals = evaluations(reference)
+    best = first_best(evals)
+    patience = len([step for step in evals if step > best]) + 1
+    assert expected_stop(evals, patience) is None
+    run = workdir / "patience-long"
+    completed_run(run, overfit_train(run, f"early_stopping.patience={patience}"), env)
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["early_stopping"] == {"stopped_early": False, "at_step": STEPS, "max_steps": STEPS}
+    assert "Early stopping" not in (run / "train.log").read_text()
 
 
 def test_report_marks_the_best_point(

@@ -210,3 +210,29 @@ def test_a_validation_file_in_data_is_shared_by_every_source(tmp_path: Path) -> 
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
     assert "sources" not in metrics and metrics["eval_samples"] == source_blocks(shared)
+
+
+def test_a_shared_validation_file_is_read_on_its_own_terms(tmp_path: Path) -> None:
+    """The shared file is not read as the first source: a jsonl source with text_column = "content" beside a
+    shared .txt validation file, and the limit of max_train_samples kept in the mix's proportions."""
+    rows = (ASSETS / "harbour" / "train.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+    jsonl = tmp_path / "log.jsonl"
+    jsonl.write_text("".join(json.dumps({"content": row, "n": i}) + "\n" for i, row in enumerate(rows)))
+    recipe = tmp_path / "mix.toml"
+    recipe.write_text(
+        f'[model]\nmodel_type = "gpt2"\nconfig_overrides = "{TINY_CONFIG}"\n'
+        f'tokenizer_name = "{ASSETS / "tokenizer"}"\n\n'
+        f"[data]\nblock_size = {BLOCK}\nmax_train_samples = 100\n"
+        f'validation_file = "{ASSETS / "validation.txt"}"\n\n'
+        f'[[data.mix]]\nname = "log"\ntrain_file = "{jsonl}"\ntext_column = "content"\nweight = 1\n\n'
+        f'[[data.mix]]\ntrain_file = "{ASSETS / "train.txt"}"\nweight = 3\n\n'
+        f'[training]\noutput_dir = "{tmp_path / "run"}"\n'
+    )
+    result = invoke("data", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    rows_by = {tuple(line.split()[:2]): line.split() for line in result.output.splitlines()}
+    validation = next(line.split() for line in result.output.splitlines() if line.startswith("validation"))
+    assert int(validation[3].replace(",", "")) == source_blocks(ASSETS / "validation.txt")
+    # "smoke" is train.txt's folder: a source named after a generic file name takes its folder's.
+    taken = {name: int(rows_by[(name, "train")][5]) for name in ("log", "smoke")}
+    assert taken == {"log": 25, "smoke": 75}
