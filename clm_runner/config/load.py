@@ -221,6 +221,7 @@ def build_recipe(
         from clm_runner.config.training_keys import check_best_model_fits
 
         check_best_model_fits(training, early_stopping="early_stopping" in sections, where=where)
+    _check_source_metric(training.get("metric_for_best_model"), sections["data"], where)
     adapter = None
     if "adapter" in raw:
         from clm_runner.config.adapter_keys import validate_adapter
@@ -235,6 +236,26 @@ def build_recipe(
         adapter=adapter,
         early_stopping=sections.get("early_stopping"),
         source=source,
+    )
+
+
+def _check_source_metric(metric: Any, data: DataConfig, where: str) -> None:
+    """metric_for_best_model = "NAME_perplexity" (or _loss, _accuracy) names a source validated on its own."""
+    from clm_runner.config.training_keys import metric_kind
+
+    source = metric_kind(metric)[0] if isinstance(metric, str) else None
+    if source is None:
+        return
+    own = [] if data.validation_file is not None else [s.label for s in data.mix]
+    if source in own:
+        return
+    if own:
+        fix = f"the sources validated on their own are {', '.join(own)}{suggest(source, own)}"
+    else:
+        fix = "no [[data.mix]] source is validated on its own here (only the whole validation set is)."
+    raise RecipeError(
+        f"{where}training.metric_for_best_model = {metric!r} names source {source!r}, but {fix} "
+        "Use a source's name, or loss / perplexity / accuracy (over all validation text)."
     )
 
 

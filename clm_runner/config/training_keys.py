@@ -241,14 +241,28 @@ def _check_report_to(value: Any, where: str) -> None:
             )
 
 
+def metric_kind(metric: str) -> tuple[str | None, str]:
+    """(source, kind) of a metric_for_best_model: ("harbour", "perplexity") for "harbour_perplexity", one
+    [[data.mix]] source's figure; (None, "loss") for "loss" or "eval_loss". kind is "" when it is none of them."""
+    name = metric.removeprefix("eval_")
+    if name in EVAL_METRICS:
+        return None, name
+    source, _, kind = name.rpartition("_")
+    return (source, kind) if source and kind in EVAL_METRICS else (None, "")
+
+
 def _check_best_metric(value: Any, where: str) -> None:
     if not isinstance(value, str):
         return
     name = value.removeprefix("eval_")
-    if name not in EVAL_METRICS:
+    if not metric_kind(value)[1]:
         valid = ", ".join(f"{m!r}" for m in EVAL_METRICS)
         close = difflib.get_close_matches(name, EVAL_METRICS, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? Valid: " if close else "choose "
+        hint = (
+            f"did you mean {close[0]!r}? Valid (or one [[data.mix]] source's, as NAME_perplexity): "
+            if close
+            else "choose (or one [[data.mix]] source's, as NAME_perplexity) "
+        )
         raise RecipeError(
             f"{where}training.metric_for_best_model = {value!r} is not a metric clm-runner's evaluation logs; "
             f"{hint}{valid}."

@@ -64,7 +64,7 @@ def best_model_defaults(kwargs: dict[str, Any], *, early_stopping: bool) -> dict
     loss); TrainingArguments guesses greater_is_better from the name, true for anything not ending in "loss",
     which is wrong for perplexity.
     """
-    from clm_runner.config.training_keys import LOWER_IS_BETTER
+    from clm_runner.config.training_keys import LOWER_IS_BETTER, metric_kind
 
     out: dict[str, Any] = {}
     if early_stopping and "load_best_model_at_end" not in kwargs:
@@ -74,7 +74,7 @@ def best_model_defaults(kwargs: dict[str, Any], *, early_stopping: bool) -> dict
     if metric is None and (early_stopping or kwargs.get("load_best_model_at_end")):
         metric = out["metric_for_best_model"] = "loss"
     if isinstance(metric, str) and kwargs.get("greater_is_better") is None:
-        out["greater_is_better"] = metric.removeprefix("eval_") not in LOWER_IS_BETTER
+        out["greater_is_better"] = metric_kind(metric)[1] not in LOWER_IS_BETTER
     return out
 
 

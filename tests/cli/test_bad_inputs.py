@@ -392,6 +392,10 @@ STEPS = ["training.eval_strategy=steps", "training.eval_steps=10", "training.sav
             ["save_strategy is 'best'"],
         ),
         (["training.metric_for_best_model=perplexiti"], ["did you mean 'perplexity'?"]),
+        (
+            ["training.metric_for_best_model=harbour_perplexity"],
+            ["names source 'harbour'", "no [[data.mix]]"],
+        ),
     ],
     ids=[
         "no-eval",
@@ -403,6 +407,7 @@ STEPS = ["training.eval_strategy=steps", "training.eval_steps=10", "training.sav
         "best-no-eval",
         "best-save",
         "metric",
+        "source-metric",
     ],
 )
 def test_best_model_and_early_stopping_refusals(world: World, sets: list[str], fragments: list[str]) -> None:

@@ -236,3 +236,27 @@ def test_a_shared_validation_file_is_read_on_its_own_terms(tmp_path: Path) -> No
     # "smoke" is train.txt's folder: a source named after a generic file name takes its folder's.
     taken = {name: int(rows_by[(name, "train")][5]) for name in ("log", "smoke")}
     assert taken == {"log": 25, "smoke": 75}
+
+
+def test_the_best_model_can_be_chosen_by_one_source(workdir: Path, env: dict[str, str]) -> None:
+    """metric_for_best_model = "harbour_perplexity": the target corpus decides, lower is better."""
+    run = workdir / "by-source"
+    recipe = mix_recipe(workdir / "by-source.toml", run)
+    args = ["train", "--recipe", str(recipe), "--quiet"]
+    args += sets(
+        "training.save_strategy=steps",
+        "training.save_steps=3",
+        "training.load_best_model_at_end=true",
+        "training.metric_for_best_model=harbour_perplexity",
+        "training.learning_rate=3e-2",
+        "training.max_steps=9",
+    )
+    completed_run(run, args, env)
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    scores = {e["step"]: e["eval_harbour_perplexity"] for e in history if "eval_harbour_perplexity" in e}
+    best = min(scores, key=lambda step: (scores[step], step))
+    record = json.loads((run / "run.json").read_text())["best_model"]
+    assert record["metric"] == "harbour_perplexity" and record["global_step"] == best
+    assert record["value"] == scores[best]
+    final = json.loads((run / "eval_results.json").read_text())
+    assert final["eval_harbour_perplexity"] == pytest.approx(scores[best], rel=FORWARD_RTOL)
