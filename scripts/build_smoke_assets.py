@@ -7,7 +7,9 @@ corpus is original text (no borrowed articles) and a rerun produces byte-identic
 
 Outputs (under recipes/smoke/): train.txt, validation.txt and tokenizer/ (loadable offline with
 transformers.AutoTokenizer.from_pretrained). The text follows the WikiText layout: ` = Title = ` and
-` = = Section = = ` headings, one paragraph per line, blank lines between blocks.
+` = = Section = = ` headings, one paragraph per line, blank lines between blocks. A second, smaller corpus
+of another kind, harbour/train.txt and harbour/validation.txt (a harbour master's daily log, one entry per
+line), is what recipes/smoke-best.toml mixes with the encyclopedia ([[data.mix]]).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ MODEL_MAX_LENGTH = 1024
 # Byte budgets for the two splits; the generator stops adding articles once a split reaches its target.
 TRAIN_TARGET_BYTES = 300_000
 VALIDATION_TARGET_BYTES = 30_000
+HARBOUR_SEED = SEED + 1  # its own generator: the encyclopedia's bytes do not depend on the log's
+HARBOUR_TRAIN_TARGET_BYTES = 60_000
+HARBOUR_VALIDATION_TARGET_BYTES = 12_000
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "recipes" / "smoke"
@@ -339,6 +344,50 @@ def _invention_article(rng: random.Random, names: NameBook) -> Article:
     return invention, sections
 
 
+# --- the harbour log: a second corpus of another kind ---------------------------------------------------
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October"]
+WINDS = ["north", "north-east", "east", "south-east", "south", "south-west", "west", "north-west"]
+WEATHER = ["fair", "fog at dawn", "rain", "squalls", "a heavy swell", "clear skies", "low cloud", "sleet"]
+VESSELS = ["sloop", "brig", "barge", "schooner", "ketch", "lugger", "cutter"]
+
+
+def _log_entry(rng: random.Random, names: NameBook, day: int, month: str, year: int) -> str:
+    """One day of the log: the weather, then ships in and out with their cargo."""
+    lines = [
+        f"{day} {month} {year}. Wind {rng.choice(WINDS)}, force {rng.randrange(1, 9)}; {rng.choice(WEATHER)}."
+    ]
+    for _ in range(rng.randrange(1, 4)):
+        vessel = f"the {rng.choice(VESSELS)} {_base_name(rng)}"
+        if rng.random() < 0.5:
+            lines.append(
+                f"In: {vessel} from {names.place()}, {rng.randrange(4, 90)} tons of {rng.choice(GOODS)}, "
+                f"master {names.person()}."
+            )
+        else:
+            lines.append(
+                f"Out: {vessel} for {names.place()} with {rng.choice(GOODS)}, {rng.randrange(2, 14)} crew."
+            )
+    if rng.random() < 0.3:
+        lines.append(
+            f"Harbour dues paid: {rng.randrange(3, 60)} shillings. Tide high at {rng.randrange(1, 12)} o'clock."
+        )
+    return " " + " ".join(lines) + " \n"
+
+
+def generate_log(rng: random.Random, names: NameBook, target_bytes: int, year: int) -> tuple[str, int]:
+    """Daily entries, a month heading (` = Month Year = `) every 28 days, until target_bytes."""
+    entries: list[str] = []
+    size, day = 0, 0
+    while size < target_bytes:
+        month = MONTHS[(day // 28) % len(MONTHS)]
+        if day % 28 == 0:
+            entries.append(f" = {month} {year + day // (28 * len(MONTHS))} = \n")
+        entries.append(_log_entry(rng, names, day % 28 + 1, month, year + day // (28 * len(MONTHS))))
+        size += len(entries[-1].encode("utf-8")) + 1
+        day += 1
+    return "\n".join(entries), day
+
+
 ARTICLE_WRITERS = [_place_article, _river_article, _person_article, _invention_article]
 
 
@@ -403,6 +452,21 @@ def build(output_dir: Path) -> list[SplitStats]:
         if reloaded.decode(ids) != text:
             raise SystemExit(f"tokenizer does not round-trip the {name} split; the assets are unusable")
         stats.append(SplitStats(name, articles, len(text.encode("utf-8")), len(ids)))
+    harbour_rng = random.Random(HARBOUR_SEED)
+    harbour_names = NameBook(harbour_rng)
+    (output_dir / "harbour").mkdir(exist_ok=True)
+    for name, target, year in (
+        ("train", HARBOUR_TRAIN_TARGET_BYTES, 1840),
+        ("validation", HARBOUR_VALIDATION_TARGET_BYTES, 1870),
+    ):
+        text, days = generate_log(harbour_rng, harbour_names, target, year)
+        (output_dir / "harbour" / f"{name}.txt").write_text(text, encoding="utf-8", newline="\n")
+        ids = reloaded(text, verbose=False)["input_ids"]
+        if reloaded.decode(ids) != text:
+            raise SystemExit(
+                f"tokenizer does not round-trip the harbour {name} split; the assets are unusable"
+            )
+        stats.append(SplitStats(f"harbour/{name}", days, len(text.encode("utf-8")), len(ids)))
     print(f"vocab size: {len(tokenizer)} (reloaded: {len(reloaded)})")
     for split in stats:
         print(f"{split.name}: {split.articles} articles, {split.bytes} bytes, {split.tokens} tokens")

@@ -45,7 +45,36 @@ def data(recipe_path: str, overrides: tuple[str, ...], save: str | None) -> None
             ]
         )
     click.echo(render_table(headers, rows))
+    if summary.sources:
+        click.echo("\n" + render_sources(summary))
     for name, text in summary.previews.items():
         click.echo(f"\nfirst {name} block starts: {text!r}")
     if summary.saved_to is not None:
         click.echo(f"\nSaved blocks to {summary.saved_to} (load with datasets.load_from_disk).")
+
+
+def render_sources(summary) -> str:
+    """[[data.mix]]: each source's rows, tokens and blocks per split, and its realised share of the training
+    blocks (against its weight)."""
+    from clm_runner.cli.tables import render_table
+
+    total = sum(summary.in_mix.values())
+    headers = ["source", "split", "rows", "tokens", "blocks", "in mix", "share", "weight"]
+    rows = []
+    for source, splits in summary.sources.items():
+        for split, s in splits.items():
+            taken = summary.in_mix.get(source) if split == "train" else None
+            weight = summary.weights.get(source) if split == "train" else None
+            rows.append(
+                [
+                    source,
+                    split,
+                    f"{s.rows:,}" if s else "-",
+                    f"{s.tokens:,}" if s else "-",
+                    f"{s.blocks:,}" if s else "-",
+                    f"{taken:,}" if taken is not None else "",
+                    f"{taken / total:.4f}" if taken is not None and total else "",
+                    f"{weight:.4f}" if weight is not None else "",
+                ]
+            )
+    return render_table(headers, rows, left_columns=2)

@@ -73,19 +73,34 @@ def eval_command(
 
 
 def render_eval_table(rows: list[dict], *, label: str = "split") -> str:
+    """One line per evaluation; a [[data.mix]] evaluation also one per source, before its total."""
     from clm_runner.cli.tables import render_table
 
     headers = [label, "method", "blocks", "tokens", "loss", "perplexity", "accuracy"]
-    lines = [
-        [
-            str(r.get(label, r.get("split"))),
-            str(r.get("method", "blocks")),
-            f"{r['eval_samples']:,}",
-            f"{r['eval_tokens']:,}",
-            f"{r['eval_loss']:.4f}",
-            f"{r['perplexity']:.3f}",
-            f"{r['eval_accuracy']:.4f}",
-        ]
-        for r in rows
-    ]
+    lines = []
+    for r in rows:
+        what, method = str(r.get(label, r.get("split"))), str(r.get("method", "blocks"))
+        for name in r.get("sources", []):
+            lines.append(
+                [
+                    f"{what}: {name}",
+                    method,
+                    f"{r[f'eval_{name}_samples']:,}",
+                    f"{r[f'eval_{name}_tokens']:,}",
+                    f"{r[f'eval_{name}_loss']:.4f}",
+                    f"{r[f'eval_{name}_perplexity']:.3f}",
+                    f"{r[f'eval_{name}_accuracy']:.4f}",
+                ]
+            )
+        lines.append(
+            [
+                f"{what}: all" if r.get("sources") else what,
+                method,
+                f"{r['eval_samples']:,}",
+                f"{r['eval_tokens']:,}",
+                f"{r['eval_loss']:.4f}",
+                f"{r['perplexity']:.3f}",
+                f"{r['eval_accuracy']:.4f}",
+            ]
+        )
     return render_table(headers, lines, left_columns=2)

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clm_runner.config import secrets
-from clm_runner.config.schema import ALL_SECTIONS, SECTIONS, Recipe, tomllib
+from clm_runner.config.schema import (
+    ALL_SECTIONS,
+    OPTIONAL_SECTIONS,
+    SECTIONS,
+    DataConfig,
+    MixSource,
+    Recipe,
+    tomllib,
+)
 from clm_runner.config.types import check_type, matches, suggest, training_argument_types, training_defaults
 from clm_runner.errors import RecipeError
 
@@ -100,7 +108,7 @@ def key_annotation(section: str, key: str) -> Any | None:
         from clm_runner.config.adapter_keys import key_annotation as adapter_key_annotation
 
         return adapter_key_annotation(key)
-    cls = SECTIONS.get(section)
+    cls = SECTIONS.get(section) or OPTIONAL_SECTIONS.get(section)
     return typing.get_type_hints(cls).get(key) if cls is not None else None
 
 
@@ -191,6 +199,13 @@ def build_recipe(
         sections = {
             name: _build_section(cls, name, raw.get(name, {}), where) for name, cls in SECTIONS.items()
         }
+        sections.update(
+            {
+                name: _build_section(cls, name, raw[name], where)
+                for name, cls in OPTIONAL_SECTIONS.items()
+                if name in raw
+            }
+        )
     except RecipeError as exc:
         if where and not str(exc).startswith(where):
             raise RecipeError(where + str(exc)) from None
@@ -202,6 +217,11 @@ def build_recipe(
         raise RecipeError(
             f"{where}data.streaming needs training.max_steps > 0: a stream has no length to count epochs by."
         )
+    if "early_stopping" in sections or training.get("load_best_model_at_end"):
+        from clm_runner.config.training_keys import check_best_model_fits
+
+        check_best_model_fits(training, early_stopping="early_stopping" in sections, where=where)
+    _check_source_metric(training.get("metric_for_best_model"), sections["data"], where)
     adapter = None
     if "adapter" in raw:
         from clm_runner.config.adapter_keys import validate_adapter
@@ -214,7 +234,28 @@ def build_recipe(
         training=types.MappingProxyType(training),
         eval=sections["eval"],
         adapter=adapter,
+        early_stopping=sections.get("early_stopping"),
         source=source,
+    )
+
+
+def _check_source_metric(metric: Any, data: DataConfig, where: str) -> None:
+    """metric_for_best_model = "NAME_perplexity" (or _loss, _accuracy) names a source validated on its own."""
+    from clm_runner.config.training_keys import metric_kind
+
+    source = metric_kind(metric)[0] if isinstance(metric, str) else None
+    if source is None:
+        return
+    own = [] if data.validation_file is not None else [s.label for s in data.mix]
+    if source in own:
+        return
+    if own:
+        fix = f"the sources validated on their own are {', '.join(own)}{suggest(source, own)}"
+    else:
+        fix = "no [[data.mix]] source is validated on its own here (only the whole validation set is)."
+    raise RecipeError(
+        f"{where}training.metric_for_best_model = {metric!r} names source {source!r}, but {fix} "
+        "Use a source's name, or loss / perplexity / accuracy (over all validation text)."
     )
 
 
@@ -249,7 +290,12 @@ def _refuse_placeholders(raw: Mapping[str, Any], where: str) -> None:
 def _build_section(cls: type, name: str, table: Mapping[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
+    table = dict(table)
+    if cls is DataConfig and "mix" in table:
+        table["mix"] = _build_mix(table["mix"], where)
     for key, value in table.items():
+        if key == "mix" and cls is DataConfig:
+            continue
         if key not in hints:
             raise RecipeError(
                 f"{where}unknown key {name}.{key}{suggest(key, valid, prefix=name + '.')} "
@@ -257,6 +303,18 @@ def _build_section(cls: type, name: str, table: Mapping[str, Any], where: str) -
             )
         check_type(f"{name}.{key}", value, hints[key], where)
     return cls(**table)
+
+
+def _build_mix(tables: Any, where: str) -> tuple[MixSource, ...]:
+    """[[data.mix]]: an array of tables, each with [data]'s source keys and a weight."""
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise RecipeError(
+            f"{where}data.mix must be an array of tables: write each source as a [[data.mix]] table "
+            "(train_file = ..., weight = ...)."
+        )
+    if not tables:
+        raise RecipeError(f"{where}data.mix is empty: add [[data.mix]] tables, or remove the key.")
+    return tuple(_build_section(MixSource, "data.mix", table, where) for table in tables)
 
 
 def validate_training(table: Mapping[str, Any], where: str = "") -> dict[str, Any]:

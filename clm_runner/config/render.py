@@ -18,11 +18,15 @@ def resolved_dict(
     full = recipe.to_dict()
     for name in ("model", "data", "eval"):
         full[name] = dataclasses.asdict(getattr(recipe, name))
+    # A list, as run.json reads it back: a tuple would make every resume see "data.mix: [] -> ()".
+    full["data"]["mix"] = list(full["data"]["mix"])
     training = training_defaults()
     training.update(recipe.training)
     if training_overrides:
         training.update(training_overrides)
     full["training"] = training
+    if recipe.early_stopping is not None:
+        full["early_stopping"] = dataclasses.asdict(recipe.early_stopping)
     if recipe.adapter is not None:
         from clm_runner.config.adapter_keys import lora_defaults
 
@@ -63,17 +67,27 @@ def render_toml(
             if dotted.startswith(f"{section}."):
                 lines.append(f"# {secrets.not_recorded_comment(dotted)}")
         nested: dict[str, Any] = {}
+        arrays: dict[str, list[dict[str, Any]]] = {}
         for key, value in table.items():
             if value is None:
                 lines.append(f"# {key} = (unset)")
             elif isinstance(value, dict):
                 nested[key] = value
+            elif isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+                arrays[key] = list(value)
+            elif isinstance(value, (list, tuple)) and not value and key == "mix":
+                continue  # no [[data.mix]] tables: the one source of [data]
             else:
                 lines.append(tomli_w.dumps({key: value}).rstrip("\n"))
         for key, value in nested.items():
             # Inline tables keep every key of the section under its header.
             lines.append(f"{key} = " + _inline_table(value))
         lines.append("")
+        for key, tables in arrays.items():  # [[data.mix]]: arrays of tables come after the section's keys
+            for entry in tables:
+                lines.append(f"[[{section}.{key}]]")
+                lines.extend(tomli_w.dumps({k: v}).rstrip("\n") for k, v in entry.items() if v is not None)
+                lines.append("")
     return "\n".join(lines)
 
 

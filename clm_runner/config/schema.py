@@ -29,8 +29,11 @@ __all__ = [
     "DTYPES",
     "SECTIONS",
     "DataConfig",
+    "EarlyStoppingConfig",
     "EvalConfig",
+    "MixSource",
     "ModelConfig",
+    "OPTIONAL_SECTIONS",
     "Recipe",
     "tomllib",
 ]
@@ -89,6 +92,57 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MixSource:
+    """One corpus of a weighted mix: a [[data.mix]] table, with [data]'s source keys and a weight."""
+
+    name: str | None = None
+    """Its name in logs and metrics (eval_NAME_perplexity); unset: the dataset name or the train file's stem."""
+    weight: float | None = None
+    """Its share of the training blocks, relative to the others' weights (unset on every source: all blocks)."""
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    dataset_revision: str | None = None
+    train_file: str | list[str] | None = None
+    validation_file: str | list[str] | None = None
+    """Its own validation text (unset: carved from its train rows, or [data]'s shared validation_file)."""
+    text_column: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name is not None:
+            return self.name
+        if self.dataset_name is not None:
+            return "_".join(x for x in (self.dataset_name.rsplit("/", 1)[-1], self.dataset_config_name) if x)
+        first = self.train_file[0] if isinstance(self.train_file, list) else self.train_file
+        if not first:
+            return "source"
+        path = Path(str(first))
+        stem = path.name.split(".")[0]
+        # corpus/train.txt is named after its folder: "train" would name every source the same.
+        generic = stem.lower() in {"train", "training", "data", "text", "corpus", "all"} or "*" in stem
+        return path.parent.name if generic and path.parent.name not in ("", ".") else stem
+
+    def __post_init__(self) -> None:
+        if self.weight is not None and not 0 < self.weight < float("inf"):
+            raise RecipeError(f"data.mix weight must be a positive number; got {self.weight} ({self.label}).")
+        if self.dataset_name is None and self.train_file is None:
+            raise RecipeError(
+                f"A [[data.mix]] table ({self.name or 'unnamed'}) has no training text: set its train_file, or "
+                "its dataset_name (with dataset_config_name)."
+            )
+        if self.dataset_name is not None and (
+            self.train_file is not None or self.validation_file is not None
+        ):
+            raise RecipeError(
+                f"[[data.mix]] {self.label}: dataset_name and train_file/validation_file in one table. Choose one."
+            )
+        if self.name is not None and not self.name.replace("_", "").replace("-", "").isalnum():
+            raise RecipeError(
+                f"data.mix name {self.name!r}: use letters, digits, - and _ (it becomes a metric name)."
+            )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """What text to train and evaluate on: run_clm's DataTrainingArguments plus clm-runner's own keys."""
 
@@ -133,10 +187,19 @@ class DataConfig:
     """Shuffle rows with this seed before carving the validation split (unset: the first rows, as run_clm)."""
     encoding_errors: Literal["strict", "replace"] = "strict"
     """Non-UTF-8 text: "strict" stops with an error, "replace" substitutes U+FFFD."""
+    mix: tuple[MixSource, ...] = ()
+    """[[data.mix]] tables: several corpora, each with its weight (empty: the one source of [data])."""
+    mix_seed: int = 42
+    """With [[data.mix]] weights: the seed that picks which blocks of each source make up the mix."""
+    mix_sampling: Literal["undersample", "oversample"] = "undersample"
+    """With weights: "undersample" uses no block twice (the mix ends where a source, scaled by its weight,
+    runs out); "oversample" repeats blocks of the smaller sources until every block of the largest is used."""
 
     def __post_init__(self) -> None:
         has_files = any(f is not None for f in (self.train_file, self.validation_file, self.test_file))
-        if self.dataset_name is None and not has_files:
+        if self.mix:
+            self._check_mix()
+        elif self.dataset_name is None and not has_files:
             raise RecipeError(
                 "No data given: set data.dataset_name (a hub dataset) or data.train_file / "
                 "data.validation_file (local files)."
@@ -174,6 +237,49 @@ class DataConfig:
                     "streams without worker processes); remove the key."
                 )
 
+    def _check_mix(self) -> None:
+        own = ("dataset_name", "dataset_config_name", "dataset_revision", "train_file", "text_column")
+        clash = [key for key in own if getattr(self, key) is not None]
+        if clash:
+            raise RecipeError(
+                f"data.{clash[0]} is set beside [[data.mix]] tables: with a mix, each source names its own "
+                f"text. Move data.{clash[0]} into the [[data.mix]] tables (data.validation_file may stay, as "
+                "the validation set shared by every source)."
+            )
+        own_validation = [source.label for source in self.mix if source.validation_file is not None]
+        if self.validation_file is not None and own_validation:
+            raise RecipeError(
+                f"data.validation_file is the validation set every [[data.mix]] source shares, and "
+                f"[[data.mix]] {own_validation[0]} has a validation_file of its own. Keep one: remove "
+                "data.validation_file (each source validated on its own) or the sources' validation_file."
+            )
+        if self.streaming:
+            raise RecipeError(
+                "[[data.mix]] with data.streaming is not supported: a mix picks blocks from each prepared "
+                "source. Set data.streaming = false."
+            )
+        labels = [source.label for source in self.mix]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise RecipeError(
+                f"Two [[data.mix]] sources are both named {repeated[0]!r}: give each a distinct name = ... ."
+            )
+        weighted = [source.weight is not None for source in self.mix]
+        if any(weighted) and not all(weighted):
+            missing = [source.label for source in self.mix if source.weight is None]
+            raise RecipeError(
+                f"[[data.mix]] {', '.join(missing)} has no weight while others do: give every source a weight "
+                "(or none, to train on all their blocks)."
+            )
+
+    @property
+    def weights(self) -> tuple[float, ...] | None:
+        """The sources' weights, normalized to sum to 1; None without weights (every block of every source)."""
+        if not self.mix or self.mix[0].weight is None:
+            return None
+        total = sum(float(s.weight or 0) for s in self.mix)
+        return tuple(float(s.weight or 0) / total for s in self.mix)
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -194,6 +300,29 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """[early_stopping]: stop when evaluations stop improving training.metric_for_best_model (default: eval loss)."""
+
+    patience: int | None = None
+    """Stop after this many evaluations in a row without improvement (required)."""
+    threshold: float = 0.0
+    """An evaluation improves only when it beats the best so far by more than this (in the metric's units)."""
+
+    def __post_init__(self) -> None:
+        if self.patience is None:
+            raise RecipeError(
+                "early_stopping.patience is not set: say after how many evaluations without improvement to stop "
+                "(for example patience = 3)."
+            )
+        if self.patience < 1:
+            raise RecipeError(f"early_stopping.patience must be at least 1 evaluation; got {self.patience}.")
+        if not 0 <= self.threshold < float("inf"):
+            raise RecipeError(
+                f"early_stopping.threshold must be 0 or more (the metric's units); got {self.threshold}."
+            )
+
+
+@dataclass(frozen=True)
 class AdapterConfig:
     """[adapter]: train small adapter matrices on a frozen base model instead of every weight (PEFT)."""
 
@@ -209,7 +338,9 @@ class AdapterConfig:
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "eval": EvalConfig}
-ALL_SECTIONS = ("model", "data", "training", "eval", "adapter")
+OPTIONAL_SECTIONS: dict[str, type] = {"early_stopping": EarlyStoppingConfig}
+"""Sections whose absence means the feature is off (None in the Recipe), built like SECTIONS when present."""
+ALL_SECTIONS = ("model", "data", "training", "eval", "early_stopping", "adapter")
 
 
 @dataclass(frozen=True)
@@ -222,6 +353,8 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     adapter: AdapterConfig | None = None
     """None: every weight is trained (no [adapter] section)."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """None: train for the steps or epochs [training] says (no [early_stopping] section)."""
     source: str | None = None
     """The recipe file it came from (None for recipes built in code)."""
 
@@ -234,8 +367,13 @@ class Recipe:
         out: dict[str, dict[str, Any]] = {}
         for name in ("model", "data"):
             out[name] = _drop_none(dataclasses.asdict(getattr(self, name)))
+        out["data"]["mix"] = [_drop_none(source) for source in out["data"].get("mix", ())]
+        if not out["data"]["mix"]:
+            del out["data"]["mix"]
         out["training"] = _drop_none(dict(self.training))
         out["eval"] = _drop_none(dataclasses.asdict(self.eval))
+        if self.early_stopping is not None:
+            out["early_stopping"] = _drop_none(dataclasses.asdict(self.early_stopping))
         if self.adapter is not None:
             out["adapter"] = _drop_none(self.adapter.to_dict())
         return out

@@ -87,7 +87,10 @@ RENAMED: dict[str, str] = {
 }
 
 # What the exact evaluation logs, the names metric_for_best_model may use (with or without "eval_").
-EVAL_METRICS = ("loss", "accuracy")
+EVAL_METRICS = ("loss", "perplexity", "accuracy")
+LOWER_IS_BETTER = ("loss", "perplexity")
+"""Metrics where lower is better: TrainingArguments guesses from the name (only "...loss"), so
+clm-runner sets greater_is_better = false for perplexity when the recipe does not say."""
 # Integer ranges (inclusive) of keys whose out-of-range values would fail only after the model is built.
 INT_RANGES: dict[str, tuple[int | None, int | None, str]] = {
     "per_device_train_batch_size": (1, None, "at least 1 block"),
@@ -238,15 +241,31 @@ def _check_report_to(value: Any, where: str) -> None:
             )
 
 
+def metric_kind(metric: str) -> tuple[str | None, str]:
+    """(source, kind) of a metric_for_best_model: ("harbour", "perplexity") for "harbour_perplexity", one
+    [[data.mix]] source's figure; (None, "loss") for "loss" or "eval_loss". kind is "" when it is none of them."""
+    name = metric.removeprefix("eval_")
+    if name in EVAL_METRICS:
+        return None, name
+    source, _, kind = name.rpartition("_")
+    return (source, kind) if source and kind in EVAL_METRICS else (None, "")
+
+
 def _check_best_metric(value: Any, where: str) -> None:
     if not isinstance(value, str):
         return
     name = value.removeprefix("eval_")
-    if name not in EVAL_METRICS:
+    if not metric_kind(value)[1]:
         valid = ", ".join(f"{m!r}" for m in EVAL_METRICS)
+        close = difflib.get_close_matches(name, EVAL_METRICS, n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {close[0]!r}? Valid (or one [[data.mix]] source's, as NAME_perplexity): "
+            if close
+            else "choose (or one [[data.mix]] source's, as NAME_perplexity) "
+        )
         raise RecipeError(
             f"{where}training.metric_for_best_model = {value!r} is not a metric clm-runner's evaluation logs; "
-            f"choose {valid} (perplexity orders runs as loss does: use 'loss')."
+            f"{hint}{valid}."
         )
 
 
@@ -262,3 +281,41 @@ def _check_do_flags(training: Mapping[str, Any], where: str) -> None:
             f"{where}training.do_eval = false contradicts training.eval_strategy = {strategy!r}, which "
             'evaluates during training. Set eval_strategy = "no" to skip every evaluation, or remove do_eval.'
         )
+
+
+def check_best_model_fits(training: Mapping[str, Any], *, early_stopping: bool, where: str = "") -> None:
+    """[early_stopping] and load_best_model_at_end compare evaluations and keep the best one's checkpoint: they
+    need evaluations, checkpoints, and a checkpoint written at every evaluation."""
+    from clm_runner.config.types import training_defaults
+
+    values = {**training_defaults(), **training}
+    what = "[early_stopping]" if early_stopping else "training.load_best_model_at_end"
+    eval_strategy, save_strategy = str(values["eval_strategy"]), str(values["save_strategy"])
+    if eval_strategy == "no":
+        raise RecipeError(
+            f'{where}{what} compares evaluations, but training.eval_strategy is "no". Set eval_strategy = '
+            '"steps" (with eval_steps) or "epoch".'
+        )
+    if save_strategy in ("no", "best"):
+        raise RecipeError(
+            f"{where}{what} keeps the best evaluation's checkpoint, but training.save_strategy is {save_strategy!r}. "
+            f"Set save_strategy = {eval_strategy!r} (as eval_strategy), so each evaluation has its checkpoint."
+        )
+    if eval_strategy != save_strategy:
+        raise RecipeError(
+            f"{where}{what} needs a checkpoint at every evaluation, but training.eval_strategy is {eval_strategy!r} "
+            f"and training.save_strategy is {save_strategy!r}. Set both to {eval_strategy!r}."
+        )
+    if eval_strategy == "steps":
+        eval_steps = values.get("eval_steps") or values["logging_steps"]
+        if values["save_steps"] != eval_steps:
+            source = (
+                "training.eval_steps"
+                if values.get("eval_steps")
+                else "training.logging_steps (eval_steps unset)"
+            )
+            raise RecipeError(
+                f"{where}{what} needs a checkpoint at every evaluation, but training.save_steps = "
+                f"{values['save_steps']} and {source} = {eval_steps}. Set training.save_steps = {eval_steps} "
+                f"(or eval_steps = {values['save_steps']})."
+            )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +105,11 @@ class PreparedSplit:
     grouping: str = "concat"
     limited: bool = False
     """True when max_*_samples kept fewer blocks than the split has."""
+    parts: Mapping[str, PreparedSplit] = field(default_factory=dict)
+    """[[data.mix]]: the split of each source, by name (empty for one source). Evaluate each part and merge
+    the results: `blocks` is the parts' blocks (validation) or the mix (train), with no stream of its own."""
+    mix_counts: Mapping[str, int] = field(default_factory=dict)
+    """[[data.mix]] train: blocks taken from each source."""
 
     def eval_text(self) -> dict[str, Any]:
         """How evaluate_blocks finds each block's place in the token stream (for bytes and words)."""

@@ -52,6 +52,8 @@ def prepare_splits(
     under it, so in a distributed run rank 0 builds and the others then read its cache.
     """
     data = recipe.data
+    if data.mix:
+        return _prepare_mix(recipe, tokenizer, block_size, splits, main_process_first, progress)
     encoder = tokenize.Encoder.from_tokenizer(tokenizer)
     if data.streaming:
         raw = sources.load_raw_splits(data, recipe.model, splits, progress=progress)
@@ -61,6 +63,47 @@ def prepare_splits(
     guard = main_process_first("clm-runner tokenization and grouping") if main_process_first else None
     with guard if guard is not None else contextlib.nullcontext():
         return _prepare_cached(recipe, tokenizer, encoder, block_size, splits, progress=progress)
+
+
+def _prepare_mix(
+    recipe: Recipe,
+    tokenizer: Any,
+    block_size: int,
+    splits: Sequence[str],
+    main_process_first: Callable[[str], ContextManager] | None,
+    progress: bool,
+) -> dict[str, PreparedSplit]:
+    """[[data.mix]]: each source prepared as its own recipe (its own cache entries), then mixed (data.mix)."""
+    from clm_runner.data import mix
+
+    own_splits = [s for s in splits if not mix.shared_split(recipe, s)]
+    per_source = {
+        source.label: prepare_splits(
+            mix.source_recipe(recipe, source),
+            tokenizer,
+            block_size,
+            own_splits,
+            main_process_first=main_process_first,
+            progress=progress,
+        )
+        for source in (recipe.data.mix if own_splits else ())  # a shared split alone needs no source
+    }
+    out: dict[str, PreparedSplit] = {}
+    for split in splits:
+        if mix.shared_split(recipe, split):
+            shared = dataclasses.replace(recipe, data=mix.shared_data(recipe.data))
+            out[split] = prepare_splits(
+                shared,
+                tokenizer,
+                block_size,
+                [split],
+                main_process_first=main_process_first,
+                progress=progress,
+            )[split]
+            continue
+        parts = {name: prepared[split] for name, prepared in per_source.items()}
+        out[split] = mix.mix_train(recipe, parts) if split == "train" else mix.combined(split, parts)
+    return out
 
 
 def _prepare_cached(

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from clm_runner.errors import DataError, HubUnreachableError
+from clm_runner.errors import ClmError, DataError, HubUnreachableError
 from clm_runner.models.hub import is_connection_failure, offline_reason, prepare_hub_access
 
 if TYPE_CHECKING:
@@ -47,6 +47,21 @@ def data_fingerprint(data: DataConfig) -> dict:
     For a hub dataset this holds only what the recipe says; the loaded dataset's own fingerprint is added
     by whoever loads it (see clm_runner.data.cache).
     """
+    if data.mix:
+        from clm_runner.data.mix import shared_data, source_data
+
+        from_sources = {}
+        for source, weight in zip(data.mix, data.weights or [None] * len(data.mix), strict=True):
+            from_sources[source.label] = {**data_fingerprint(source_data(data, source)), "weight": weight}
+        record = {
+            "source": "mix",
+            "sources": from_sources,
+            "seed": data.mix_seed,
+            "sampling": data.mix_sampling,
+        }
+        if data.validation_file is not None or data.test_file is not None:
+            record["shared"] = data_fingerprint(shared_data(data))
+        return record
     if data.dataset_name is not None:
         return {
             "source": "hub",
@@ -269,6 +284,17 @@ def hub_dataset_errors(name: str) -> Iterator[None]:
 def check_data_sources(data: DataConfig, model: ModelConfig) -> None:
     """Before any heavy work: every local file the recipe names exists and is readable as its kind; a hub
     dataset resolves (its builder only, no data is downloaded)."""
+    if data.mix:
+        from clm_runner.data.mix import shared_data, source_data
+
+        for source in data.mix:
+            try:
+                check_data_sources(source_data(data, source), model)
+            except ClmError as exc:  # say which source of the mix
+                raise type(exc)(f"[[data.mix]] {source.label}: {exc}") from None
+        if data.validation_file is not None or data.test_file is not None:
+            check_data_sources(shared_data(data), model)
+        return
     if data.dataset_name is None:
         for split, spec in file_specs(data).items():
             split_source(split, spec)

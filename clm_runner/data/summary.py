@@ -24,6 +24,12 @@ class DataSummary:
     previews: dict[str, str] = field(default_factory=dict)
     """The start of each split's first block, decoded."""
     saved_to: Path | None = None
+    sources: dict[str, dict[str, SplitStats | None]] = field(default_factory=dict)
+    """[[data.mix]]: per source (by name), its stats per split."""
+    in_mix: dict[str, int] = field(default_factory=dict)
+    """[[data.mix]]: training blocks taken from each source."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """[[data.mix]]: each source's normalized weight (empty without weights)."""
 
 
 def available_splits(recipe: Recipe) -> list[str]:
@@ -60,10 +66,18 @@ def summarize_data(recipe: Recipe, *, save: str | None = None, quiet: bool = Fal
         blocks = DatasetDict({name: split.blocks.with_format(None) for name, split in prepared.items()})
         blocks.save_to_disk(save)
         saved_to = Path(save)
+    sources: dict[str, dict[str, SplitStats | None]] = {}
+    for split_name, split in prepared.items():
+        for source, part in split.parts.items():
+            sources.setdefault(source, {})[split_name] = part.stats
+    data = recipe.data
     return DataSummary(
         block_size=block_size,
         grouping=recipe.data.grouping,
         stats={name: split.stats for name, split in prepared.items()},
         previews=previews,
         saved_to=saved_to,
+        sources=sources,
+        in_mix=dict(prepared["train"].mix_counts) if "train" in prepared else {},
+        weights=dict(zip((s.label for s in data.mix), data.weights, strict=True)) if data.weights else {},
     )

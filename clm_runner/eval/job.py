@@ -170,6 +170,7 @@ def evaluate_model(
     from clm_runner.data.blocks import resolve_block_size
     from clm_runner.data.prepare import prepare_splits
     from clm_runner.eval.perplexity import evaluate_blocks, evaluate_strided
+    from clm_runner.eval.result import PerplexityResult
     from clm_runner.models.loading import check_model_sources, load_config, load_model, load_tokenizer
     from clm_runner.models.trained import load_trained
 
@@ -192,34 +193,47 @@ def evaluate_model(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     batch_size = int(recipe.training.get("per_device_eval_batch_size", 8))
-    if stride is not None:
-        # data.max_eval_samples keeps the first N blocks; the strided windows score the same text.
-        result = evaluate_strided(
-            model,
-            prepared.scored_stream(),
-            context=context,
-            stride=stride,
-            batch_size=batch_size,
-            tokenizer=tokenizer,
-            device=device,
-        )
-    else:
-        result = evaluate_blocks(
-            model,
-            prepared.blocks,
-            batch_size=batch_size,
-            tokenizer=tokenizer,
-            device=device,
-            **prepared.eval_text(),
+
+    def score(part: Any) -> Any:
+        if stride is not None:
+            # data.max_eval_samples keeps the first N blocks; the strided windows score the same text.
+            return evaluate_strided(
+                model,
+                part.scored_stream(),
+                context=context,
+                stride=stride,
+                batch_size=batch_size,
+                tokenizer=tokenizer,
+                device=device,
+            )
+        return evaluate_blocks(
+            model, part.blocks, batch_size=batch_size, tokenizer=tokenizer, device=device, **part.eval_text()
         )
 
-    metrics = dict(result.to_metrics())
+    # [[data.mix]] sources each with their own split: each scored, and their exact token-weighted total.
+    results = {name: score(part) for name, part in prepared.parts.items()}
+    total = PerplexityResult.merge(results.values()) if results else score(prepared)
+    metrics = dict(total.to_metrics())
+    for name, result in results.items():
+        metrics.update(
+            {
+                f"eval_{name}_loss": result.eval_loss,
+                f"eval_{name}_perplexity": result.perplexity,
+                f"eval_{name}_accuracy": result.accuracy,
+                f"eval_{name}_tokens": result.tokens,
+                f"eval_{name}_samples": result.samples,
+            }
+        )
     metrics.update({"split": split, "model": model_name, "data": describe_data(recipe)})
+    if results:
+        metrics["sources"] = list(results)
     return metrics
 
 
 def describe_data(recipe: Recipe) -> str:
     data = recipe.data
+    if data.mix:
+        return " + ".join(source.label for source in data.mix)
     if data.dataset_name:
         return " ".join(x for x in (data.dataset_name, data.dataset_config_name) if x)
     files = [data.train_file, data.validation_file, data.test_file]

@@ -242,7 +242,12 @@ def plan_output_dir(
         return _overwrite_plan(output_dir, changes, holds_run=holds_run)
 
     finished = manifest is not None and manifest.get("status") == "completed"
-    if finished and resume and identity is not None and not _extends(identity, _finished_steps(output_dir)):
+    # A run that early stopping ended is complete at fewer steps than it was allowed (resumed with the same
+    # [early_stopping], it would stop again at once).
+    stopped_early = finished and bool((manifest.get("early_stopping") or {}).get("stopped_early"))
+    same_rule = not any(change.startswith("early_stopping") for change in changes)
+    extends = _extends(identity, _finished_steps(output_dir)) if identity is not None else False
+    if finished and resume and identity is not None and not (extends and not (stopped_early and same_rule)):
         return OutputPlan(output_dir, None, _complete_note(output_dir, changes), "complete", False, changes)
 
     newest = latest_checkpoint(output_dir, warn=resume)

@@ -31,6 +31,12 @@ class RunHistory:
     train_loss: tuple[tuple[int, float], ...]
     learning_rate: tuple[tuple[int, float], ...]
     eval_loss: tuple[tuple[int, float], ...]
+    # The evaluations during training (the final evaluation after it is in `results`): the exact perplexity
+    # each logged (eval_perplexity), else exp(eval_loss) for runs of clm-runner before 0.2.
+    eval_perplexity: tuple[tuple[int, float], ...]
+    # The step of the best evaluation (trainer_state's best_global_step; with load_best_model_at_end, the
+    # final model is that checkpoint's), None when the run did not track one.
+    best_step: int | None
     # Last log entry's train_runtime etc. (Trainer's end-of-training summary), empty if absent.
     train_summary: Mapping[str, Any]
     # Keys of all_results.json, then train_results.json, then eval_results.json (later files win).
@@ -95,6 +101,15 @@ def load_run(path: str | Path) -> RunHistory:
             raise OutputDirError(f"{run_dir / 'recipe.toml'} cannot be parsed ({error})") from error
 
     train_summary = next((entry for entry in reversed(log_history) if "train_runtime" in entry), {})
+    # The final evaluation is logged after the training summary, at the last step: with
+    # load_best_model_at_end it is the best model's, so it is not a point of the training curve.
+    end = next((i for i, entry in enumerate(log_history) if "train_runtime" in entry), len(log_history))
+    during = log_history[:end]
+    eval_loss = _points(during, "eval_loss")
+    logged_perplexity = _points(during, "eval_perplexity")
+    if len(logged_perplexity) != len(eval_loss):
+        logged_perplexity = tuple((step, perplexity(loss)) for step, loss in eval_loss)
+    best_step = state.get("best_global_step")
     return RunHistory(
         path=run_dir,
         name=run_dir.resolve().name,
@@ -103,7 +118,9 @@ def load_run(path: str | Path) -> RunHistory:
         max_steps=int(state.get("max_steps") or 0),
         train_loss=_points(log_history, "loss"),
         learning_rate=_points(log_history, "learning_rate"),
-        eval_loss=_points(log_history, "eval_loss"),
+        eval_loss=eval_loss,
+        eval_perplexity=logged_perplexity,
+        best_step=int(best_step) if isinstance(best_step, int) else None,
         train_summary=dict(train_summary),
         results=results,
         num_input_tokens_seen=int(state.get("num_input_tokens_seen") or 0),
@@ -171,8 +188,10 @@ def summarize(runs: Sequence[RunHistory]) -> list[dict[str, Any]]:
     steps x per-device batch x accumulation x block_size from recipe.toml (one process assumed), else None.
     time_s: train_runtime of this training call (a resumed run counts only its last session).
     tokens_per_s: tokens / time_s when both are known, else the results' train_tokens_per_second.
-    final_perplexity: eval_results' perplexity, else exp(last logged eval_loss).
-    best_perplexity: lowest of exp(eval_loss) over the log and the final evaluation.
+    final_perplexity: eval_results' perplexity, else the last logged evaluation's.
+    best_perplexity: lowest perplexity over the evaluations during training and the final one.
+    best_step: the step of the best evaluation the run tracked (metric_for_best_model), else of the lowest
+    perplexity logged.
     """
     rows = []
     for run, name in zip(runs, _display_names(runs), strict=True):
@@ -182,9 +201,9 @@ def summarize(runs: Sequence[RunHistory]) -> list[dict[str, Any]]:
             tokens_per_s = tokens / time_s
         else:
             tokens_per_s = _number(run.results.get("train_tokens_per_second"))
-        logged = [perplexity(loss) for _, loss in run.eval_loss]
+        logged = [value for _, value in run.eval_perplexity]
         final = _number(run.results.get("perplexity"))
-        if final is None and run.eval_loss:
+        if final is None and logged:
             final = logged[-1]
         if final is None and _number(run.results.get("eval_loss")) is not None:
             final = perplexity(float(run.results["eval_loss"]))
@@ -198,6 +217,7 @@ def summarize(runs: Sequence[RunHistory]) -> list[dict[str, Any]]:
                 "tokens_per_s": tokens_per_s,
                 "final_perplexity": final,
                 "best_perplexity": min(candidates) if candidates else None,
+                "best_step": _best_point(run)[0] if run.eval_perplexity else None,
             }
         )
     return rows
@@ -211,7 +231,14 @@ _COLUMNS = (
     ("tokens_per_s", "tokens/s", lambda value: f"{value:,.0f}"),
     ("final_perplexity", "final ppl", lambda value: f"{value:,.2f}"),
     ("best_perplexity", "best ppl", lambda value: f"{value:,.2f}"),
+    ("best_step", "best step", lambda value: f"{value:,}"),
 )
+
+
+def _best_point(run: RunHistory) -> tuple[int, float]:
+    """(step, perplexity) of the best evaluation: the one the run tracked, else the lowest perplexity."""
+    tracked = [point for point in run.eval_perplexity if point[0] == run.best_step]
+    return tracked[-1] if tracked else min(run.eval_perplexity, key=lambda point: point[1])
 
 
 def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -227,11 +254,6 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
         ]
         lines.append("  ".join(padded).rstrip())
     return "\n".join(lines) + "\n"
-
-
-def _eval_perplexity_points(run: RunHistory) -> tuple[list[int], list[float]]:
-    steps = [step for step, _ in run.eval_loss]
-    return steps, [perplexity(loss) for _, loss in run.eval_loss]
 
 
 def _note_missing(axes: Any, what: str) -> None:
@@ -261,10 +283,15 @@ def plot_runs(runs: Sequence[RunHistory], out_path: str | Path) -> Path:
             if run.eval_loss:
                 steps, losses = zip(*run.eval_loss, strict=True)
                 loss_axes.plot(steps, losses, color=color, linestyle="--", marker="o", label=f"{name} eval")
-                eval_steps, perplexities = _eval_perplexity_points(run)
-                finite = [value for value in perplexities if math.isfinite(value)]
-                all_perplexities.extend(finite)
+            if run.eval_perplexity:
+                eval_steps, perplexities = zip(*run.eval_perplexity, strict=True)
+                all_perplexities.extend(value for value in perplexities if math.isfinite(value))
                 perplexity_axes.plot(eval_steps, perplexities, color=color, marker="o", label=name)
+                best_step, best = _best_point(run)
+                perplexity_axes.plot(
+                    [best_step], [best], color=color, marker="*", markersize=16, markeredgecolor="black",
+                    linestyle="none", label=f"{name} best: {best:,.2f} at step {best_step:,}",
+                )  # fmt: skip
             if run.learning_rate:
                 steps, rates = zip(*run.learning_rate, strict=True)
                 lr_axes.plot(steps, rates, color=color, label=name)

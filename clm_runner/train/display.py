@@ -106,8 +106,9 @@ def format_log_line(logs: dict[str, Any], state: Any) -> str | None:
         return " | ".join(parts)
     if "eval_loss" in logs:
         parts = [where, "eval", f"loss {logs['eval_loss']:.4f}"]
-        if "perplexity" in logs:
-            parts.append(f"perplexity {logs['perplexity']:.3f}")
+        perplexity = logs.get("eval_perplexity", logs.get("perplexity"))
+        if perplexity is not None:
+            parts.append(f"perplexity {perplexity:.3f}")
         if "eval_accuracy" in logs:
             parts.append(f"accuracy {logs['eval_accuracy']:.4f}")
         return " | ".join(parts)

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from clm_runner.config.schema import Recipe
@@ -368,4 +369,27 @@ def describe_preprocessing(built_by_rank: Sequence[Sequence[str]]) -> str:
     return (
         f"Preprocessing: {', '.join(splits)} built by rank {', '.join(map(str, builders))}; "
         f"the cache read by rank {', '.join(map(str, readers)) or '-'}."
+    )
+
+
+def global_batch_change(checkpoint: Path, args: Any, block_size: int) -> str | None:
+    """A warning when a run resumes with another global batch than the checkpoint was trained with."""
+    from clm_runner.rundir.checkpoints import read_marker
+
+    marker = read_marker(checkpoint)
+    keys = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
+    if not all(isinstance(marker.get(key), int) for key in keys):
+        return None
+    before = (
+        marker["world_size"] * marker["per_device_train_batch_size"] * marker["gradient_accumulation_steps"]
+    )
+    now = global_batch(args, block_size)
+    if before == now.blocks:
+        return None
+    processes = f"{marker['world_size']} process{'es' if marker['world_size'] != 1 else ''}"
+    return (
+        f"Resuming {checkpoint.name}, trained with {processes} and {before} blocks per optimizer step, with "
+        f"{now.world_size} and {now.blocks} ({before * block_size:,} -> {now.tokens:,} tokens per step): the "
+        "global batch changed, and so do the steps per epoch and the losses. To keep it, launch as many "
+        "processes as before, or set training.gradient_accumulation_steps to make up the difference."
     )

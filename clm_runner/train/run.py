@@ -36,12 +36,19 @@ from clm_runner.train.distributed import (
     describe_preprocessing,
     gather_to_all,
     global_batch,
+    global_batch_change,
     is_distributed,
     is_main_process,
     quiet_replica_logging,
     recipe_for_preprocessing,
 )
 from clm_runner.train.interrupts import GracefulStop, RunInterrupted, StopNow, signal_name
+from clm_runner.train.results import (
+    count_blocks,
+    evaluation_of_the_final_model,
+    model_card_kwargs,
+    prepared_record,
+)
 from clm_runner.train.setup import RunSetup, TrainOptions, prepare_run
 
 logger = logging.getLogger("clm_runner")
@@ -138,7 +145,11 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
             logger.warning(changed)
 
     train_dataset = prepared["train"].blocks
-    eval_dataset = prepared["validation"].blocks if args.do_eval else None
+    eval_dataset = None
+    if args.do_eval:
+        validation = prepared["validation"]
+        # [[data.mix]] sources validated each on their own: the trainer scores each and their total.
+        eval_dataset = {n: part.blocks for n, part in validation.parts.items()} or validation.blocks
     trainer = ClmTrainer(
         model=model,
         args=args,
@@ -152,6 +163,13 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     )
     trainer.graceful_stop = session.stop
     trainer.run_totals = totals
+    early_stopping = None
+    if recipe.early_stopping is not None:
+        from clm_runner.train.early_stopping import EarlyStopping
+
+        early_stopping = EarlyStopping(recipe.early_stopping.patience, recipe.early_stopping.threshold)
+        trainer.add_callback(early_stopping)
+        trainer.early_stopping = recipe.early_stopping
     session.begin(prepared)
 
     resume_from = str(plan.resume_from) if plan.resume_from else None
@@ -165,7 +183,7 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     metrics = totals.whole_run_metrics(dict(train_result.metrics), trainer, throughput)
     if args.should_log:
         logger.info(throughput_line(metrics))
-    metrics["train_samples"] = _count(train_dataset, recipe.data.max_train_samples)
+    metrics["train_samples"] = count_blocks(train_dataset, recipe.data.max_train_samples)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
@@ -173,9 +191,12 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     results: dict[str, Any] = {"train": metrics}
     if args.do_eval:
         logger.info("*** Evaluate ***")
-        eval_metrics = trainer.evaluate()
-        eval_metrics["eval_samples"] = _count(eval_dataset, recipe.data.max_eval_samples)
-        # How the number was computed, as `clm-runner eval` labels it.
+        eval_metrics = evaluation_of_the_final_model(trainer) or trainer.evaluate()
+        eval_metrics["eval_samples"] = count_blocks(
+            prepared["validation"].blocks, recipe.data.max_eval_samples
+        )
+        # run_clm's key for it, and how the number was computed, as `clm-runner eval` labels it.
+        eval_metrics["perplexity"] = eval_metrics["eval_perplexity"]
         eval_metrics.update(method="blocks", block_size=setup.block_size, split="validation")
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -192,6 +213,7 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
         add_adapter_note(plan.output_dir / "README.md", recipe.model, adapter)
     if trainer.is_world_process_zero():
         give_default_modes(plan.output_dir, since=session.started_at)
+    session.record_best(trainer, early_stopping)
     session.finish("completed", trainer.state.global_step)
     return results
 
@@ -236,13 +258,7 @@ class _RunSession:
         from clm_runner.train.device import describe
 
         data = data_fingerprint(self.recipe.data)
-        data["prepared"] = {
-            name: {
-                "cache_key": split.cache_path.name if split.cache_path else None,
-                "blocks": _count(split.blocks, None),
-            }
-            for name, split in prepared.items()
-        }
+        data["prepared"] = {name: prepared_record(split) for name, split in prepared.items()}
         self.manifest = RunManifest.start(
             self.plan.output_dir,
             recipe=self.recipe,
@@ -265,6 +281,32 @@ class _RunSession:
             self.manifest.update(
                 adapter=self.setup.adapter.manifest(),
                 base_model=base_model_identity(self.recipe.model, self.setup.config),
+            )
+
+    def record_best(self, trainer: Any, early_stopping: Any) -> None:
+        """run.json names the best checkpoint (load_best_model_at_end, [early_stopping]) and an early stop."""
+        if self.manifest is None:
+            return
+        state, args = trainer.state, trainer.args
+        if args.metric_for_best_model and state.best_metric is not None:
+            best = state.best_model_checkpoint
+            self.manifest.update(
+                best_model={
+                    "checkpoint": Path(best).name if best else None,
+                    "global_step": state.best_global_step,
+                    "metric": args.metric_for_best_model,
+                    "value": state.best_metric,
+                    "final_model_is_best": bool(args.load_best_model_at_end and best),
+                }
+            )
+        if early_stopping is not None:
+            self.manifest.update(
+                early_stopping={
+                    "stopped_early": early_stopping.stopped_at_step is not None
+                    or state.global_step < state.max_steps,
+                    "at_step": state.global_step,
+                    "max_steps": state.max_steps,
+                }
             )
 
     def finish(self, status: str, global_step: int | None = None, error: str | None = None) -> None:
@@ -316,49 +358,6 @@ class _RunSession:
         if stored is not None:
             raise stored from None
         raise exc
-
-
-def global_batch_change(checkpoint: Path, args: Any, block_size: int) -> str | None:
-    """A warning when a run resumes with another global batch than the checkpoint was trained with."""
-    from clm_runner.rundir.checkpoints import read_marker
-
-    marker = read_marker(checkpoint)
-    keys = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
-    if not all(isinstance(marker.get(key), int) for key in keys):
-        return None
-    before = (
-        marker["world_size"] * marker["per_device_train_batch_size"] * marker["gradient_accumulation_steps"]
-    )
-    now = global_batch(args, block_size)
-    if before == now.blocks:
-        return None
-    processes = f"{marker['world_size']} process{'es' if marker['world_size'] != 1 else ''}"
-    return (
-        f"Resuming {checkpoint.name}, trained with {processes} and {before} blocks per optimizer step, with "
-        f"{now.world_size} and {now.blocks} ({before * block_size:,} -> {now.tokens:,} tokens per step): the "
-        "global batch changed, and so do the steps per epoch and the losses. To keep it, launch as many "
-        "processes as before, or set training.gradient_accumulation_steps to make up the difference."
-    )
-
-
-def _count(dataset: Any, limit: int | None) -> int:
-    try:
-        return len(dataset)
-    except TypeError:  # a stream has no length; run_clm reports the requested maximum
-        return limit if limit is not None else -1
-
-
-def model_card_kwargs(recipe: Recipe) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"finetuned_from": recipe.model.model_name_or_path, "tasks": "text-generation"}
-    data = recipe.data
-    if data.dataset_name is not None:
-        kwargs["dataset_tags"] = data.dataset_name
-        if data.dataset_config_name is not None:
-            kwargs["dataset_args"] = data.dataset_config_name
-            kwargs["dataset"] = f"{data.dataset_name} {data.dataset_config_name}"
-        else:
-            kwargs["dataset"] = data.dataset_name
-    return kwargs
 
 
 def save_resolved_recipe(recipe: Recipe, plan: OutputPlan, resolved: dict[str, Any]) -> Path:

@@ -48,12 +48,34 @@ def training_kwargs(recipe: Recipe, *, with_device_defaults: bool = True) -> dic
 
     for key, value in CLM_RUNNER_DEFAULTS.items():  # do_train, do_eval
         kwargs.setdefault(key, value)
+    kwargs.update(best_model_defaults(kwargs, early_stopping=recipe.early_stopping is not None))
     kwargs.update(distributed_training_defaults(kwargs))
     if with_device_defaults:
         from clm_runner.train.device import device_defaults
 
         kwargs.update(device_defaults(kwargs))
     return kwargs
+
+
+def best_model_defaults(kwargs: dict[str, Any], *, early_stopping: bool) -> dict[str, Any]:
+    """What choosing a best model needs and TrainingArguments would guess wrong or leave unset.
+
+    Early stopping and load_best_model_at_end compare evaluations by metric_for_best_model (default: the eval
+    loss); TrainingArguments guesses greater_is_better from the name, true for anything not ending in "loss",
+    which is wrong for perplexity.
+    """
+    from clm_runner.config.training_keys import LOWER_IS_BETTER, metric_kind
+
+    out: dict[str, Any] = {}
+    if early_stopping and "load_best_model_at_end" not in kwargs:
+        # A stopped run's last checkpoint is `patience` evaluations past its best: end with the best one.
+        out["load_best_model_at_end"] = kwargs["load_best_model_at_end"] = True
+    metric = kwargs.get("metric_for_best_model")
+    if metric is None and (early_stopping or kwargs.get("load_best_model_at_end")):
+        metric = out["metric_for_best_model"] = "loss"
+    if isinstance(metric, str) and kwargs.get("greater_is_better") is None:
+        out["greater_is_better"] = metric_kind(metric)[1] not in LOWER_IS_BETTER
+    return out
 
 
 def build_training_args(kwargs: dict[str, Any]):

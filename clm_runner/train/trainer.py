@@ -68,16 +68,28 @@ class ClmTrainer(Trainer):
             self.args.save_total_limit = self.checkpoint_limit
             self.args.eval_on_start = eval_on_start
 
+    early_stopping: Any = None
+    """clm_runner.config.schema.EarlyStoppingConfig when the recipe has [early_stopping]."""
+    last_evaluation: tuple[int, dict[str, Any]] | None = None
+    """(global step, metrics) of the newest evaluation of the validation set that this process ran."""
+
     def _steps_left(self, checkpoint: str) -> int:
         """Optimizer steps the run has left after `checkpoint` (upstream would train one more at 0)."""
         import json
 
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            return 1  # their own loading path: leave it to upstream
         try:
-            done = int(json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["global_step"])
+            saved = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+            done = int(saved["global_step"])
         except (OSError, ValueError, KeyError, TypeError):
             return 1
+        if self.early_stopping is not None:
+            from clm_runner.train.early_stopping import stopped_early
+
+            rule = self.early_stopping
+            if stopped_early(saved.get("log_history", []), self.args, rule.patience, rule.threshold):
+                return 0  # the run had decided to stop at this checkpoint's evaluation
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return 1  # their own loading path: leave it to upstream
         target = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
         return target - done
 
@@ -174,6 +186,9 @@ class ClmTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
         metrics = self.exact_metrics(eval_dataset, metric_key_prefix=metric_key_prefix)
+        if eval_dataset is None and metric_key_prefix == "eval":
+            # The step whose weights this evaluation scored, in this process (see train.results).
+            self.last_evaluation = (self.state.global_step, dict(metrics))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -189,16 +204,48 @@ class ClmTrainer(Trainer):
         return False
 
     def exact_metrics(self, eval_dataset: Any = None, *, metric_key_prefix: str = "eval") -> dict[str, Any]:
-        """run_clm's metric keys (eval_loss, perplexity, eval_accuracy, eval_samples) plus eval_tokens."""
-        import torch
+        """eval_loss, eval_perplexity, eval_accuracy, eval_samples, eval_tokens: exact, token-weighted.
 
+        With [[data.mix]] sources each validated on its own, `eval_dataset` is a dict of them: each is scored
+        (eval_NAME_loss, eval_NAME_perplexity, ...) and the overall numbers are their exact, token-weighted total.
+        """
         from clm_runner import faults
-        from clm_runner.eval.perplexity import evaluate_blocks, reduce_across_ranks
-        from clm_runner.train.display import evaluation_progress
+        from clm_runner.eval.result import PerplexityResult
 
         faults.point("evaluate")
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         start = time.perf_counter()
+        parts = dataset if isinstance(dataset, dict) else {None: dataset}
+        results = {name: self._score(blocks) for name, blocks in parts.items()}
+        metrics: dict[str, Any] = {}
+        for name, result in [
+            *((n, r) for n, r in results.items() if n is not None),
+            (None, PerplexityResult.merge(results.values())),
+        ]:
+            prefix = metric_key_prefix if name is None else f"{metric_key_prefix}_{name}"
+            metrics.update(
+                {
+                    # eval_perplexity, beside eval_loss: TensorBoard files it under eval/ (run_clm's results-file
+                    # key, "perplexity", is added to the final evaluation's metrics by `train`).
+                    f"{prefix}_loss": result.eval_loss,
+                    f"{prefix}_perplexity": result.perplexity,
+                    f"{prefix}_accuracy": result.accuracy,
+                    f"{prefix}_samples": result.samples,
+                    f"{prefix}_tokens": result.tokens,
+                }
+            )
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
+        if self.state.epoch is not None:
+            metrics["epoch"] = self.state.epoch
+        return metrics
+
+    def _score(self, dataset: Any) -> Any:
+        """Every rank scores its shard of `dataset`; the exact total over all ranks (a PerplexityResult)."""
+        import torch
+
+        from clm_runner.eval.perplexity import evaluate_blocks, reduce_across_ranks
+        from clm_runner.train.display import evaluation_progress
+
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=True)
         was_training = model.training
         with self.autocast_smart_context_manager(), evaluation_progress(self, dataset) as progress:
@@ -217,20 +264,7 @@ class ClmTrainer(Trainer):
             model.train()
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             result = reduce_across_ranks(result, device=self.args.device)
-        values = result.to_metrics()
-        metrics: dict[str, Any] = {
-            f"{metric_key_prefix}_loss": values["eval_loss"],
-            "perplexity" if metric_key_prefix == "eval" else f"{metric_key_prefix}_perplexity": values[
-                "perplexity"
-            ],
-            f"{metric_key_prefix}_accuracy": values["eval_accuracy"],
-            f"{metric_key_prefix}_samples": values["eval_samples"],
-            f"{metric_key_prefix}_tokens": values["eval_tokens"],
-            f"{metric_key_prefix}_runtime": round(time.perf_counter() - start, 4),
-        }
-        if self.state.epoch is not None:
-            metrics["epoch"] = self.state.epoch
-        return metrics
+        return result
 
 
 def _tied_aliases(model: Any) -> set[str]:

@@ -366,3 +366,122 @@ def test_check_says_what_train_would_do_with_the_output_dir(world: World) -> Non
     world.out.mkdir()
     (world.out / "notes.txt").write_text("x")
     refuse(world, ["recipe", "check", "--recipe", str(world.recipe)], "not empty", "--overwrite")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The best model and early stopping: refused before any work when clm-runner's checkpoints can't hold it
+
+STEPS = ["training.eval_strategy=steps", "training.eval_steps=10", "training.save_strategy=steps"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "fragments"),
+    [
+        (["early_stopping.patience=2"], ['eval_strategy is "no"', 'Set eval_strategy = "steps"']),
+        (
+            ["early_stopping.patience=2", *STEPS, "training.save_steps=15"],
+            ["save_steps = 15 and training.eval_steps = 10", "Set training.save_steps = 10"],
+        ),
+        (["early_stopping.patience=2", *STEPS, "training.save_strategy=no"], ["save_strategy is 'no'"]),
+        (["early_stopping.patience=0"], ["at least 1 evaluation; got 0"]),
+        (["early_stopping.threshold=0.1"], ["early_stopping.patience is not set"]),
+        (["early_stopping.patiense=2"], ["did you mean early_stopping.patience?"]),
+        (["training.load_best_model_at_end=true"], ['eval_strategy is "no"']),
+        (
+            ["training.load_best_model_at_end=true", *STEPS, "training.save_strategy=best"],
+            ["save_strategy is 'best'"],
+        ),
+        (["training.metric_for_best_model=perplexiti"], ["did you mean 'perplexity'?"]),
+        (
+            ["training.metric_for_best_model=harbour_perplexity"],
+            ["names source 'harbour'", "no [[data.mix]]"],
+        ),
+    ],
+    ids=[
+        "no-eval",
+        "steps-apart",
+        "no-save",
+        "patience-0",
+        "no-patience",
+        "typo",
+        "best-no-eval",
+        "best-save",
+        "metric",
+        "source-metric",
+    ],
+)
+def test_best_model_and_early_stopping_refusals(world: World, sets: list[str], fragments: list[str]) -> None:
+    check = ["recipe", "check", "--recipe", str(world.recipe), *[a for s in sets for a in ("--set", s)]]
+    assert refuse(world, check, *fragments) == refuse(world, train(world, *sets), *fragments)
+
+
+# ---------------------------------------------------------------------------------------------------
+# [[data.mix]]
+
+
+def mix_table(train_file: str, **keys: object) -> str:
+    lines = [f'train_file = "{train_file}"'] + [
+        f"{key} = {value!r}".replace("'", '"') for key, value in keys.items()
+    ]
+    return "[[data.mix]]\n" + "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "tables", "fragments"),
+    [
+        (
+            'train_file = "{root}/train.txt"',
+            ["{root}/valid.txt"],
+            ["data.train_file is set beside [[data.mix]]"],
+        ),
+        ("", [("{root}/train.txt", {"weight": -1})], ["weight must be a positive number; got -1"]),
+        ("", [("{root}/train.txt", {"weight": "heavy"})], ["data.mix.weight must be a number"]),
+        (
+            "",
+            [("{root}/train.txt", {"weight": 1}), ("{root}/valid.txt", {})],
+            ["valid has no weight while others do"],
+        ),
+        ("", [("{root}/train.txt", {}), ("{root}/train.txt", {})], ["both named 'world'"]),
+        ("", [("{root}/absent.txt", {"weight": 1})], ["[[data.mix]] absent:", "absent.txt does not exist"]),
+        ("", [("{root}/train.txt", {"wieght": 1})], ["did you mean data.mix.weight?"]),
+        ("streaming = true", [("{root}/train.txt", {})], ["with data.streaming is not supported"]),
+        ('mix_sampling = "oversampel"', [("{root}/train.txt", {})], ["'undersample' or 'oversample'"]),
+        (
+            'validation_file = "{root}/valid.txt"',
+            [("{root}/train.txt", {"validation_file": "{root}/valid.txt"})],
+            ["data.validation_file is the validation set every [[data.mix]] source shares"],
+        ),
+    ],
+    ids=[
+        "beside-data",
+        "negative",
+        "type",
+        "some-weights",
+        "same-name",
+        "missing-file",
+        "typo",
+        "streaming",
+        "sampling",
+        "two-validations",
+    ],
+)
+def test_mix_refusals(world: World, data: str, tables: list, fragments: list[str]) -> None:
+    root = str(world.root)
+    written = "".join(
+        mix_table(t.format(root=root))
+        if isinstance(t, str)
+        else mix_table(
+            t[0].format(root=root),
+            **{k: str(v).format(root=root) if isinstance(v, str) else v for k, v in t[1].items()},
+        )
+        for t in tables
+    )
+    recipe = world.root / "mix.toml"
+    recipe.write_text(
+        recipe_text(world.root, data=data.format(root=root) or "# a mix").replace(
+            "[training]", written + "\n[training]"
+        ),
+        encoding="utf-8",
+    )
+    check = ["recipe", "check", "--recipe", str(recipe)]
+    assert refuse(world, check, *fragments) == refuse(world, train(world, recipe=recipe), *fragments)

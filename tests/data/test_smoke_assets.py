@@ -94,7 +94,7 @@ def test_validation_articles_do_not_appear_in_train():
 
 def test_build_script_reproduces_committed_assets(tmp_path):
     _load_build_script().build(tmp_path)
-    for name in ("train.txt", "validation.txt"):
+    for name in ("train.txt", "validation.txt", "harbour/train.txt", "harbour/validation.txt"):
         assert (tmp_path / name).read_bytes() == (SMOKE_DIR / name).read_bytes(), name
     # Compared as parsed JSON so a tokenizers upgrade that only reformats the file does not fail here.
     rebuilt = json.loads((tmp_path / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))

@@ -117,9 +117,20 @@ def test_table_is_aligned_with_exact_values(two_runs):
         "ppl",
         "best",
         "ppl",
+        "best",
+        "step",
     ]
-    assert lines[1].split() == ["run-a", "40", "163,840", "80.0", "2,048", "20.30", f"{math.exp(3.0):.2f}"]
-    assert lines[2].split() == ["run-b", "15", "15,360", "12.5", "1,229", "-", "-"]
+    assert lines[1].split() == [
+        "run-a",
+        "40",
+        "163,840",
+        "80.0",
+        "2,048",
+        "20.30",
+        f"{math.exp(3.0):.2f}",
+        "40",
+    ]
+    assert lines[2].split() == ["run-b", "15", "15,360", "12.5", "1,229", "-", "-", "-"]
     # Right-aligned numeric columns end at the same character position on every line.
     assert len({len(line) for line in lines}) == 1
 

@@ -363,7 +363,7 @@ def test_resuming_with_another_global_batch_says_so(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from clm_runner.rundir.checkpoints import seal_checkpoint
-    from clm_runner.train.run import global_batch_change
+    from clm_runner.train.distributed import global_batch_change
 
     staging = tmp_path / "tmp-checkpoint-4"
     staging.mkdir()

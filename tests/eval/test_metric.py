@@ -1,0 +1,102 @@
+"""clm_runner.PerplexityMetric: clm-runner's exact corpus perplexity as an `evaluate` metric, offline."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import ASSETS, REPO, SMOKE, independent_perplexity, invoke, sets, tiny_base_model
+from tolerances import FORWARD_RTOL
+
+BLOCK = 32
+TEXT = ASSETS / "harbour" / "validation.txt"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_base_model(tmp_path_factory.mktemp("metric") / "model")
+
+
+def rows() -> list[str]:
+    # A .txt file's rows as `clm-runner eval` reads them: one per line.
+    return TEXT.read_text(encoding="utf-8").splitlines(keepends=True)
+
+
+def clm_runner_eval(model_dir: Path, tmp_path: Path, *flags: str) -> dict:
+    """`clm-runner eval` of the model on TEXT's rows, BLOCK-token blocks (or strided windows with flags)."""
+    out = tmp_path / "eval.json"
+    cli = invoke(
+        "eval",
+        "--recipe",
+        SMOKE,
+        *sets(
+            "model.model_type=",
+            "model.config_overrides=",
+            "model.tokenizer_name=",
+            f"model.model_name_or_path={model_dir}",
+            f"data.train_file={TEXT}",
+            f"data.validation_file={TEXT}",
+            f"data.block_size={BLOCK}",
+            f"training.output_dir={tmp_path / 'unused'}",
+        ),
+        *flags,
+        "--quiet",
+        "--output",
+        out,
+    )
+    assert cli.exit_code == 0, cli.output
+    return json.loads(out.read_text())
+
+
+def test_the_metric_equals_clm_runner_eval_and_a_plain_forward(model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clm_runner import PerplexityMetric
+
+    result = PerplexityMetric().compute(predictions=rows(), model_id=str(model_dir), block_size=BLOCK)
+    via_cli = clm_runner_eval(model_dir, tmp_path)
+    expected, tokens = independent_perplexity(
+        AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir), TEXT, BLOCK
+    )
+    assert result["tokens"] == via_cli["eval_tokens"] == tokens
+    assert result["perplexity"] == pytest.approx(via_cli["perplexity"], rel=FORWARD_RTOL)
+    assert result["perplexity"] == pytest.approx(expected, rel=FORWARD_RTOL)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
+    for key in ("bits_per_byte", "word_perplexity"):
+        assert result[key] == pytest.approx(via_cli[key], rel=FORWARD_RTOL)
+    assert result["method"] == "blocks" and result["block_size"] == BLOCK
+
+
+def test_strided_windows_match_clm_runner_eval_strided(model_dir: Path, tmp_path: Path) -> None:
+    from clm_runner import PerplexityMetric
+
+    result = PerplexityMetric().compute(
+        predictions=rows(), model_id=str(model_dir), block_size=BLOCK, stride=16
+    )
+    via_cli = clm_runner_eval(model_dir, tmp_path, "--stride", "16")
+    assert result["method"] == via_cli["method"] == "strided"
+    assert result["tokens"] == via_cli["eval_tokens"]
+    assert result["perplexity"] == pytest.approx(via_cli["perplexity"], rel=FORWARD_RTOL)
+
+
+def test_evaluate_combine_and_save_accept_it(model_dir: Path, tmp_path: Path) -> None:
+    import evaluate
+
+    from clm_runner import PerplexityMetric
+
+    combined = evaluate.combine([PerplexityMetric()])
+    result = combined.compute(predictions=rows(), model_id=str(model_dir), block_size=BLOCK)
+    alone = PerplexityMetric().compute(predictions=rows(), model_id=str(model_dir), block_size=BLOCK)
+    assert result["perplexity"] == alone["perplexity"]
+    saved = Path(evaluate.save(str(tmp_path), **result))
+    assert json.loads(saved.read_text())["perplexity"] == alone["perplexity"]
+
+
+def test_importing_clm_runner_does_not_import_evaluate() -> None:
+    code = "import sys, clm_runner; print('evaluate' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.split() == ["False", "False"]
