@@ -109,6 +109,14 @@ def format_log_line(logs: dict[str, Any], state: Any) -> str | None:
         perplexity = logs.get("eval_perplexity", logs.get("perplexity"))
         if perplexity is not None:
             parts.append(f"perplexity {perplexity:.3f}")
+            # [[data.mix]] sources validated on their own: eval_NAME_perplexity, in the order they were logged.
+            per_source = [
+                f"{key[len('eval_') : -len('_perplexity')]} {value:.3f}"
+                for key, value in logs.items()
+                if key.startswith("eval_") and key.endswith("_perplexity") and key != "eval_perplexity"
+            ]
+            if per_source:
+                parts[-1] += f" ({', '.join(per_source)})"
         if "eval_accuracy" in logs:
             parts.append(f"accuracy {logs['eval_accuracy']:.4f}")
         return " | ".join(parts)

@@ -150,6 +150,15 @@ def test_format_eval_and_unknown_entries() -> None:
     line = format_log_line({"eval_loss": 2.0, "perplexity": 7.389, "eval_accuracy": 0.5}, state)
     assert line == "step 10/10 epoch 1.00 | eval | loss 2.0000 | perplexity 7.389 | accuracy 0.5000"
     assert format_log_line({"something": 1}, state) is None
+    mixed = {
+        "eval_loss": 2.0,
+        "eval_wiki_perplexity": 8.0,
+        "eval_code_perplexity": 6.5,
+        "eval_perplexity": 7.389,
+    }
+    assert format_log_line(mixed, state) == (
+        "step 10/10 epoch 1.00 | eval | loss 2.0000 | perplexity 7.389 (wiki 8.000, code 6.500)"
+    )
 
 
 def test_log_file_masks_secrets(tmp_path, monkeypatch) -> None:
