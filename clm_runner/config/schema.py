@@ -197,6 +197,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         has_files = any(f is not None for f in (self.train_file, self.validation_file, self.test_file))
+        if self.mix_seed < 0:  # numpy's generators take none below 0: refused here, not after preprocessing
+            raise RecipeError(f"data.mix_seed must be 0 or more; got {self.mix_seed}.")
         if self.mix:
             self._check_mix()
         elif self.dataset_name is None and not has_files:
@@ -318,7 +320,7 @@ class EarlyStoppingConfig:
             raise RecipeError(f"early_stopping.patience must be at least 1 evaluation; got {self.patience}.")
         if not 0 <= self.threshold < float("inf"):
             raise RecipeError(
-                f"early_stopping.threshold must be 0 or more (the metric's units); got {self.threshold}."
+                f"early_stopping.threshold must be a finite number, 0 or more (the metric's units); got {self.threshold}."
             )
 
 

@@ -215,15 +215,7 @@ def evaluate_model(
     total = PerplexityResult.merge(results.values()) if results else score(prepared)
     metrics = dict(total.to_metrics())
     for name, result in results.items():
-        metrics.update(
-            {
-                f"eval_{name}_loss": result.eval_loss,
-                f"eval_{name}_perplexity": result.perplexity,
-                f"eval_{name}_accuracy": result.accuracy,
-                f"eval_{name}_tokens": result.tokens,
-                f"eval_{name}_samples": result.samples,
-            }
-        )
+        metrics.update(result.prefixed(f"eval_{name}"))
     metrics.update({"split": split, "model": model_name, "data": describe_data(recipe)})
     if results:
         metrics["sources"] = list(results)

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import datasets
 import evaluate
@@ -61,19 +62,6 @@ def _no_progress_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             transformers.utils.logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
 
 
 class PerplexityMetric(evaluate.Metric):
@@ -115,7 +103,7 @@ class PerplexityMetric(evaluate.Metric):
                 eval=EvalConfig(stride=stride, context=context),
             )
             request = EvalRequest(stride=stride, context=context, quiet=True)
-            with _environment("CLM_RUNNER_CACHE", str(Path(scratch) / "cache")):
+            with mock.patch.dict(os.environ, {"CLM_RUNNER_CACHE": str(Path(scratch) / "cache")}):
                 metrics = evaluate_model(recipe, model_id if local else None, request, "validation", stride)
         out = {
             "perplexity": metrics["perplexity"],

@@ -120,6 +120,17 @@ class PerplexityResult:
             return None
         return _exp_or_inf(self.nll_sum / self.n_words)
 
+    def prefixed(self, prefix: str) -> dict[str, Any]:
+        """PREFIX_loss, _perplexity, _accuracy, _samples, _tokens: a Trainer evaluation's keys ("eval"), or one
+        [[data.mix]] source's ("eval_NAME"), named the same in train's log and in `eval`'s results."""
+        return {
+            f"{prefix}_loss": self.eval_loss,
+            f"{prefix}_perplexity": self.perplexity,
+            f"{prefix}_accuracy": self.accuracy,
+            f"{prefix}_samples": self.samples,
+            f"{prefix}_tokens": self.tokens,
+        }
+
     def to_metrics(self) -> dict[str, Any]:
         """Flat metrics for metrics.json / the report, named like Trainer's eval metrics."""
         size_key = "block_size" if self.method == "blocks" else "context"

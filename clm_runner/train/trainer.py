@@ -222,17 +222,10 @@ class ClmTrainer(Trainer):
             *((n, r) for n, r in results.items() if n is not None),
             (None, PerplexityResult.merge(results.values())),
         ]:
-            prefix = metric_key_prefix if name is None else f"{metric_key_prefix}_{name}"
+            # eval_perplexity, beside eval_loss: TensorBoard files it under eval/ (run_clm's results-file key,
+            # "perplexity", is added to the final evaluation's metrics by `train`).
             metrics.update(
-                {
-                    # eval_perplexity, beside eval_loss: TensorBoard files it under eval/ (run_clm's results-file
-                    # key, "perplexity", is added to the final evaluation's metrics by `train`).
-                    f"{prefix}_loss": result.eval_loss,
-                    f"{prefix}_perplexity": result.perplexity,
-                    f"{prefix}_accuracy": result.accuracy,
-                    f"{prefix}_samples": result.samples,
-                    f"{prefix}_tokens": result.tokens,
-                }
+                result.prefixed(metric_key_prefix if name is None else f"{metric_key_prefix}_{name}")
             )
         metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
         if self.state.epoch is not None:

@@ -384,6 +384,10 @@ STEPS = ["training.eval_strategy=steps", "training.eval_steps=10", "training.sav
         ),
         (["early_stopping.patience=2", *STEPS, "training.save_strategy=no"], ["save_strategy is 'no'"]),
         (["early_stopping.patience=0"], ["at least 1 evaluation; got 0"]),
+        (
+            ["early_stopping.patience=2", "early_stopping.threshold=inf"],
+            ["a finite number, 0 or more", "got inf"],
+        ),
         (["early_stopping.threshold=0.1"], ["early_stopping.patience is not set"]),
         (["early_stopping.patiense=2"], ["did you mean early_stopping.patience?"]),
         (["training.load_best_model_at_end=true"], ['eval_strategy is "no"']),
@@ -402,6 +406,7 @@ STEPS = ["training.eval_strategy=steps", "training.eval_steps=10", "training.sav
         "steps-apart",
         "no-save",
         "patience-0",
+        "threshold-inf",
         "no-patience",
         "typo",
         "best-no-eval",
@@ -446,6 +451,7 @@ def mix_table(train_file: str, **keys: object) -> str:
         ("", [("{root}/train.txt", {"wieght": 1})], ["did you mean data.mix.weight?"]),
         ("streaming = true", [("{root}/train.txt", {})], ["with data.streaming is not supported"]),
         ('mix_sampling = "oversampel"', [("{root}/train.txt", {})], ["'undersample' or 'oversample'"]),
+        ("mix_seed = -3", [("{root}/train.txt", {"weight": 1})], ["data.mix_seed must be 0 or more; got -3"]),
         (
             'validation_file = "{root}/valid.txt"',
             [("{root}/train.txt", {"validation_file": "{root}/valid.txt"})],
@@ -462,6 +468,7 @@ def mix_table(train_file: str, **keys: object) -> str:
         "typo",
         "streaming",
         "sampling",
+        "negative-seed",
         "two-validations",
     ],
 )
