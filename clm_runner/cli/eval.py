@@ -21,7 +21,16 @@ from clm_runner.cli.app import cli, recipe_options
 @click.option("--split", default=None, help="Split to score: validation (default), test or train.")
 @click.option("--stride", type=int, default=None, help="Strided sliding-window perplexity with this stride.")
 @click.option(
-    "--context", type=int, default=None, help="Window length for --stride (default: the block size)."
+    "--documents",
+    is_flag=True,
+    help="Score each document on its own in rolling windows: lm-evaluation-harness's word_perplexity, "
+    "byte_perplexity and bits_per_byte.",
+)
+@click.option(
+    "--context",
+    type=int,
+    default=None,
+    help="Window length for --stride (default: the block size) or --documents (default: the model's).",
 )
 @click.option(
     "--output", "-o", type=click.Path(), default=None, metavar="FILE", help="Write the metrics as JSON."
@@ -35,6 +44,7 @@ def eval_command(
     all_checkpoints: bool,
     split: str | None,
     stride: int | None,
+    documents: bool,
     context: int | None,
     output: str | None,
     quiet: bool,
@@ -46,6 +56,7 @@ def eval_command(
       clm-runner eval --run runs/smoke
       clm-runner eval --run runs/smoke --checkpoint checkpoint-111 --split test
       clm-runner eval --recipe recipes/gpt2-wikitext.toml --set model.model_name_or_path=gpt2 --stride 512
+      clm-runner eval --recipe recipes/gpt2-wikitext.toml --split test --documents
     """
     if run_dir is None and recipe_path is None:
         raise click.UsageError(
@@ -65,9 +76,11 @@ def eval_command(
             context=context,
             output=output,
             quiet=quiet,
+            documents=documents,
         )
     )
-    click.echo(render_eval_table(outcome.rows, label=outcome.label))
+    render = render_documents_table if documents else render_eval_table
+    click.echo(render(outcome.rows, label=outcome.label))
     for path in outcome.written:
         click.echo(f"Wrote {path}")
 
@@ -104,3 +117,40 @@ def render_eval_table(rows: list[dict], *, label: str = "split") -> str:
             ]
         )
     return render_table(headers, lines, left_columns=2)
+
+
+DOCUMENT_COLUMNS = (
+    ("documents", "documents"),
+    ("tokens", "tokens"),
+    ("words", "words"),
+    ("bytes", "bytes"),
+    ("perplexity", "perplexity"),
+    ("word ppl", "word_perplexity"),
+    ("byte ppl", "byte_perplexity"),
+    ("bits/byte", "bits_per_byte"),
+)
+
+
+def render_documents_table(rows: list[dict], *, label: str = "split") -> str:
+    """One line per per-document evaluation (a [[data.mix]] one: one per source too), then its convention."""
+    from clm_runner.cli.tables import render_table
+
+    lines = []
+    for r in rows:
+        what = str(r.get(label, r.get("split")))
+        named = [(f"{what}: {name}", f"eval_{name}_") for name in r.get("sources", [])]
+        named.append((f"{what}: all" if r.get("sources") else what, ""))
+        for title, prefix in named:
+            lines.append([title, *(_figure(r.get(prefix + key)) for _, key in DOCUMENT_COLUMNS)])
+    table = render_table([label, *(header for header, _ in DOCUMENT_COLUMNS)], lines)
+    first = rows[0]
+    about = f"windows of {first['context']} tokens; documents: {first['documents_from']}"
+    return f"{table}\n{about}\n{first['convention']}"
+
+
+def _figure(value: object) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if value < 100 else f"{value:,.2f}"
+    return "n/a"

@@ -9,9 +9,11 @@ written under evals/ in the run dir, with a name that says what it measured, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,8 @@ class EvalRequest:
     context: int | None = None
     output: str | None = None
     quiet: bool = False
+    documents: bool = False
+    """Per-document rolling windows (lm-evaluation-harness's loglikelihood_rolling) instead of blocks."""
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,18 @@ def check_request(request: EvalRequest, recipe: Recipe) -> tuple[str, int | None
     split = request.split or recipe.eval.split
     if split not in SPLITS:
         raise EvalError(f"--split {split!r}: choose validation, test or train.")
+    if request.documents:
+        if request.stride is not None:
+            raise EvalError("--documents and --stride are two methods; choose one.")
+        if recipe.data.streaming:
+            raise EvalError(
+                "--documents needs the whole split; it does not work with data.streaming. "
+                "Set data.streaming = false."
+            )
+        return split, None  # [eval] stride is a recipe's default method; --documents replaces it
     stride = request.stride if request.stride is not None else recipe.eval.stride
     if stride is None and request.context is not None:
-        raise EvalError("--context only applies with --stride; blocks use data.block_size.")
+        raise EvalError("--context only applies with --stride or --documents; blocks use data.block_size.")
     if stride is not None and recipe.data.streaming:
         raise EvalError(
             "Strided evaluation needs the whole token stream; it does not work with data.streaming. "
@@ -153,6 +166,8 @@ def evaluation_name(run_dir: Path, recipe: Recipe, metrics: dict[str, Any], chec
     parts.append(str(metrics["split"]))
     if metrics["method"] == "strided":
         parts.append(f"strided-context{metrics['context']}-stride{metrics['stride']}")
+    elif metrics["method"] == "documents":
+        parts.append(f"documents{metrics['context']}")
     else:
         parts.append(f"blocks{metrics['block_size']}")
     changed = _differs_from_run(run_dir, recipe)
@@ -185,6 +200,11 @@ def evaluate_model(
         set_seed(int(recipe.training.get("seed", 42)))  # a from-scratch model's random init, reproducibly
         model = load_model(recipe.model, load_config(recipe.model), tokenizer)
         model_name = recipe.model.model_name_or_path or f"{recipe.model.model_type} (random init)"
+
+    if request.documents:
+        metrics = evaluate_documents_split(recipe, model, tokenizer, request, split)
+        metrics.update({"split": split, "model": model_name, "data": describe_data(recipe)})
+        return metrics
 
     block_size = resolve_block_size(recipe.data.block_size, tokenizer, model.config, warn=logger.warning)
     context = request.context or recipe.eval.context or block_size
@@ -219,6 +239,39 @@ def evaluate_model(
     metrics.update({"split": split, "model": model_name, "data": describe_data(recipe)})
     if results:
         metrics["sources"] = list(results)
+    return metrics
+
+
+def evaluate_documents_split(
+    recipe: Recipe, model: Any, tokenizer: Any, request: EvalRequest, split: str
+) -> dict[str, Any]:
+    """Per-document rolling perplexity of one split; a [[data.mix]] split, each source's and their total."""
+    import torch
+
+    from clm_runner.data import mix
+    from clm_runner.data.documents import load_documents
+    from clm_runner.eval.documents import evaluate_documents
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    batch_size = int(recipe.training.get("per_device_eval_batch_size", 8))
+    context = request.context  # None: lm-eval's max length (eval.context is the strided window's)
+
+    def score(data: Any) -> Any:
+        documents = load_documents(data, recipe.model, split, progress=not request.quiet)
+        return evaluate_documents(
+            model, documents, tokenizer=tokenizer, batch_size=batch_size, max_length=context, device=device
+        )
+
+    data = recipe.data
+    if not data.mix or mix.shared_split(recipe, split):
+        result = score(mix.shared_data(data) if data.mix else data)
+        return {**result.numbers(), **result.description()}
+    results = {source.label: score(mix.source_data(data, source)) for source in data.mix}
+    total = functools.reduce(operator.add, results.values())
+    metrics = {**total.numbers(), **total.description(), "sources": list(results)}
+    for name, result in results.items():
+        metrics.update(result.prefixed(f"eval_{name}"))
     return metrics
 
 
