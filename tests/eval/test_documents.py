@@ -282,6 +282,47 @@ def test_the_hub_wikitext_equals_lm_evals_wikitext_task(
     assert "detokenizer" in ours["documents_from"]
 
 
+def test_max_eval_samples_keeps_the_first_documents(model_dir: Path, tmp_path: Path) -> None:
+    rows = [row for row in row_documents(model_dir) if row is not None]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows), encoding="utf-8")
+    ours = clm_runner_documents(
+        model_dir,
+        tmp_path,
+        [f"data.train_file={data}", f"data.validation_file={data}", "data.max_eval_samples=7"],
+    )
+    assert_equal_figures(ours, lm_eval_figures(model_dir, rows[:7]), 7)
+
+
+def test_a_mix_is_scored_per_source_and_in_total(model_dir: Path, tmp_path: Path) -> None:
+    """[[data.mix]] sources with their own validation: each source's figures, and the total over all documents."""
+    rows = [row for row in row_documents(model_dir) if row is not None]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows), encoding="utf-8")
+    lines, pages = raw_wikitext()
+    text = tmp_path / "wiki.txt"
+    text.write_text("\n".join(lines), encoding="utf-8")
+    recipe = tmp_path / "mix.toml"
+    recipe.write_text(
+        f'[model]\nmodel_name_or_path = "{model_dir}"\n\n[data]\n'
+        f'[[data.mix]]\nname = "rows"\ntrain_file = "{jsonl}"\nvalidation_file = "{jsonl}"\n\n'
+        f'[[data.mix]]\nname = "wiki"\ntrain_file = "{text}"\nvalidation_file = "{text}"\n\n'
+        f'[training]\noutput_dir = "{tmp_path / "unused"}"\n'
+    )
+    out = tmp_path / "mix.json"
+    cli = invoke("eval", "--recipe", recipe, "--documents", "--quiet", "--output", out)
+    assert cli.exit_code == 0, cli.output
+    ours = json.loads(out.read_text())
+    assert ours["sources"] == ["rows", "wiki"]
+    assert "validation: rows" in cli.output and "validation: all" in cli.output
+    for name, documents in (("rows", rows), ("wiki", pages)):
+        mine = {
+            key.removeprefix(f"eval_{name}_"): v for key, v in ours.items() if key.startswith(f"eval_{name}_")
+        }
+        assert_equal_figures(mine, lm_eval_figures(model_dir, documents), len(documents))
+    assert_equal_figures(ours, lm_eval_figures(model_dir, rows + pages), len(rows) + len(pages))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The command
 
