@@ -90,6 +90,10 @@ def check_request(request: EvalRequest, recipe: Recipe) -> tuple[str, int | None
                 "--documents needs the whole split; it does not work with data.streaming. "
                 "Set data.streaming = false."
             )
+        if request.context is not None and request.context < 1:
+            raise EvalError(
+                f"--context {request.context}: give a positive number of tokens (the window length)."
+            )
         return split, None  # [eval] stride is a recipe's default method; --documents replaces it
     stride = request.stride if request.stride is not None else recipe.eval.stride
     if stride is None and request.context is not None:

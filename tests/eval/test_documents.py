@@ -348,6 +348,7 @@ def test_documents_refuse_what_they_cannot_do(model_dir: Path, tmp_path: Path) -
             "does not work with data.streaming",
         ),
         (["--context", "64"], f"set --context to {MAX_LENGTH} or less"),
+        (["--context", "0"], "--context 0: give a positive number of tokens"),
     ]
     for flags, message in cases:
         result = invoke(*base, *flags)
