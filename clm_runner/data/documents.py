@@ -113,18 +113,18 @@ def lines_of(rows: Sequence[str | None], *, hub_lines: bool, keep_linebreaks: bo
     """The lines of the text the rows were read from, as `text.split("\\n")` gives them.
 
     A text file's rows are its lines, each with its line break unless data.keep_linebreaks is off (then the
-    file's last line break is unknown and taken as absent). The hub's `wikitext` rows are the raw file's lines
+    text's last line break is unknown and taken as absent); a row is one line even where a file's last line
+    has no break, so several files never run together. The hub's `wikitext` rows are the raw file's lines
     with their breaks, except that a blank line (" " in the raw file) is an empty row.
     """
+    present = [row for row in rows if row is not None]
     if hub_lines:
         # The raw files end with a line break, so their last line (after it) is empty.
-        lines = [row.removesuffix("\n") if row else " " for row in rows if row is not None]
-        return [*lines, ""]
-    if keep_linebreaks:
-        text = "".join(row for row in rows if row is not None)
-    else:
-        text = "\n".join(row for row in rows if row is not None)
-    return text.split("\n")
+        return [*(row.removesuffix("\n") if row else " " for row in present), ""]
+    lines = [row.removesuffix("\n") for row in present]
+    if keep_linebreaks and present and present[-1].endswith("\n"):
+        lines.append("")
+    return lines
 
 
 def split_articles(lines: Iterable[str]) -> list[str]:

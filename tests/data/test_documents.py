@@ -70,6 +70,9 @@ def test_a_text_file_and_the_hub_wikitext_rows_give_back_the_raw_lines() -> None
     # The hub's `wikitext` rows: a non-blank line with its break, a blank one as "".
     hub_rows = [line + "\n" if line.strip() else "" for line in LINES[:-1]]
     assert lines_of(hub_rows, hub_lines=True, keep_linebreaks=True) == LINES
+    # Two text files, the first without a final line break: its last line stays a line of its own.
+    two_files = ["a\n", "last", " = B = \n", "b\n"]
+    assert lines_of(two_files, hub_lines=False, keep_linebreaks=True) == ["a", "last", " = B = ", "b", ""]
 
 
 def test_wikitext_documents_score_the_detokenized_article_and_count_the_original() -> None:
