@@ -21,8 +21,10 @@ from typing import Any
 from clm_runner import faults
 from clm_runner.config.render import render_toml, unrecorded_secrets
 from clm_runner.config.schema import Recipe
+from clm_runner.rundir.branch import leave_line
 from clm_runner.rundir.policy import (
     LOG_FILE_NAME,
+    MANIFEST_NAME,
     RECIPE_FILE,
     OutputPlan,
     archive_previous_run,
@@ -230,6 +232,8 @@ class _RunSession:
         self.log = log
         self.manifest: Any = None
         self.started = False
+        self.recorded = False
+        """run.json of this attempt is written: it names the checkpoint a --resume-from started the line at."""
         self.started_at = time.time()
 
     def begin(self, prepared: dict[str, Any]) -> None:
@@ -240,19 +244,28 @@ class _RunSession:
             return
         from clm_runner.rundir.policy import remove_leftovers
 
+        previous_line = None
         if self.plan.archive:
-            archive_previous_run(self.plan.output_dir)
+            previous_line = archive_previous_run(self.plan.output_dir)
+        elif self.plan.set_aside:  # a branch: the line it leaves moves aside, so none of it is resumed
+            previous_line = leave_line(
+                self.plan.output_dir,
+                self.plan.set_aside,
+                self.plan.resume_from,
+                copies=(MANIFEST_NAME, RECIPE_FILE),
+            )
         for leftover in remove_leftovers(self.plan.output_dir):
             logger.info("Removed %s, left half written by an attempt that was stopped.", leftover)
         # run.json first: a directory holding it (and its log) is known to be this run's, if the start is
         # cut short here, and the same command starts it over in place.
-        self.start_manifest(prepared)
+        self.start_manifest(prepared, previous_line)
+        self.recorded = True
         if self.log is not None:
             self.log.start_file(self.plan.output_dir / LOG_FILE_NAME)
         save_resolved_recipe(self.recipe, self.plan, self.setup.resolved)
         faults.point("startup.begun", self.plan.output_dir)
 
-    def start_manifest(self, prepared: dict[str, Any]) -> None:
+    def start_manifest(self, prepared: dict[str, Any], previous_line: Path | None = None) -> None:
         from clm_runner.data.sources import data_fingerprint
         from clm_runner.rundir.manifest import RunManifest, device_info
         from clm_runner.train.device import describe
@@ -268,6 +281,11 @@ class _RunSession:
             data=data,
             devices=device_info(self.setup.args),
             resumed_from=self.plan.resume_from,
+            branched_from=(
+                {**self.plan.branched_from, "previous_line": str(previous_line) if previous_line else None}
+                if self.plan.branched_from is not None
+                else None
+            ),
         )
         # The precision / compile / data-loading choice made for this device (performance.py).
         self.manifest.update(
@@ -321,7 +339,13 @@ class _RunSession:
         from clm_runner.config.secrets import secret_values
         from clm_runner.train.interrupts import resume_command
 
-        return resume_command(self.options.argv, self.plan.output_dir, secret_values(self.recipe))
+        # Until run.json records where the line starts, the rerun needs --resume-from to find it.
+        return resume_command(
+            self.options.argv,
+            self.plan.output_dir,
+            secret_values(self.recipe),
+            keep_resume_from=not self.recorded,
+        )
 
     def interrupted(self, global_step: int) -> RunInterrupted:
         signum = self.stop.signum or 2
