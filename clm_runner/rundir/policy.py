@@ -24,7 +24,7 @@ from clm_runner.rundir.branch import (
     resume_point,
     shown,
 )
-from clm_runner.rundir.changes import compare_length, recipe_changes
+from clm_runner.rundir.changes import changes_what_is_trained, compare_length, recipe_changes
 from clm_runner.rundir.checkpoints import (
     CHECKPOINT_PATTERN,
     TRAINER_STATE,
@@ -223,6 +223,14 @@ def plan_output_dir(
         and identity is not None
         and not (length > 0 and not (stopped_early and same_rule))
     ):
+        # Nothing to train: unless the recipe asks for another run than the one the dir holds.
+        different = changes_what_is_trained(changes, shorter=length < 0)
+        if different:
+            raise OutputDirError(
+                f"Output dir {output_dir} holds a finished run and the recipe changes what it would train: "
+                f"{'; '.join(different)}. Use another training.output_dir, or pass --no-resume --overwrite to "
+                "start over there (the finished run is moved to previous-runs/, nothing is deleted)."
+            )
         return OutputPlan(output_dir, None, _complete_note(output_dir, changes), "complete", False, changes)
 
     newest = latest_checkpoint(output_dir, warn=resume)

@@ -162,3 +162,20 @@ def test_a_branch_stopped_before_it_starts_leaves_the_dir_as_it_was_and_keeps_re
     command = re.search(r"Resume with: (.+)", result.output).group(1)
     argv = shlex.split(command)
     assert argv[argv.index("--resume-from") + 1] == str(run / "checkpoint-12")
+
+
+def test_a_finished_run_rerun_with_a_changed_recipe_is_refused_and_with_a_logging_change_is_complete(
+    tmp_path: Path, finished: Path, fresh_cache: Path
+) -> None:
+    run = copy_of(finished, tmp_path / "run")
+    before = snapshot(run)
+    for flags in ((), ("--overwrite",)):
+        result = invoke(*line_args(run, "training.learning_rate=3e-3", flags=flags))
+        assert result.exit_code == 2, result.output
+        (error,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert "changes what it would train: training.learning_rate: 0.001 -> 0.003." in error
+        assert "another training.output_dir" in error and "--no-resume --overwrite" in error
+        assert snapshot(run) == before
+    result = invoke(*line_args(run, "training.logging_steps=2", "training.report_to=tensorboard"))
+    assert result.exit_code == 0 and "is complete at step 16" in result.output, result.output
+    assert snapshot(run) == before

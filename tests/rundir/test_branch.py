@@ -178,3 +178,100 @@ def test_the_recipes_resume_from_checkpoint_continues_the_line_that_began_there(
     # --resume-from on the command line is an explicit branch, every time.
     explicit = plan_output_dir(run, resume_from=point, identity=identity())
     assert explicit.resume_from == run / "checkpoint-4" and explicit.set_aside == ("checkpoint-6",)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A rerun into a finished run: complete, or refused when its recipe changes what would be trained
+
+
+def rerun(run: Path, *, max_steps: int = 16, overwrite: bool = False, **training: object):
+    resolved = {"training": {**RECIPE["training"], "max_steps": max_steps, **training}}
+    return plan_output_dir(
+        run,
+        overwrite=overwrite,
+        identity=RunIdentity(resolved=resolved, max_steps=max_steps, num_train_epochs=3),
+    )
+
+
+def finished_run(run: Path) -> Path:
+    a_run(run, (8, 16), finished_at=16)
+    record = json.loads((run / "run.json").read_text())
+    record["recipe"] = {"training": {**RECIPE["training"], "max_steps": 16, "logging_steps": 1}}
+    write_json_atomic(run / "run.json", record)
+    return run
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{}, {"logging_steps": 5}, {"report_to": ["tensorboard"]}, {"per_device_eval_batch_size": 64}],
+    ids=["same recipe", "logging_steps", "report_to", "eval batch"],
+)
+def test_a_finished_run_rerun_with_what_it_trained_is_complete(tmp_path: Path, change: dict) -> None:
+    run = finished_run(tmp_path / "run")
+    before = snapshot(run)
+    for overwrite in (False, True):
+        plan = rerun(run, overwrite=overwrite, **{"logging_steps": 1, **change})
+        assert plan.action == "complete" and plan.resume_from is None
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"learning_rate": 3e-3}, "training.learning_rate: 0.001 -> 0.003"),
+        ({"max_steps": 12}, "training.max_steps: 16 -> 12"),
+    ],
+    ids=["learning_rate", "a shorter run"],
+)
+def test_a_finished_run_rerun_with_another_recipe_is_refused_naming_the_keys_and_the_ways_out(
+    tmp_path: Path, change: dict, named: str
+) -> None:
+    run = finished_run(tmp_path / "run")
+    before = snapshot(run)
+    for overwrite in (False, True):  # --overwrite without --no-resume does not start over
+        with pytest.raises(OutputDirError) as refused:
+            rerun(run, overwrite=overwrite, logging_steps=1, **change)
+        message = str(refused.value)
+        assert "\n" not in message and f"changes what it would train: {named}." in message
+        assert "another training.output_dir" in message and "--no-resume --overwrite" in message
+    assert snapshot(run) == before
+
+
+def test_a_longer_recipe_continues_the_finished_run(tmp_path: Path) -> None:
+    run = finished_run(tmp_path / "run")
+    plan = rerun(run, max_steps=24, logging_steps=1)
+    assert plan.action == "resume" and plan.resume_from == run / "checkpoint-16"
+
+
+def test_which_recipe_changes_change_what_is_trained() -> None:
+    from clm_runner.rundir.changes import changes_what_is_trained, compare_length, recipe_changes
+
+    old = {
+        "model": {"cache_dir": None, "model_revision": "main"},
+        "data": {"preprocessing_num_workers": None, "block_size": 32},
+        "eval": {"stride": None},
+        "training": {"max_steps": 16, "save_steps": 4, "seed": 42, "resume_from_checkpoint": None},
+    }
+    new = {
+        "model": {"cache_dir": "/cache", "model_revision": "v2"},
+        "data": {"preprocessing_num_workers": 8, "block_size": 32},
+        "eval": {"stride": 16},
+        "training": {
+            "max_steps": 24,
+            "save_steps": 8,
+            "seed": 42,
+            "resume_from_checkpoint": "x/checkpoint-4",
+        },
+    }
+    changes = recipe_changes(old, new)
+    assert len(changes) == 7
+    counted = ["model.model_revision: 'main' -> 'v2'", "training.save_steps: 4 -> 8"]
+    assert changes_what_is_trained(changes) == counted
+    assert changes_what_is_trained(changes, shorter=True) == [
+        counted[0],
+        "training.max_steps: 16 -> 24",
+        counted[1],
+    ]
+    assert [compare_length(s, 3.0, (16, 2.0)) for s in (24, 16, 12)] == [1, 0, -1]
+    assert [compare_length(-1, e, (16, 2.0)) for e in (3.0, 2.0, 1.5)] == [1, 0, -1]
+    assert compare_length(24, 3.0, None) == 0
