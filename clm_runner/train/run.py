@@ -314,7 +314,9 @@ class _RunSession:
                     "global_step": state.best_global_step,
                     "metric": args.metric_for_best_model,
                     "value": state.best_metric,
-                    "final_model_is_best": bool(args.load_best_model_at_end and best),
+                    # Only when the final weights came from it (a best checkpoint that is gone is not loaded).
+                    "final_model_is_best": trainer.final_weights_step is not None
+                    and trainer.final_weights_step == state.best_global_step,
                 }
             )
         if early_stopping is not None:
