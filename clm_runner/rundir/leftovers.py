@@ -25,16 +25,18 @@ def is_leftover(name: str) -> bool:
 
 def remove_leftovers(output_dir: Path) -> list[Path]:
     """Remove what killed attempts left half written (only call while holding the run's lock)."""
-    from clm_runner.rundir.lock import pid_alive
+    from clm_runner.rundir.lock import flock_held, pid_alive
 
     removed = []
     for path in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
         if not is_leftover(path.name):
             continue
         if path.name.startswith(f".{LOCK_NAME}."):
+            # Another process taking the lock right now holds its record's flock (without flock: its pid).
             pid = path.name.rpartition(".")[2]
-            if pid.isdigit() and pid_alive(int(pid)):
-                continue  # another process taking the lock right now: its own temporary file
+            held = flock_held(path)
+            if held or (held is None and pid.isdigit() and pid_alive(int(pid))):
+                continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
