@@ -58,7 +58,7 @@ logger = logging.getLogger("clm_runner")
 
 def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
     """Train as the recipe says, evaluate, and leave run_clm's files plus recipe.toml and run.json."""
-    from clm_runner.config.secrets import redact_argv, secret_values
+    from clm_runner.config.secrets import redact_argv, remember_value, secret_values
     from clm_runner.logs import buffer_log, setup_logging
     from clm_runner.rundir.lock import RunLock
 
@@ -66,6 +66,7 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
     options = dataclasses.replace(options, quiet=not live)  # plain lines off a terminal, as --quiet
     quiet_replica_logging()
     if recipe.training.get("hub_token"):
+        remember_value(os.environ.get("HF_TOKEN"))  # replaced, yet still a secret to mask
         os.environ["HF_TOKEN"] = str(recipe.training["hub_token"])  # read by huggingface_hub
     # Until the run starts, the log is kept in memory: a start that fails writes no train.log.
     log = buffer_log(secrets=secret_values(recipe)) if is_main_process() else None
