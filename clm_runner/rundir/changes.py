@@ -63,6 +63,15 @@ OUTPUT_ONLY: frozenset[str] = frozenset(
 )
 OUTPUT_ONLY_SECTIONS = ("eval",)
 """[eval] says how `clm-runner eval` scores a model; `train` never reads it."""
+RESTORED_FROM_CHECKPOINT = (
+    "training.learning_rate",
+    "training.weight_decay",
+    "training.adam_beta1",
+    "training.adam_beta2",
+    "training.adam_epsilon",
+)
+"""What a resumed run takes from the checkpoint whatever the recipe says: the optimizer's settings (its state
+holds them per parameter group) and the schedule's base learning rate (the scheduler's state holds it)."""
 LENGTH_KEYS = ("training.max_steps", "training.num_train_epochs")
 JUDGED_ELSEWHERE = (*LENGTH_KEYS, "training.resume_from_checkpoint")
 
@@ -107,3 +116,8 @@ def compare_length(max_steps: int, num_train_epochs: float, reached: tuple[int, 
     if max_steps > 0:
         return (max_steps > step) - (max_steps < step)
     return (num_train_epochs > epoch + 1e-9) - (num_train_epochs < epoch - 1e-9)
+
+
+def restored_on_resume(changes: Iterable[str]) -> list[str]:
+    """The changed keys a resumed run does not apply (RESTORED_FROM_CHECKPOINT)."""
+    return [key for change in changes if (key := changed_key(change)) in RESTORED_FROM_CHECKPOINT]

@@ -22,6 +22,7 @@ from clm_runner import faults
 from clm_runner.config.render import render_toml, unrecorded_secrets
 from clm_runner.config.schema import Recipe
 from clm_runner.rundir.branch import leave_line
+from clm_runner.rundir.changes import restored_on_resume
 from clm_runner.rundir.policy import (
     LOG_FILE_NAME,
     MANIFEST_NAME,
@@ -115,6 +116,14 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     if args.should_log:
         logger.info(plan.note)
         logger.info(describe_line(describe(setup.recorded_kwargs)))
+        restored = restored_on_resume(plan.recipe_changes) if plan.resume_from is not None else []
+        if restored:
+            logger.warning(
+                "The recipe changes %s, but a resumed run restores the checkpoint's optimizer and learning-rate "
+                "schedule, so the checkpoint's value applies. To train with the new value, start over "
+                "(--no-resume --overwrite, or another training.output_dir).",
+                ", ".join(restored),
+            )
     # Seeded before the model is built, as run_clm does, so a from-scratch init is reproducible.
     set_seed(args.seed)
     logger.info(global_batch(args, setup.block_size).describe())

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 
 STEPS = 16
 LIMIT = ("training.save_total_limit=2",)
-# A key that changes the steps after the branch point (the scheduler's learning rate is the checkpoint's).
-BRANCH_CHANGE = ("training.max_grad_norm=0.05",)
+# A key that changes the steps after the branch point, and one that does not (the checkpoint's optimizer and
+# schedule hold the learning rate): the run says so.
+BRANCH_CHANGE = ("training.max_grad_norm=0.05", "training.learning_rate=1e-4")
 
 
 def line_args(run: Path, *extra: str, flags: tuple[str, ...] = ()) -> list[str]:
@@ -79,12 +80,23 @@ def test_branch_interrupted_then_resumed_by_the_printed_command_continues_the_br
     assert not (run / "model.safetensors").exists() and not (run / "train_results.json").exists()
     (archived,) = (run / "previous-runs").iterdir()
     moved_line(before, archived)
+    assert "The recipe changes training.learning_rate, but a resumed run restores" in log
+    learning_rates = [
+        {
+            e["step"]: e["learning_rate"]
+            for e in json.loads((d / "trainer_state.json").read_text())["log_history"]
+            if "learning_rate" in e
+        }
+        for d in (run / "checkpoint-14", finished)
+    ]
+    assert learning_rates[0][13] == learning_rates[1][13]  # as the warning says: the checkpoint's rate
     moved = [line for line in log.splitlines() if "WARNING Branching from" in line]
     assert len(moved) == 1 and "(checkpoint-16, " in moved[0], log[-3000:]
     assert str(archived) in moved[0] and "nothing deleted" in moved[0]
     record = json.loads((run / "run.json").read_text())
     assert record["branched_from"]["step"] == 12 and record["status"] == "interrupted"
     assert record["branched_from"]["previous_line"] == str(archived)
+    assert "training.learning_rate: 0.001 -> 0.0001" in record["recipe_changes"]
 
     command = re.search(r"Resume with: (.+)", log).group(1)
     argv = shlex.split(command)
