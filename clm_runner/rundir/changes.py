@@ -118,6 +118,13 @@ def compare_length(max_steps: int, num_train_epochs: float, reached: tuple[int, 
     return (num_train_epochs > epoch + 1e-9) - (num_train_epochs < epoch - 1e-9)
 
 
-def restored_on_resume(changes: Iterable[str]) -> list[str]:
-    """The changed keys a resumed run does not apply (RESTORED_FROM_CHECKPOINT)."""
-    return [key for change in changes if (key := changed_key(change)) in RESTORED_FROM_CHECKPOINT]
+def restored_on_resume(changes: Iterable[str]) -> str | None:
+    """The warning a resume owes when the recipe changes keys it does not apply (RESTORED_FROM_CHECKPOINT)."""
+    keys = [key for change in changes if (key := changed_key(change)) in RESTORED_FROM_CHECKPOINT]
+    if not keys:
+        return None
+    return (
+        f"The recipe changes {', '.join(keys)}, but a resumed run restores the checkpoint's optimizer and "
+        "learning-rate schedule, so the checkpoint's value applies. To train with the new value, start over "
+        "(--no-resume --overwrite, or another training.output_dir)."
+    )

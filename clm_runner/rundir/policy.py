@@ -19,6 +19,7 @@ from clm_runner.rundir.branch import (
     archive,
     began_at,
     later_entries,
+    leave_line,
     origin_record,
     restart_point,
     resume_point,
@@ -329,6 +330,17 @@ def archive_previous_run(output_dir: Path) -> Path | None:
     if target is not None:
         logger.warning("Moved the previous run in %s to %s (nothing deleted).", output_dir, target)
     return target
+
+
+def move_aside(plan: OutputPlan) -> Path | None:
+    """When a run starts: the run it replaces (--overwrite) or the line it leaves (a branch) moves to
+    previous-runs/<time>/, so nothing of it is resumed or rotated; returns that folder."""
+    if plan.archive:
+        return archive_previous_run(plan.output_dir)
+    if plan.set_aside:
+        copies = (MANIFEST_NAME, RECIPE_FILE)
+        return leave_line(plan.output_dir, plan.set_aside, plan.resume_from, copies=copies)
+    return None
 
 
 def _kept_by_a_branch(name: str) -> bool:

@@ -21,16 +21,14 @@ from typing import Any
 from clm_runner import faults
 from clm_runner.config.render import render_toml, unrecorded_secrets
 from clm_runner.config.schema import Recipe
-from clm_runner.rundir.branch import leave_line
 from clm_runner.rundir.changes import restored_on_resume
 from clm_runner.rundir.policy import (
     LOG_FILE_NAME,
-    MANIFEST_NAME,
     RECIPE_FILE,
     OutputPlan,
-    archive_previous_run,
     give_default_modes,
     latest_checkpoint,
+    move_aside,
     write_text_atomic,
 )
 from clm_runner.train.checkpoints import save_final_model
@@ -116,14 +114,8 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     if args.should_log:
         logger.info(plan.note)
         logger.info(describe_line(describe(setup.recorded_kwargs)))
-        restored = restored_on_resume(plan.recipe_changes) if plan.resume_from is not None else []
-        if restored:
-            logger.warning(
-                "The recipe changes %s, but a resumed run restores the checkpoint's optimizer and learning-rate "
-                "schedule, so the checkpoint's value applies. To train with the new value, start over "
-                "(--no-resume --overwrite, or another training.output_dir).",
-                ", ".join(restored),
-            )
+        if plan.resume_from is not None and (restored := restored_on_resume(plan.recipe_changes)):
+            logger.warning(restored)
     # Seeded before the model is built, as run_clm does, so a from-scratch init is reproducible.
     set_seed(args.seed)
     logger.info(global_batch(args, setup.block_size).describe())
@@ -254,16 +246,7 @@ class _RunSession:
             return
         from clm_runner.rundir.policy import remove_leftovers
 
-        previous_line = None
-        if self.plan.archive:
-            previous_line = archive_previous_run(self.plan.output_dir)
-        elif self.plan.set_aside:  # a branch: the line it leaves moves aside, so none of it is resumed
-            previous_line = leave_line(
-                self.plan.output_dir,
-                self.plan.set_aside,
-                self.plan.resume_from,
-                copies=(MANIFEST_NAME, RECIPE_FILE),
-            )
+        previous_line = move_aside(self.plan)
         for leftover in remove_leftovers(self.plan.output_dir):
             logger.info("Removed %s, left half written by an attempt that was stopped.", leftover)
         # run.json first: a directory holding it (and its log) is known to be this run's, if the start is
@@ -291,11 +274,11 @@ class _RunSession:
             data=data,
             devices=device_info(self.setup.args),
             resumed_from=self.plan.resume_from,
-            branched_from=(
-                {**self.plan.branched_from, "previous_line": str(previous_line) if previous_line else None}
-                if self.plan.branched_from is not None
-                else None
-            ),
+            branched_from=self.plan.branched_from
+            and {
+                **self.plan.branched_from,
+                "previous_line": str(previous_line) if previous_line else None,
+            },
         )
         # The precision / compile / data-loading choice made for this device (performance.py).
         self.manifest.update(
