@@ -161,21 +161,28 @@ def datasets_progress(enabled: bool) -> Iterator[None]:
 
 
 def load_raw_splits(
-    data: DataConfig, model: ModelConfig, splits: Sequence[str], *, progress: bool = True
+    data: DataConfig,
+    model: ModelConfig,
+    splits: Sequence[str],
+    *,
+    progress: bool = True,
+    carve: bool = True,
 ) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
     """The raw text of each requested split (a subset of train, validation, test), as datasets.
 
     With no validation source, validation is carved from train exactly as run_clm's `train[:N%]` and
     `train[N%:]`, and train is always the remainder (so a train-only request never sees validation rows).
+    carve=False: the validation text comes from elsewhere (a [[data.mix]] source beside [data]'s shared
+    validation_file), so nothing is carved and train keeps every row.
     """
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise DataError(f"Unknown split {unknown[0]!r}: choose from {', '.join(SPLITS)}.")
     with datasets_progress(progress):
         if data.dataset_name is not None:
-            loaded = _load_hub(data, model, splits)
+            loaded = _load_hub(data, model, splits, carve)
         else:
-            loaded = _load_files(data, model, splits)
+            loaded = _load_files(data, model, splits, carve)
     if not data.streaming:
         for split, dataset in loaded.items():
             column = resolve_text_column(dataset, data.text_column)
@@ -309,7 +316,7 @@ def check_data_sources(data: DataConfig, model: ModelConfig) -> None:
         datasets.load_dataset_builder(name, data.dataset_config_name, **kwargs)
 
 
-def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> dict[str, Any]:
+def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str], carve: bool) -> dict[str, Any]:
     import datasets
 
     name = data.dataset_name
@@ -319,21 +326,14 @@ def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> di
         loaded = datasets.load_dataset(name, data.dataset_config_name, **_hub_kwargs(data, model))
     available = list(loaded)
     out: dict[str, Any] = {}
-    needs_carving = "validation" not in loaded
+    needs_carving = carve and "validation" not in loaded
     if needs_carving and ("train" in splits or "validation" in splits):
         if "train" not in loaded:
             raise DataError(
                 f"Dataset {name!r} has no train split to carve validation from; its splits: "
                 f"{', '.join(available)}."
             )
-        if data.streaming:
-            train, validation = carve_validation_stream(
-                loaded["train"], data.validation_split_percentage, data.validation_split_seed
-            )
-        else:
-            train, validation = carve_validation(
-                loaded["train"], data.validation_split_percentage, data.validation_split_seed
-            )
+        train, validation = _carved(data, loaded["train"])
         loaded = dict(loaded, train=train, validation=validation)
     for split in splits:
         if split not in loaded:
@@ -345,7 +345,12 @@ def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> di
     return out
 
 
-def _load_files(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> dict[str, Any]:
+def _carved(data: DataConfig, train: Any) -> tuple[Any, Any]:
+    carve = carve_validation_stream if data.streaming else carve_validation
+    return carve(train, data.validation_split_percentage, data.validation_split_seed)
+
+
+def _load_files(data: DataConfig, model: ModelConfig, splits: Sequence[str], carve: bool) -> dict[str, Any]:
     specs = file_specs(data)
     sources = {split: split_source(split, spec) for split, spec in specs.items()}
     out: dict[str, Any] = {}
@@ -363,22 +368,14 @@ def _load_files(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> 
             return dict_splits[split]
         return None
 
-    carve = "validation" not in sources and "validation" not in dict_splits
+    carve = carve and "validation" not in sources and "validation" not in dict_splits
     if carve and ("train" in splits or "validation" in splits):
         if train_source is None:
             raise DataError(
                 "No training data to carve a validation split from: set data.train_file, or set "
                 "data.validation_file."
             )
-        train = source_dataset("train")
-        if data.streaming:
-            train, validation = carve_validation_stream(
-                train, data.validation_split_percentage, data.validation_split_seed
-            )
-        else:
-            train, validation = carve_validation(
-                train, data.validation_split_percentage, data.validation_split_seed
-            )
+        train, validation = _carved(data, source_dataset("train"))
         out.update({"train": train, "validation": validation})
     for split in splits:
         if split in out:
