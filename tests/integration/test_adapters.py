@@ -338,3 +338,62 @@ def test_a_checkpoint_resumes_only_into_a_run_of_its_kind(lora_run: Path, base: 
         assert result.exit_code == 2, result.output
         assert expected in result.output and "--no-resume --overwrite" in result.output
         assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        ['adapter.target_modules=["wte"]'],
+        ['adapter.target_modules=["lm_head"]'],
+        ['adapter.target_modules=["wte", "lm_head", "c_attn"]'],
+        ["adapter.target_modules=.*(wte|lm_head)"],  # a regex
+        ['adapter.target_modules=["lm_head"]', 'adapter.modules_to_save=["wte"]'],
+        ['adapter.modules_to_save=["lm_head"]'],
+        ["adapter.trainable_token_indices=[1, 2, 3]"],
+        ["adapter.use_dora=true"],
+    ],
+    ids=[
+        "wte",
+        "lm_head",
+        "both-tied-and-c_attn",
+        "regex",
+        "lm_head-and-saved-wte",
+        "saved-lm_head",
+        "tokens",
+        "dora",
+    ],
+)
+def test_the_merged_export_scores_what_the_adapter_run_scores(
+    base: Path, tmp_path: Path, adapter: list[str]
+) -> None:
+    """For every kind of target the recipe accepts: the run's own final evaluation equals the merged export's.
+    GPT-2 ties wte to lm_head: an adapter merged into the shared weight changed both (1,473 became 1e9)."""
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    result = invoke(
+        *lora_train(
+            base,
+            run,
+            *adapter,
+            "training.save_strategy=no",
+            "training.learning_rate=3e-2",
+            "training.max_steps=4",
+        )
+    )
+    assert result.exit_code == 0, result.output
+    result = invoke("export", run, "--merge", "--output", merged)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "merged.json"
+    merged_sets = sets(
+        "model.model_type=",
+        "model.config_overrides=",
+        "model.tokenizer_name=",
+        f"model.model_name_or_path={merged}",
+    )
+    result = invoke(
+        "eval", "--recipe", SMOKE, *tiny_sets(tmp_path / "unused"), *merged_sets, "--quiet", "--output", out
+    )
+    assert result.exit_code == 0, result.output
+    trained = json.loads((run / "eval_results.json").read_text())
+    via_merged = json.loads(out.read_text())
+    assert via_merged["eval_tokens"] == trained["eval_tokens"]
+    assert via_merged["perplexity"] == pytest.approx(trained["perplexity"], rel=FORWARD_RTOL)
