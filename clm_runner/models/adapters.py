@@ -39,6 +39,8 @@ class AdapterPlan:
     adapted_modules: tuple[str, ...] = field(default=())
     """Module paths (in the base model) that carry an adapter."""
     load_in_4bit: bool = False
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """The tensors the adapter's weights file holds (name -> shape), as PEFT will save them."""
 
     @property
     def trainable_percent(self) -> float:
@@ -105,7 +107,7 @@ def _adaptable_module_names(model: torch.nn.Module) -> list[str]:
 
 def plan_adapter(adapter: AdapterConfig, config: Any) -> AdapterPlan:
     """Wrap a meta-device copy of the model as `train` will: every refusal before any weight is loaded."""
-    from peft import get_peft_model
+    from peft import get_peft_model, get_peft_model_state_dict
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
 
     from clm_runner.models.loading import build_meta_model
@@ -137,7 +139,8 @@ def plan_adapter(adapter: AdapterConfig, config: Any) -> AdapterPlan:
     trainable, total = wrapped.get_nb_trainable_parameters()
     base = wrapped.get_base_model()
     adapted = tuple(name for name, module in base.named_modules() if hasattr(module, "lora_A"))
-    return AdapterPlan(lora, int(trainable), int(total), adapted, adapter.load_in_4bit)
+    shapes = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(wrapped).items()}
+    return AdapterPlan(lora, int(trainable), int(total), adapted, adapter.load_in_4bit, shapes)
 
 
 SHAPING_KEYS = (
@@ -164,18 +167,50 @@ def check_resume_matches(checkpoint: Path, plan: AdapterPlan | None) -> None:
         return
     if not holds_adapter:
         raise RecipeError(f"{checkpoint} holds a full model, but the recipe has an [adapter] section. {fix}")
+    from clm_runner.config.adapter_keys import lora_defaults
+
     saved = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
+    defaults = lora_defaults()
     differ = []
-    for key in SHAPING_KEYS:
-        ours, theirs = plan.lora.get(key), saved.get(key)
-        if isinstance(ours, list) and isinstance(theirs, list):
-            ours, theirs = sorted(ours), sorted(theirs)
-        if key in plan.lora and ours != theirs:
-            differ.append(f"adapter.{key} = {plan.lora.get(key)!r} (the checkpoint's: {saved.get(key)!r})")
+    for key in SHAPING_KEYS:  # what the recipe resolves to: a key it leaves unset is PEFT's default
+        ours, theirs = plan.lora.get(key, defaults.get(key)), saved.get(key)
+        if _comparable(ours) != _comparable(theirs):
+            differ.append(f"adapter.{key} = {ours!r} (the checkpoint's: {theirs!r})")
     if differ:
         raise RecipeError(
             f"{checkpoint}'s adapter has other shapes than the recipe asks for: {'; '.join(differ)}. {fix}"
         )
+    held = _saved_tensor_shapes(checkpoint / ADAPTER_WEIGHTS)
+    if held is not None and plan.tensor_shapes and held != plan.tensor_shapes:
+        name = sorted(
+            set(held) ^ set(plan.tensor_shapes) or {n for n in held if held[n] != plan.tensor_shapes[n]}
+        )[0]
+        there = f"shape {list(held[name])}" if name in held else "none"
+        here = f"shape {list(plan.tensor_shapes[name])}" if name in plan.tensor_shapes else "none"
+        raise RecipeError(
+            f"{checkpoint}'s adapter holds other tensors than the recipe plans ({name}: {there} in the "
+            f"checkpoint, {here} planned). {fix}"
+        )
+
+
+def _comparable(value: Any) -> Any:
+    """A LoraConfig value as adapter_config.json and the recipe may both write it: lists in any order, empty
+    as unset."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sorted(value, key=repr) or None
+    if isinstance(value, dict):
+        return value or None
+    return value
+
+
+def _saved_tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of each tensor in a safetensors file, from its header (no tensor is read)."""
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
 
 
 def check_quantization(adapter: AdapterConfig, *, use_cpu: bool) -> None:
