@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from clm_runner.data.columns import resolve_text_column
 from clm_runner.errors import ClmError, DataError, HubUnreachableError
 from clm_runner.models.hub import is_connection_failure, offline_reason, prepare_hub_access
 
@@ -80,45 +81,6 @@ def data_fingerprint(data: DataConfig) -> dict:
                 )
         splits[split] = {"builder": source.builder, "files": files}
     return {"source": "files", "splits": splits}
-
-
-def resolve_text_column(dataset: Any, configured: str | None) -> str:
-    """The column holding the text: `configured`, else "text", else the first string column."""
-    features = dataset.features
-    if features is None:  # a stream whose schema is unknown until read
-        if configured is not None:
-            return configured
-        return "text"
-    columns = list(features)
-    if configured is not None:
-        if configured not in features:
-            raise DataError(
-                f"data.text_column = {configured!r} is not a column of the data; columns: {_describe(features)}. "
-                "Set data.text_column to one of them."
-            )
-        if not _is_string_feature(features[configured]):
-            raise DataError(
-                f"data.text_column = {configured!r} is not a text column ({features[configured]}); "
-                f"columns: {_describe(features)}."
-            )
-        return configured
-    if "text" in features and _is_string_feature(features["text"]):
-        return "text"
-    for column in columns:
-        if _is_string_feature(features[column]):
-            return column
-    raise DataError(
-        f"The data has no text column; columns: {_describe(features) or '(none)'}. "
-        'Put the text in a string column (ideally named "text") or set data.text_column.'
-    )
-
-
-def _is_string_feature(feature: Any) -> bool:
-    return getattr(feature, "dtype", None) in ("string", "large_string")
-
-
-def _describe(features: Any) -> str:
-    return ", ".join(f"{name} ({getattr(f, 'dtype', type(f).__name__)})" for name, f in features.items())
 
 
 def check_has_text(dataset: Any, column: str, what: str) -> None:
@@ -290,7 +252,8 @@ def hub_dataset_errors(name: str) -> Iterator[None]:
 
 def check_data_sources(data: DataConfig, model: ModelConfig) -> None:
     """Before any heavy work: every local file the recipe names exists and is readable as its kind; a hub
-    dataset resolves (its builder only, no data is downloaded)."""
+    dataset resolves (its builder only, no data is downloaded); data.text_column names a text column wherever
+    the columns are known without reading rows (data.columns)."""
     if data.mix:
         from clm_runner.data.mix import shared_data, source_data
 
@@ -302,9 +265,12 @@ def check_data_sources(data: DataConfig, model: ModelConfig) -> None:
         if data.validation_file is not None or data.test_file is not None:
             check_data_sources(shared_data(data), model)
         return
+    from clm_runner.data.columns import check_features, check_text_columns
+
     if data.dataset_name is None:
-        for split, spec in file_specs(data).items():
-            split_source(split, spec)
+        check_text_columns(
+            data, [split_source(split, spec) for split, spec in file_specs(data).items()], model
+        )
         return
     import datasets
 
@@ -313,7 +279,8 @@ def check_data_sources(data: DataConfig, model: ModelConfig) -> None:
     kwargs = _hub_kwargs(data, model)
     kwargs.pop("streaming")
     with hub_dataset_errors(name), datasets_progress(False):
-        datasets.load_dataset_builder(name, data.dataset_config_name, **kwargs)
+        builder = datasets.load_dataset_builder(name, data.dataset_config_name, **kwargs)
+    check_features(builder.info.features, data.text_column)
 
 
 def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str], carve: bool) -> dict[str, Any]:

@@ -337,6 +337,31 @@ def test_eval_on_a_directory_that_is_not_a_run(world: World) -> None:
         (["data.block_size=128"], "longer than the model's 64 positions"),
         (["training.per_device_train_batch_size=0"], "at least 1 block"),
         (["training.report_to=wandb"], "not installed"),
+        (["data.validation_split_seed=-1"], "data.validation_split_seed must be 0 or more; got -1"),
+        (["data.text_column=nope"], "data.text_column = 'nope' is not a column of the data; columns: text"),
+        (
+            ["training.fsdp=true"],
+            "training.fsdp shards the model across processes, and this run is one process",
+        ),
+        (["training.lr_scheduler_kwargs={foo=1}"], "unexpected keyword argument 'foo'"),
+        (["training.lr_scheduler_type=cosine_with_min_lr"], "One of min_lr or min_lr_rate should be set"),
+        (
+            ["training.lr_scheduler_type=constant", "training.lr_scheduler_kwargs={num_cycles=2}"],
+            "the constant schedule takes no arguments",
+        ),
+        (["training.optim_args=bogus"], "must be key=value pairs separated by commas"),
+        (["training.optim=sgd", "training.optim_args=momentun=0.9"], "'sgd' does not read 'momentun'"),
+        (["training.gradient_checkpointing_kwargs={foo=1}"], "is not what torch.utils.checkpoint takes"),
+        (
+            [
+                "training.gradient_checkpointing=true",
+                "training.gradient_checkpointing_kwargs={every_n_layers=0}",
+            ],
+            "every_n_layers must be a whole number of layers, 1 or more",
+        ),
+        (["training.torch_compile_backend=nope"], "is not a torch.compile backend here"),
+        (["training.torch_compile_mode=fast"], "training.torch_compile_mode = 'fast' is not one of default"),
+        (["training.accelerator_config=absent.json"], "names a file that can't be read"),
     ],
     ids=[
         "train_file",
@@ -347,6 +372,19 @@ def test_eval_on_a_directory_that_is_not_a_run(world: World) -> None:
         "block",
         "batch",
         "report",
+        "validation-seed",
+        "text-column",
+        "fsdp-one-process",
+        "scheduler-kwargs",
+        "scheduler-needs-kwargs",
+        "scheduler-takes-none",
+        "optim-args",
+        "optim-args-unread",
+        "checkpointing-kwargs",
+        "checkpointing-layers",
+        "compile-backend",
+        "compile-mode",
+        "accelerator-config",
     ],
 )
 def test_check_refuses_what_train_refuses_with_the_same_line(
@@ -357,6 +395,29 @@ def test_check_refuses_what_train_refuses_with_the_same_line(
     checked = refuse(world, check, fragment)
     trained = refuse(world, train(world, *sets), fragment)
     assert checked == trained
+
+
+@pytest.mark.parametrize(
+    ("package", "sets", "fragment"),
+    [
+        ("bitsandbytes", ["training.optim=adamw_bnb_8bit"], "needs a package that is not installed"),
+        ("galore_torch", ["training.optim=galore_adamw"], "needs a package that is not installed"),
+        ("deepspeed", ["training.deepspeed={root}/ds.json"], "training.deepspeed needs DeepSpeed"),
+    ],
+    ids=["bitsandbytes", "galore", "deepspeed"],
+)
+def test_a_key_whose_package_is_missing_is_refused_by_check_and_train(
+    world: World, package: str, sets: list[str], fragment: str
+) -> None:
+    """`recipe check` said ok (deepspeed: a traceback from check itself) and train failed after the model."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    (world.root / "ds.json").write_text('{"train_batch_size": "auto"}')
+    sets = [s.format(root=world.root) for s in sets]
+    check = ["recipe", "check", "--recipe", str(world.recipe), *[a for s in sets for a in ("--set", s)]]
+    assert refuse(world, check, fragment) == refuse(world, train(world, *sets), fragment)
 
 
 def test_check_says_what_train_would_do_with_the_output_dir(world: World) -> None:
