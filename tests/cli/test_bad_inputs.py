@@ -323,6 +323,52 @@ def test_eval_on_a_directory_that_is_not_a_run(world: World) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Options a command would accept and then not use
+
+
+def saved_model(world: World, name: str, adapter: bool) -> Path:
+    """A directory that looks like a saved model (refusals come before any file in it is read)."""
+    directory = world.root / name
+    directory.mkdir()
+    (directory / ("adapter_config.json" if adapter else "config.json")).write_text("{}")
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("adapter", "merge"),
+    [(True, False), (False, False), (False, True)],
+    ids=["adapter", "full", "full-merge"],
+)
+def test_export_refuses_a_set_it_would_not_use(world: World, adapter: bool, merge: bool) -> None:
+    """--set changes the base an adapter is merged into; without --merge (or for a full model) nothing reads it."""
+    source = saved_model(world, "model", adapter)
+    args = [
+        "export",
+        str(source),
+        "--output",
+        str(world.root / "exported"),
+        "--set",
+        "model.model_name_or_path=x",
+    ]
+    refuse(world, args + (["--merge"] if merge else []), "--set", "only with --merge on an adapter")
+
+
+def test_generate_refuses_a_set_it_would_not_use(world: World) -> None:
+    full = saved_model(world, "full", adapter=False)
+    refuse(world, ["generate", str(full), "--prompt", "x", "--set", "model.dtype=float16"], "is a full model")
+    adapter = saved_model(world, "adapter", adapter=True)
+    refuse(world, ["generate", str(adapter), "--prompt", "x", "--set", "data.block_size=8"], "model.* keys")
+
+
+def test_eval_refuses_a_run_and_a_recipe_together(world: World) -> None:
+    """--run used to win silently over --recipe."""
+    run = saved_model(world, "run", adapter=False)
+    refuse(
+        world, ["eval", "--run", str(run), "--recipe", str(world.recipe)], "--run and --recipe", "choose one"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
 # recipe check runs what train runs before any heavy work
 
 
