@@ -227,6 +227,29 @@ def test_block_longer_than_the_models_positions(world: World, tmp_path_factory) 
     assert not (cache / "blocks").exists()  # nothing was tokenized
 
 
+@pytest.mark.parametrize(
+    ("sets", "refused"),
+    [
+        (["data.block_size=64"], None),  # the model's 64 positions exactly
+        (["data.block_size=65"], "data.block_size = 65 is longer than the model's 64 positions"),
+        (["data.validation_file=", "data.validation_split_percentage=1"], None),
+        (["data.validation_file=", "data.validation_split_percentage=99"], None),
+        (["data.validation_file=", "data.validation_split_percentage=0"], "between 1 and 99; got 0"),
+        (["data.validation_file=", "data.validation_split_percentage=100"], "between 1 and 99; got 100"),
+    ],
+    ids=["block-64", "block-65", "percent-1", "percent-99", "percent-0", "percent-100"],
+)
+def test_refusals_at_their_boundaries(world: World, sets: list[str], refused: str | None) -> None:
+    """The last value accepted and the first refused, in `recipe check` and `train` alike."""
+    check = ["recipe", "check", "--recipe", str(world.recipe), *[a for s in sets for a in ("--set", s)]]
+    if refused is None:
+        result = CliRunner().invoke(cli, check)
+        assert result.exit_code == 0, result.output
+        assert "ok (block_size" in result.output
+        return
+    assert refuse(world, check, refused) == refuse(world, train(world, *sets), refused)
+
+
 @pytest.mark.parametrize("size", [0, -4])
 def test_block_size_zero_or_less(world: World, size: int) -> None:
     refuse(world, train(world, f"data.block_size={size}"), "data.block_size must be a positive number")
