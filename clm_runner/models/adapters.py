@@ -8,7 +8,6 @@ trainable parameters exactly. Loading a trained adapter again is clm_runner.mode
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -141,76 +140,6 @@ def plan_adapter(adapter: AdapterConfig, config: Any) -> AdapterPlan:
     adapted = tuple(name for name, module in base.named_modules() if hasattr(module, "lora_A"))
     shapes = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(wrapped).items()}
     return AdapterPlan(lora, int(trainable), int(total), adapted, adapter.load_in_4bit, shapes)
-
-
-SHAPING_KEYS = (
-    "r",
-    "target_modules",
-    "exclude_modules",
-    "modules_to_save",
-    "layers_to_transform",
-    "rank_pattern",
-    "use_dora",
-)
-"""adapter keys that decide which tensors a checkpoint's adapter holds: they can't change when resuming."""
-
-
-def check_resume_matches(checkpoint: Path, plan: AdapterPlan | None) -> None:
-    """A checkpoint resumes only into the same kind of run: full into full, the same adapter's shapes."""
-    holds_adapter = (checkpoint / ADAPTER_CONFIG).is_file()
-    fix = "Resume with the recipe the run was trained with (its recipe.toml), or start over with --no-resume --overwrite."
-    if plan is None and holds_adapter:
-        raise RecipeError(
-            f"{checkpoint} holds a LoRA adapter, but the recipe has no [adapter] section. {fix}"
-        )
-    if plan is None:
-        return
-    if not holds_adapter:
-        raise RecipeError(f"{checkpoint} holds a full model, but the recipe has an [adapter] section. {fix}")
-    from clm_runner.config.adapter_keys import lora_defaults
-
-    saved = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
-    defaults = lora_defaults()
-    differ = []
-    for key in SHAPING_KEYS:  # what the recipe resolves to: a key it leaves unset is PEFT's default
-        ours, theirs = plan.lora.get(key, defaults.get(key)), saved.get(key)
-        if _comparable(ours) != _comparable(theirs):
-            differ.append(f"adapter.{key} = {ours!r} (the checkpoint's: {theirs!r})")
-    if differ:
-        raise RecipeError(
-            f"{checkpoint}'s adapter has other shapes than the recipe asks for: {'; '.join(differ)}. {fix}"
-        )
-    held = _saved_tensor_shapes(checkpoint / ADAPTER_WEIGHTS)
-    if held is not None and plan.tensor_shapes and held != plan.tensor_shapes:
-        name = sorted(
-            set(held) ^ set(plan.tensor_shapes) or {n for n in held if held[n] != plan.tensor_shapes[n]}
-        )[0]
-        there = f"shape {list(held[name])}" if name in held else "none"
-        here = f"shape {list(plan.tensor_shapes[name])}" if name in plan.tensor_shapes else "none"
-        raise RecipeError(
-            f"{checkpoint}'s adapter holds other tensors than the recipe plans ({name}: {there} in the "
-            f"checkpoint, {here} planned). {fix}"
-        )
-
-
-def _comparable(value: Any) -> Any:
-    """A LoraConfig value as adapter_config.json and the recipe may both write it: lists in any order, empty
-    as unset."""
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return sorted(value, key=repr) or None
-    if isinstance(value, dict):
-        return value or None
-    return value
-
-
-def _saved_tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]] | None:
-    """Name -> shape of each tensor in a safetensors file, from its header (no tensor is read)."""
-    if not weights.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as handle:
-        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
 
 
 def check_quantization(adapter: AdapterConfig, *, use_cpu: bool) -> None:

@@ -181,9 +181,9 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
 
     plan = (decide or (lambda fn: fn()))(decide_plan)
     if plan.resume_from is not None:
-        from clm_runner.models.adapters import check_resume_matches
+        from clm_runner.models.resume_match import check_resume_matches
 
-        check_resume_matches(Path(plan.resume_from), adapter)
+        check_resume_matches(Path(plan.resume_from), adapter, config)
     return RunSetup(recipe, options, kwargs, recorded, args, tokenizer, config, block_size, plan, adapter)
 
 

@@ -304,6 +304,32 @@ def test_output_dir_with_only_torn_checkpoints(world: World) -> None:
     refuse(world, train(world), "only torn checkpoints", "checkpoint-4", "--overwrite")
 
 
+def test_a_checkpoint_resumes_only_into_a_model_of_its_shapes(world: World, tmp_path: Path) -> None:
+    """A recipe whose model differs from the checkpoint's (wider, deeper) used to fail loading the state dict
+    after the model was built (a traceback, exit 1); the checkpoint's tensors are compared with the planned
+    model's first. The recipe it was trained with still resumes."""
+    import shutil
+
+    first = tmp_path / "first"
+    result = CliRunner().invoke(cli, train(world, f"training.output_dir={first}", "training.save_steps=2"))
+    assert result.exit_code == 0, result.output
+    shutil.copytree(first / "checkpoint-2", world.out / "checkpoint-2")
+    more = "training.max_steps=4"
+    check = ["recipe", "check", "--recipe", str(world.recipe), "--set", more]
+    result = CliRunner().invoke(cli, check)
+    assert result.exit_code == 0 and "resuming from" in result.output, result.output
+    for change, fragment in (
+        ("n_embd=32", "transformer.h.0.attn.c_attn.bias: shape [96] in the checkpoint, shape [192] planned"),
+        ("n_layer=1", "transformer.h.1.ln_1.weight: none in the checkpoint, shape [32] planned"),
+    ):
+        other = TINY_CONFIG.replace(change, change.replace("32", "64").replace("1", "2"))
+        sets = [f"model.config_overrides={other}", more]
+        checked = refuse(
+            world, [*check, "--set", sets[0]], "holds other tensors than the recipe plans", fragment
+        )
+        assert refuse(world, train(world, *sets), fragment) == checked
+
+
 # ---------------------------------------------------------------------------------------------------
 # Hub while offline
 
