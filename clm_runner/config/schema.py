@@ -197,8 +197,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         has_files = any(f is not None for f in (self.train_file, self.validation_file, self.test_file))
-        if self.mix_seed < 0:  # numpy's generators take none below 0: refused here, not after preprocessing
-            raise RecipeError(f"data.mix_seed must be 0 or more; got {self.mix_seed}.")
+        for key in ("mix_seed", "validation_split_seed"):
+            seed = getattr(self, key)
+            if seed is not None and seed < 0:  # numpy's generators take none below 0: refused here, not later
+                raise RecipeError(f"data.{key} must be 0 or more; got {seed}.")
         if self.mix:
             self._check_mix()
         elif self.dataset_name is None and not has_files:

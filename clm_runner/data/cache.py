@@ -45,10 +45,13 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def split_identity(data: Any, fingerprint: dict, split: str, raw: Any = None) -> dict[str, Any]:
-    """The inputs of one split's text: its own files, or train's files plus how it was carved."""
+def split_identity(
+    data: Any, fingerprint: dict, split: str, raw: Any = None, *, carving: bool = True
+) -> dict[str, Any]:
+    """The inputs of one split's text: its own files, or train's files plus how it was carved (carving=False:
+    nothing is carved, as sources.load_raw_splits(carve=False))."""
     carve = None
-    if data.validation_file is None and split in ("train", "validation"):
+    if carving and data.validation_file is None and split in ("train", "validation"):
         carve = {"percentage": data.validation_split_percentage, "seed": data.validation_split_seed}
     if fingerprint["source"] == "hub":
         return {

@@ -173,7 +173,7 @@ def check_utf8(source: SplitSource) -> list[Path]:
     return [path for path in source.paths if _first_utf8_error(path) is not None]
 
 
-def _open_decompressed(path: Path) -> Any:
+def open_decompressed(path: Path) -> Any:
     """A binary file object of the file's data, or None for a compression the standard library lacks."""
     import bz2
     import gzip
@@ -190,7 +190,7 @@ def _open_decompressed(path: Path) -> Any:
 
 def _first_utf8_error(path: Path) -> str | None:
     """Where the first invalid UTF-8 byte is ("byte 1234: invalid start byte"), or None when it is clean."""
-    handle = _open_decompressed(path)
+    handle = open_decompressed(path)
     if handle is None:
         return None
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
@@ -317,7 +317,7 @@ def _utf8_repaired_copy(path: Path) -> Path:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with _open_decompressed(path) as handle:
+        with open_decompressed(path) as handle:
             temporary.write_text(handle.read().decode("utf-8", errors="replace"), encoding="utf-8")
         os.replace(temporary, target)
     return target

@@ -89,8 +89,19 @@ def check_request(request: EvalRequest, recipe: Recipe) -> tuple[str, int | None
     return split, stride
 
 
+def check_sources(request: EvalRequest) -> None:
+    """One thing to evaluate: a run, or a recipe."""
+    if request.run_dir is not None and request.recipe_path is not None:
+        raise EvalError(
+            "--run and --recipe both say what to evaluate (--run uses the run's own recipe.toml); choose one, "
+            "and change the run's recipe with --set."
+        )
+
+
 def run_eval(request: EvalRequest) -> EvalOutcome:
     from clm_runner.logs import setup_logging
+
+    check_sources(request)
 
     live = setup_logging(quiet=request.quiet)
     request = dataclasses.replace(request, quiet=not live)
