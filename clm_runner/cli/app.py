@@ -28,7 +28,7 @@ class ClmGroup(click.Group):
             if ctx.meta.get("clm_runner.debug"):
                 raise
             if not exc.quiet:
-                click.echo(f"error: {exc}", err=True)
+                click.echo(f"error: {_masked(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
 
 
@@ -94,7 +94,19 @@ def _run(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         return 130
+    except Exception:
+        # A crash keeps its traceback (exit 1, as Python's own), with any secret in its text masked.
+        import traceback
+
+        sys.stderr.write(_masked(traceback.format_exc()))
+        return 1
     return status if isinstance(status, int) else 0
+
+
+def _masked(text: str) -> str:
+    from clm_runner.config.secrets import scrub, secret_values
+
+    return scrub(text, secret_values())
 
 
 if __name__ == "__main__":  # pragma: no cover

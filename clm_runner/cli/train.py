@@ -18,7 +18,8 @@ from clm_runner.cli.app import cli, recipe_options
     type=click.Path(),
     default=None,
     metavar="CHECKPOINT",
-    help="Resume from this checkpoint.",
+    help="Resume from this checkpoint. An earlier one of the run starts a branch: the later checkpoints and "
+    "final files move to OUTPUT_DIR/previous-runs/ when training starts.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="Plain log lines instead of live progress bars.")
 def train(

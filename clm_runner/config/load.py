@@ -223,6 +223,7 @@ def build_recipe(
         if not isinstance(table, dict):
             raise RecipeError(f"{where}[{section}] must be a table of keys, not a {type(table).__name__}.")
     _refuse_placeholders(raw, where)
+    secrets.remember(raw)  # before any message about the recipe can quote a value
     try:
         sections = {
             name: _build_section(cls, name, raw.get(name, {}), where) for name, cls in SECTIONS.items()

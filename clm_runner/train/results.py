@@ -13,10 +13,8 @@ def evaluation_of_the_final_model(trainer: Any) -> dict[str, Any] | None:
     or steps that divide the run): reused, not computed a second time. None otherwise: when load_best_model_at_end
     brought back an earlier checkpoint, or when the evaluation ran in an earlier attempt (a resumed run may
     validate on other data)."""
-    state = trainer.state
-    if trainer.last_evaluation is None or trainer.last_evaluation[0] != state.global_step:
-        return None
-    if trainer.args.load_best_model_at_end and state.best_global_step not in (None, state.global_step):
+    final_step = trainer.final_weights_step
+    if trainer.last_evaluation is None or final_step is None or trainer.last_evaluation[0] != final_step:
         return None
     return dict(trainer.last_evaluation[1])
 

@@ -142,7 +142,7 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
     from clm_runner.rundir.lock import ensure_free
     from clm_runner.train.preflight import check_packages, check_trainer_keys
 
-    resume_from = resume_point(recipe, options)
+    resume_point(recipe, options)  # --resume-from and the recipe's key agree, and --no-resume neither
     kwargs = training_kwargs(recipe)
     recorded = training_kwargs(recipe, with_device_defaults=False)
     check_packages(kwargs)
@@ -175,7 +175,9 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
             recipe.output_dir,
             overwrite=options.overwrite,
             resume=options.resume,
-            resume_from=resume_from,
+            resume_from=options.resume_from,
+            # The recipe's key names where its line starts: a rerun continues the line begun there.
+            recipe_resume_from=None if options.resume_from else recipe.training.get("resume_from_checkpoint"),
             identity=identity,
         )
 
