@@ -149,7 +149,9 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
     check_data_sources(recipe.data, recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     config = load_config(recipe.model)
-    block_size = resolve_block_size(recipe.data.block_size, tokenizer, config, warn=logger.warning)
+    block_size = resolve_block_size(
+        recipe.data.block_size, tokenizer, config, warn=logger.warning, clamp=recipe.data.clamp_block_size
+    )
     adapter = None
     if recipe.adapter is not None:
         from clm_runner.models.adapters import check_quantization, plan_adapter
