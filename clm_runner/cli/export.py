@@ -9,6 +9,7 @@ import click
 from clm_runner.cli.app import (
     checkpoint_option,
     cli,
+    complete_set,
     model_location,
     one_run,
     output_option,
@@ -27,6 +28,7 @@ from clm_runner.cli.app import (
     "--set",
     "overrides",
     multiple=True,
+    shell_complete=complete_set,
     metavar="SECTION.KEY=VALUE",
     help="Change the run's recipe, e.g. --set model.model_name_or_path=DIR (a local copy of the base).",
 )

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import click
 
-from clm_runner.cli.app import checkpoint_option, cli, model_location, one_run, quiet_option, run_option
+from clm_runner.cli.app import (
+    checkpoint_option,
+    cli,
+    complete_set,
+    model_location,
+    one_run,
+    quiet_option,
+    run_option,
+)
 
 
 @cli.command()
@@ -24,6 +32,7 @@ from clm_runner.cli.app import checkpoint_option, cli, model_location, one_run, 
     "--set",
     "overrides",
     multiple=True,
+    shell_complete=complete_set,
     metavar="model.KEY=VALUE",
     help="For an adapter run: where its base model is, e.g. --set model.model_name_or_path=DIR.",
 )
