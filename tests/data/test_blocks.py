@@ -379,6 +379,29 @@ def test_cache_hit_does_not_tokenize_and_overwrite_cache_rebuilds(
     assert not rebuilt["train"].from_cache and as_lists(rebuilt["train"]) == as_lists(first["train"])
 
 
+def test_the_block_cache_follows_model_cache_dir(tmp_path, tokenizer, monkeypatch):
+    """A cluster with a small $HOME quota: model.cache_dir on scratch space takes the blocks too, unless
+    $CLM_RUNNER_CACHE names a place of its own."""
+    tokenizer.save_pretrained(tmp_path / "tok")
+    path = write_lines(tmp_path / "train.txt", make_lines(200))
+    recipe = recipe_for(tmp_path, f"data.train_file={path}")  # model.cache_dir = tmp_path/hf
+    monkeypatch.delenv("CLM_RUNNER_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    split = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    assert split.cache_path.parent == tmp_path / "hf" / "clm-runner" / "blocks"
+    monkeypatch.setenv("CLM_RUNNER_CACHE", str(tmp_path / "mine"))
+    split = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    assert split.cache_path.parent == tmp_path / "mine" / "blocks"
+    without = load_recipe(
+        None,
+        ["model.model_type=gpt2", f"model.tokenizer_name={tmp_path / 'tok'}", f"data.train_file={path}"],
+        require_output_dir=False,
+    )
+    monkeypatch.delenv("CLM_RUNNER_CACHE")
+    split = prepare_splits(without, tokenizer, 16, ["train"], progress=False)["train"]
+    assert split.cache_path.parent == tmp_path / "home" / ".cache" / "clm-runner" / "blocks"
+
+
 def test_cache_key_follows_content_block_size_and_tokenizer(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "tok")
     lines = make_lines(500)
