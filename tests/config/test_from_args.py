@@ -108,6 +108,13 @@ def test_transformers_4_flags_are_renamed(tmp_path: Path) -> None:
     assert "--low_cpu_mem_usage: transformers 5 always loads" in converted.text
 
 
+def test_without_do_eval_run_clm_does_not_evaluate_and_neither_does_the_recipe() -> None:
+    base = ["--model_name_or_path", "m", "--dataset_name", "d", "--do_train", "--output_dir", "o"]
+    assert convert_run_clm_args(base).recipe["training"]["do_eval"] is False
+    assert "do_eval" not in convert_run_clm_args([*base, "--eval_strategy", "epoch"]).recipe["training"]
+    assert "do_eval" not in convert_run_clm_args(base, clm_runner_defaults=True).recipe["training"]
+
+
 def test_warmup_ratio_yields_to_warmup_steps_as_in_transformers_4() -> None:
     base = ["--model_name_or_path", "m", "--dataset_name", "d", "--do_train", "--output_dir", "o"]
     both = convert_run_clm_args([*base, "--warmup_ratio", "0.2", "--warmup_steps", "30"])
