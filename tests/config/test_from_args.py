@@ -63,6 +63,21 @@ def test_clm_runner_defaults_pins_nothing(tmp_path: Path, name: str) -> None:
     assert non_default_keys(recipe) == job.expected
 
 
+def test_on_a_gpu_the_pinned_recipe_gets_no_device_default_but_run_clms() -> None:
+    """The pins are what keeps a converted job run_clm's on a GPU: bf16, TF32, torch.compile and dataloader
+    workers would otherwise be added there (clm_runner.train.device)."""
+    from clm_runner.train.device import DeviceInfo, device_defaults
+
+    h100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", 8, True, (9, 0), True)
+    pinned = convert_run_clm_args(readme_job().argv).recipe["training"]
+    # Pinned memory is TrainingArguments' default, so run_clm has it too.
+    assert device_defaults(pinned, h100) == {"dataloader_pin_memory": True}
+    chosen = device_defaults(
+        convert_run_clm_args(readme_job().argv, clm_runner_defaults=True).recipe["training"], h100
+    )
+    assert {"bf16", "tf32", "torch_compile", "dataloader_num_workers"} <= chosen.keys()
+
+
 @pytest.mark.parametrize("name", ["readme", "local-512", "streaming"])
 def test_the_json_file_gives_the_same_recipe_as_the_flags(tmp_path: Path, name: str) -> None:
     """run_clm.py reads `python run_clm.py args.json` with HfArgumentParser.parse_json_file: JSON types."""

@@ -185,7 +185,9 @@ def test_report_output_file_json_and_standard_output(two_runs, tmp_path):
 
     run_a, run_b = (str(path) for path in two_runs)
     plot = tmp_path / "plots" / "compare.png"
-    result = CliRunner().invoke(cli, ["report", "--run", run_a, "--run", run_b, "--output", str(plot), "--json"])
+    result = CliRunner().invoke(
+        cli, ["report", "--run", run_a, "--run", run_b, "--output", str(plot), "--json"]
+    )
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["plot"] == str(plot) and plot.read_bytes().startswith(PNG_SIGNATURE)
