@@ -194,6 +194,9 @@ def _convert_training(given: dict[str, Any], draft: _Draft, *, pin: bool) -> str
                     f"--{name} was given and is not written into the recipe: set HF_TOKEN, or --set training.{name}=... ."
                 )
             continue
+        if name == "max_grad_norm" and isinstance(value, (int, float)) and value < 0:
+            # The Trainer clips only above 0: a negative norm is run_clm's way of turning clipping off.
+            value = 0.0
         draft.set("training", name, _dict_field(name, value), _flag(name))
     _convert_legacy(given, draft)
 

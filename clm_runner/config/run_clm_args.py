@@ -206,6 +206,11 @@ def _unknown(token: str, parser: argparse.ArgumentParser | None = None) -> str:
             "its JSON file alone."
         )
     name = token.lstrip("-").split("=", 1)[0].replace("-", "_")
+    if name in ("o", "output", "clm_runner_defaults"):
+        return (
+            f"{token.split('=', 1)[0]} is clm-runner's option, not run_clm.py's: put clm-runner's options "
+            "(-o/--output, --clm-runner-defaults) before `--` and run_clm's flags."
+        )
     if name in DROPPED:
         return f"--{name} is a run_clm flag of transformers 4.x that transformers 5 dropped: {DROPPED[name]}."
     choices = _flag_names(parser) if parser is not None else [f"--{n}" for n in field_types()]

@@ -130,6 +130,11 @@ def test_without_do_eval_run_clm_does_not_evaluate_and_neither_does_the_recipe()
     assert "do_eval" not in convert_run_clm_args(base, clm_runner_defaults=True).recipe["training"]
 
 
+def test_a_negative_max_grad_norm_turns_clipping_off_as_in_run_clm() -> None:
+    base = ["--model_name_or_path", "m", "--dataset_name", "d", "--do_train", "--output_dir", "o"]
+    assert convert_run_clm_args([*base, "--max_grad_norm", "-1"]).recipe["training"]["max_grad_norm"] == 0.0
+
+
 def test_warmup_ratio_yields_to_warmup_steps_as_in_transformers_4() -> None:
     base = ["--model_name_or_path", "m", "--dataset_name", "d", "--do_train", "--output_dir", "o"]
     both = convert_run_clm_args([*base, "--warmup_ratio", "0.2", "--warmup_steps", "30"])
@@ -185,6 +190,7 @@ def test_tokens_are_never_written(tmp_path: Path) -> None:
         (["--dtype", "float64"], ["argument --dtype", "invalid choice"]),
         (["--warmup_ratio", "1.0"], ["--warmup_ratio 1.0", "below 1"]),
         (["stray"], ["takes no argument 'stray'"]),
+        (["-o", "x.toml"], ["-o is clm-runner's option", "before `--`"]),
         (["--prediction_loss_only"], ["--prediction_loss_only has no clm-runner equivalent"]),
     ],
     ids=lambda value: value[0] if isinstance(value, list) and value and value[0].startswith("-") else None,
