@@ -191,7 +191,12 @@ def _read_flags(args: list[str]) -> dict[str, Any]:
     parser = _parser()
     namespace, remaining = parser.parse_known_args(args)
     if remaining:
-        raise RecipeError(_unknown(remaining[0], parser))
+        message = _unknown(remaining[0], parser)
+        flags = [a for a in args[: args.index(remaining[0])] if a.startswith("--")]
+        before = flags[-1] if flags else ""
+        if not remaining[0].startswith("-") and before:
+            message = message.removesuffix(".") + f" ({before.split('=')[0]} takes one value here)."
+        raise RecipeError(message)
     return {name: plain_value(value) for name, value in vars(namespace).items()}
 
 

@@ -118,6 +118,18 @@ def test_transformers_4_flags_are_renamed(tmp_path: Path) -> None:
     training = converted.recipe["training"]
     assert training["use_cpu"] is True and training["per_device_train_batch_size"] == 3
     assert training["optim"] == "adafactor" and training["eval_strategy"] == "epoch"
+    assert (
+        'fsdp_config = { transformer_layer_cls_to_wrap = ["GPT2Block"] }  # --fsdp_config'
+        in convert_run_clm_args(
+            [
+                *argv,
+                "--fsdp",
+                "full_shard auto_wrap",
+                "--fsdp_config",
+                '{"transformer_layer_cls_to_wrap": ["GPT2Block"]}',
+            ]
+        ).text
+    )
     assert "do_eval" not in training  # --evaluation_strategy evaluates: clm-runner's default does too
     assert "#   TENSORBOARD_LOGGING_DIR='tb logs' clm-runner train --recipe RECIPE.toml" in converted.text
     assert "--low_cpu_mem_usage: transformers 5 always loads" in converted.text
@@ -128,6 +140,22 @@ def test_without_do_eval_run_clm_does_not_evaluate_and_neither_does_the_recipe()
     assert convert_run_clm_args(base).recipe["training"]["do_eval"] is False
     assert "do_eval" not in convert_run_clm_args([*base, "--eval_strategy", "epoch"]).recipe["training"]
     assert "do_eval" not in convert_run_clm_args(base, clm_runner_defaults=True).recipe["training"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "tf32"),
+    [
+        ([], False),
+        (["--torch_compile"], None),
+        (["--torch_compile", "--fp16"], False),
+        (["--tf32", "true"], True),
+    ],
+)
+def test_tf32_is_pinned_off_unless_training_arguments_turns_it_on(flags: list[str], tf32) -> None:
+    """TrainingArguments turns TF32 on by itself for --torch_compile (unless fp16 alone): pinning it off there
+    would not be run_clm's job."""
+    base = ["--model_name_or_path", "m", "--dataset_name", "d", "--do_train", "--output_dir", "o"]
+    assert convert_run_clm_args([*base, *flags]).recipe["training"].get("tf32") is tf32
 
 
 def test_a_negative_max_grad_norm_turns_clipping_off_as_in_run_clm() -> None:
@@ -190,6 +218,7 @@ def test_tokens_are_never_written(tmp_path: Path) -> None:
         (["--dtype", "float64"], ["argument --dtype", "invalid choice"]),
         (["--warmup_ratio", "1.0"], ["--warmup_ratio 1.0", "below 1"]),
         (["stray"], ["takes no argument 'stray'"]),
+        (["--report_to", "tensorboard", "wandb"], ["no argument 'wandb'", "--report_to takes one value"]),
         (["-o", "x.toml"], ["-o is clm-runner's option", "before `--`"]),
         (["--prediction_loss_only"], ["--prediction_loss_only has no clm-runner equivalent"]),
     ],
