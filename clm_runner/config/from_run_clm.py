@@ -296,9 +296,14 @@ def _pin_run_clm_training(given: dict[str, Any], draft: _Draft, evaluates: bool)
     if not (draft.has("training", "bf16") or draft.has("training", "fp16")):
         draft.set("training", "bf16", False, above=PINNED["precision"])
         draft.set("training", "fp16", False)
-    for key in ("tf32", "torch_compile"):
-        if not draft.has("training", key):
-            draft.set("training", key, False, above=PINNED[key])
+    if not draft.has("training", "torch_compile"):
+        draft.set("training", "torch_compile", False, above=PINNED["torch_compile"])
+    # TrainingArguments itself turns TF32 on for --torch_compile unless fp16 alone is asked for: run_clm's
+    # choice then is TF32, which clm-runner's default also makes where the GPU has it.
+    compiled = draft.value("training", "torch_compile") is True
+    half = draft.value("training", "fp16") is True and draft.value("training", "bf16") is not True
+    if not draft.has("training", "tf32") and not (compiled and not half):
+        draft.set("training", "tf32", False, above=PINNED["tf32"])
     if not draft.has("training", "dataloader_num_workers"):
         draft.set("training", "dataloader_num_workers", 0, above=PINNED["dataloader_num_workers"])
 
@@ -348,13 +353,21 @@ def _launch(launcher: tuple[str, ...], command: str) -> list[str]:
 
 
 def _toml_line(key: str, value: Any) -> str:
+    return f"{key} = {_toml_value(value)}"
+
+
+def _toml_value(value: Any) -> str:
+    """A value on one line: tables and arrays inline (a trailing comment then stays on the key's line)."""
     import tomli_w
 
-    from clm_runner.config.render import _inline_table
+    from clm_runner.config.render import _toml_key
 
     if isinstance(value, dict):
-        return f"{key} = {_inline_table(value)}"
-    return tomli_w.dumps({key: value}).rstrip("\n")
+        inner = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value}).strip().removeprefix("v = ")
 
 
 def _wrap(text: str, width: int = 104) -> list[str]:
