@@ -38,7 +38,7 @@ smoke-test: install
 	$(OFFLINE) $(BIN)/clm-runner eval --run runs/smoke
 	$(OFFLINE) $(BIN)/clm-runner train --recipe recipes/smoke-lora.toml
 	$(OFFLINE) $(BIN)/clm-runner eval --run runs/smoke-lora
-	$(OFFLINE) $(BIN)/clm-runner export runs/smoke-lora --merge --output runs/smoke-lora-merged
+	$(OFFLINE) $(BIN)/clm-runner export --run runs/smoke-lora --merge --output runs/smoke-lora-merged
 
 test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q

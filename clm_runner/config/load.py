@@ -112,6 +112,20 @@ def key_annotation(section: str, key: str) -> Any | None:
     return typing.get_type_hints(cls).get(key) if cls is not None else None
 
 
+def section_keys(section: str) -> list[str]:
+    """The keys a section takes, for shell completion of --set ([training] and [adapter] import their library)."""
+    if section == "training":
+        return list(training_argument_types())
+    if section == "adapter":
+        from clm_runner.config.adapter_keys import OWN_KEYS, lora_defaults
+
+        return [*OWN_KEYS, *lora_defaults()]
+    cls = SECTIONS.get(section) or OPTIONAL_SECTIONS.get(section)
+    if cls is None:
+        return []
+    return [f.name for f in dataclasses.fields(cls) if f.name != "mix"]  # [[data.mix]] tables are no --set
+
+
 def parse_override(item: str) -> tuple[str, str, Any]:
     """Split "section.key=value" and read the value for that key.
 

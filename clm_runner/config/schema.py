@@ -167,6 +167,10 @@ class DataConfig:
     block_size: int | None = None
     """Tokens per block. Unset: the tokenizer's model_max_length, or min(1024, the model's positions) when that
     is larger than the model's positions (run_clm's rule). Never more than the model's positions."""
+    clamp_block_size: bool = False
+    """true: a block_size above the tokenizer's model_max_length is lowered to it first, as run_clm does (one
+    still longer than the model's positions is refused). false: a block_size longer than the model's positions
+    is refused as written (a size only above model_max_length is lowered to it either way)."""
     overwrite_cache: bool = False
     """Rebuild the preprocessing cache instead of reusing it."""
     validation_split_percentage: int = 5

@@ -138,11 +138,12 @@ def _prepare_cached(
         )
         for name in splits
     }
+    root = cache.cache_root(recipe.model.cache_dir)
     out: dict[str, PreparedSplit] = {}
     missing: list[str] = []
     for name in splits:
         started = time.perf_counter()
-        cached = cache.load_cached(cache.split_cache_dir(keys[name]), name)
+        cached = cache.load_cached(cache.split_cache_dir(keys[name], root), name)
         if cached is not None and data.overwrite_cache and cached[3].get("created", 0) < cache.IMPORTED_AT:
             # Rebuild what earlier processes wrote, once: in a distributed run rank 0 rebuilds under
             # main_process_first and the other ranks then take its fresh cache.
@@ -151,7 +152,7 @@ def _prepare_cached(
             missing.append(name)
             continue
         out[name] = _finish(
-            recipe, name, cached, cache.split_cache_dir(keys[name]), from_cache=True, started=started
+            recipe, name, cached, cache.split_cache_dir(keys[name], root), from_cache=True, started=started
         )
     if missing:
         started = time.perf_counter()
@@ -159,7 +160,7 @@ def _prepare_cached(
             raw = sources.load_raw_splits(data, recipe.model, missing, progress=progress, carve=carve)
         encoder = encoder.checked(tokenizer)
         for name in missing:
-            target = cache.split_cache_dir(keys[name])
+            target = cache.split_cache_dir(keys[name], root)
             _build_split(recipe, name, raw[name], encoder, block_size, keys[name], target, progress=progress)
             cached = cache.load_cached(target, name)
             if cached is None:

@@ -21,7 +21,14 @@ from clm_runner.config.load import load_recipe
 from clm_runner.config.schema import Recipe
 from clm_runner.errors import EvalError, OutputDirError
 from clm_runner.rundir.checkpoints import resolve_checkpoint
-from clm_runner.rundir.policy import RECIPE_FILE, list_checkpoints, save_metrics, write_json_atomic
+from clm_runner.rundir.evaluations import EVALUATIONS_FILE, describe_recipe_data, record_evaluation
+from clm_runner.rundir.policy import (
+    RECIPE_FILE,
+    TRAINER_STATE,
+    list_checkpoints,
+    save_metrics,
+    write_json_atomic,
+)
 
 logger = logging.getLogger("clm_runner")
 
@@ -46,10 +53,24 @@ class EvalRequest:
 
 
 @dataclass(frozen=True)
-class EvalOutcome:
-    """What an evaluation measured (one row per model) and the files it wrote."""
+class Evaluation:
+    """One evaluation of one model: its numbers (what a metrics file holds, run_clm's keys) and how they were
+    computed (split, method, block size or context and stride, model, data: evaluations.json's entry)."""
 
-    rows: list[dict[str, Any]]
+    metrics: dict[str, int | float]
+    description: dict[str, Any]
+
+    def document(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "evaluation": self.description}
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """What an evaluation measured (one row per model), what --output holds and the files it wrote."""
+
+    rows: list[Evaluation]
+    output_document: dict[str, Any]
+    """The metrics (one model), or eval_history's document (--all-checkpoints): what --output FILE holds."""
     label: str = "split"
     written: list[Path] = field(default_factory=list)
 
@@ -118,20 +139,25 @@ def run_eval(request: EvalRequest) -> EvalOutcome:
         return evaluate_all_checkpoints(recipe, run_dir, request, split, stride)
 
     model_dir = checkpoint or run_dir
-    metrics = evaluate_model(recipe, str(model_dir) if model_dir else None, request, split, stride)
+    evaluation = evaluate_model(recipe, str(model_dir) if model_dir else None, request, split, stride)
+    if checkpoint is not None:
+        evaluation.description["checkpoint"] = checkpoint.name
     written: list[Path] = []
     if request.output:
-        write_json_atomic(Path(request.output), metrics)
+        write_json_atomic(Path(request.output), evaluation.metrics)
         written.append(Path(request.output))
     if run_dir is not None:
-        if checkpoint is None and is_trainings_evaluation(run_dir, recipe, metrics):
-            save_metrics(run_dir, "eval", metrics)  # where run_clm keeps a run's evaluation
-            written += [run_dir / "eval_results.json", run_dir / "all_results.json"]
+        if checkpoint is None and is_trainings_evaluation(run_dir, recipe, evaluation.description):
+            path = run_dir / "eval_results.json"
+            save_metrics(run_dir, "eval", evaluation.metrics)  # where run_clm keeps a run's evaluation
+            written += [path, run_dir / "all_results.json"]
         else:
-            path = run_dir / EVALS_DIR / evaluation_name(run_dir, recipe, metrics, checkpoint)
-            write_json_atomic(path, metrics)
+            path = run_dir / EVALS_DIR / evaluation_name(run_dir, recipe, evaluation.description, checkpoint)
+            write_json_atomic(path, evaluation.metrics)
             written.append(path)
-    return EvalOutcome([metrics], written=written)
+        record_evaluation(run_dir, path, evaluation.description)
+        written.append(run_dir / EVALUATIONS_FILE)
+    return EvalOutcome([evaluation], output_document=evaluation.metrics, written=written)
 
 
 def _source_sections(recipe: Recipe) -> dict[str, Any]:
@@ -149,23 +175,25 @@ def _differs_from_run(run_dir: Path, recipe: Recipe) -> str | None:
     return hashlib.sha256(json.dumps(ours, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def is_trainings_evaluation(run_dir: Path, recipe: Recipe, metrics: dict[str, Any]) -> bool:
+def is_trainings_evaluation(run_dir: Path, recipe: Recipe, description: dict[str, Any]) -> bool:
     """Whether an evaluation of a run's final model is the one training ran at its end."""
     return (
-        metrics.get("split") == "validation"
-        and metrics.get("method") == "blocks"
+        description.get("split") == "validation"
+        and description.get("method") == "blocks"
         and _differs_from_run(run_dir, recipe) is None
     )
 
 
-def evaluation_name(run_dir: Path, recipe: Recipe, metrics: dict[str, Any], checkpoint: Path | None) -> str:
+def evaluation_name(
+    run_dir: Path, recipe: Recipe, description: dict[str, Any], checkpoint: Path | None
+) -> str:
     """evals/ file name that says what was measured: [checkpoint_]split_method[_recipe-HASH].json."""
     parts = [checkpoint.name] if checkpoint is not None else []
-    parts.append(str(metrics["split"]))
-    if metrics["method"] == "strided":
-        parts.append(f"strided-context{metrics['context']}-stride{metrics['stride']}")
+    parts.append(str(description["split"]))
+    if description["method"] == "strided":
+        parts.append(f"strided-context{description['context']}-stride{description['stride']}")
     else:
-        parts.append(f"blocks{metrics['block_size']}")
+        parts.append(f"blocks{description['block_size']}")
     changed = _differs_from_run(run_dir, recipe)
     if changed is not None:
         parts.append(f"recipe-{changed}")
@@ -174,14 +202,16 @@ def evaluation_name(run_dir: Path, recipe: Recipe, metrics: dict[str, Any], chec
 
 def evaluate_model(
     recipe: Recipe, model_dir: str | None, request: EvalRequest, split: str, stride: int | None
-) -> dict[str, Any]:
+) -> Evaluation:
     """Load the model (a saved dir, or what the recipe names) and score one split of the recipe's data."""
+    import time
+
     import torch
 
     from clm_runner.data.blocks import resolve_block_size
     from clm_runner.data.prepare import prepare_splits
     from clm_runner.eval.perplexity import evaluate_blocks, evaluate_strided
-    from clm_runner.eval.result import PerplexityResult
+    from clm_runner.eval.result import PerplexityResult, speed_metrics
     from clm_runner.models.loading import check_model_sources, load_config, load_model, load_tokenizer
     from clm_runner.models.trained import load_trained
 
@@ -197,7 +227,13 @@ def evaluate_model(
         model = load_model(recipe.model, load_config(recipe.model), tokenizer)
         model_name = recipe.model.model_name_or_path or f"{recipe.model.model_type} (random init)"
 
-    block_size = resolve_block_size(recipe.data.block_size, tokenizer, model.config, warn=logger.warning)
+    block_size = resolve_block_size(
+        recipe.data.block_size,
+        tokenizer,
+        model.config,
+        warn=logger.warning,
+        clamp=recipe.data.clamp_block_size,
+    )
     context = request.context or recipe.eval.context or block_size
     prepared = prepare_splits(recipe, tokenizer, block_size, [split], progress=not request.quiet)[split]
 
@@ -221,26 +257,40 @@ def evaluate_model(
             model, part.blocks, batch_size=batch_size, tokenizer=tokenizer, device=device, **part.eval_text()
         )
 
+    started = time.perf_counter()
     # [[data.mix]] sources each with their own split: each scored, and their exact token-weighted total.
     results = {name: score(part) for name, part in prepared.parts.items()}
-    total = PerplexityResult.merge(results.values()) if results else score(prepared)
-    metrics = dict(total.to_metrics())
+    scored = list(results.values()) or [score(prepared)]
+    seconds = time.perf_counter() - started
+    total = PerplexityResult.merge(scored)
+    metrics: dict[str, int | float] = dict(total.numbers())
+    metrics["eval_perplexity"] = metrics["perplexity"]  # as train's evaluations name it, beside run_clm's key
     for name, result in results.items():
         metrics.update(result.prefixed(f"eval_{name}"))
-    metrics.update({"split": split, "model": model_name, "data": describe_data(recipe)})
-    if results:
-        metrics["sources"] = list(results)
-    return metrics
+    metrics.update(speed_metrics("eval", seconds, scored, batch_size))
+    epoch = trained_epoch(model_dir)
+    if epoch is not None:
+        metrics["epoch"] = epoch
+    description = {
+        "by": "clm-runner eval",
+        "split": split,
+        **total.settings(),
+        "model": model_name,
+        **describe_recipe_data(recipe),
+        "sources": list(results) or None,
+    }
+    return Evaluation(metrics, {key: value for key, value in description.items() if value is not None})
 
 
-def describe_data(recipe: Recipe) -> str:
-    data = recipe.data
-    if data.mix:
-        return " + ".join(source.label for source in data.mix)
-    if data.dataset_name:
-        return " ".join(x for x in (data.dataset_name, data.dataset_config_name) if x)
-    files = [data.train_file, data.validation_file, data.test_file]
-    return ", ".join(str(f) for f in files if f)
+def trained_epoch(model_dir: str | None) -> float | None:
+    """The epoch a saved run or checkpoint reached (its trainer_state.json), run_clm's `epoch` key."""
+    if model_dir is None:
+        return None
+    try:
+        epoch = json.loads((Path(model_dir) / TRAINER_STATE).read_text()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(epoch) if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else None
 
 
 def evaluate_all_checkpoints(
@@ -251,13 +301,20 @@ def evaluate_all_checkpoints(
         raise OutputDirError(f"{run_dir} has no checkpoint-N directories to evaluate.")
     rows = []
     for checkpoint in checkpoints:
-        metrics = evaluate_model(recipe, str(checkpoint), request, split, stride)
-        metrics["checkpoint"] = checkpoint.name
-        rows.append(metrics)
-    history = {"checkpoints": rows}
+        evaluation = evaluate_model(recipe, str(checkpoint), request, split, stride)
+        evaluation.description["checkpoint"] = checkpoint.name
+        rows.append(evaluation)
+    # Per checkpoint its name and its numbers; how they were computed once (it is the same for all of them).
+    shared = {k: v for k, v in rows[0].description.items() if k not in ("checkpoint", "model")}
+    history = {
+        "evaluation": shared,
+        "checkpoints": [
+            {"checkpoint": row.description["checkpoint"], "metrics": row.metrics} for row in rows
+        ],
+    }
     written = [run_dir / HISTORY_FILE]
     write_json_atomic(run_dir / HISTORY_FILE, history)
     if request.output:
         write_json_atomic(Path(request.output), history)
         written.append(Path(request.output))
-    return EvalOutcome(rows, label="checkpoint", written=written)
+    return EvalOutcome(rows, output_document=history, label="checkpoint", written=written)

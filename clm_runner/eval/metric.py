@@ -104,17 +104,20 @@ class PerplexityMetric(evaluate.Metric):
             )
             request = EvalRequest(stride=stride, context=context, quiet=True)
             with mock.patch.dict(os.environ, {"CLM_RUNNER_CACHE": str(Path(scratch) / "cache")}):
-                metrics = evaluate_model(recipe, model_id if local else None, request, "validation", stride)
+                evaluation = evaluate_model(
+                    recipe, model_id if local else None, request, "validation", stride
+                )
+        metrics, settings = evaluation.metrics, evaluation.description
         out = {
             "perplexity": metrics["perplexity"],
             "loss": metrics["eval_loss"],
             "tokens": metrics["eval_tokens"],
             "accuracy": metrics["eval_accuracy"],
-            "bits_per_byte": metrics["bits_per_byte"],
-            "word_perplexity": metrics["word_perplexity"],
-            "method": metrics["method"],
-            "stride": metrics["stride"],
+            "bits_per_byte": metrics.get("bits_per_byte"),
+            "word_perplexity": metrics.get("word_perplexity"),
+            "method": settings["method"],
+            "stride": settings.get("stride"),
         }
-        size_key = "block_size" if metrics["method"] == "blocks" else "context"
-        out[size_key] = metrics[size_key]
+        size_key = "block_size" if settings["method"] == "blocks" else "context"
+        out[size_key] = settings[size_key]
         return out

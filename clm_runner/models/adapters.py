@@ -196,7 +196,7 @@ def add_adapter_note(readme: Path, base: ModelConfig, plan: AdapterPlan) -> None
         f"{plan.trainable_parameters:,} trainable parameters of {plan.total_parameters:,} "
         f"({plan.trainable_percent:.4f}%).\n\n"
         "Load it with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_DIR)`, or "
-        "write a standalone merged model with `clm-runner export THIS_DIR --merge --output DIR`.\n"
+        "write a standalone merged model with `clm-runner export --run THIS_DIR --merge --output DIR`.\n"
     )
     write_text_atomic(readme, text.rstrip("\n") + "\n" + note)
 

@@ -33,6 +33,7 @@ from clm_runner.rundir.checkpoints import (
     scan_checkpoints,
     warn_torn,
 )
+from clm_runner.rundir.evaluations import numbers_of, require_numbers
 from clm_runner.rundir.files import (
     default_file_mode,
     give_default_modes,
@@ -385,9 +386,13 @@ def _named_checkpoint_plan(
 
 
 def save_metrics(output_dir: Path, split: str, metrics: dict[str, Any]) -> None:
-    """`{split}_results.json`, merged into `all_results.json` (run_clm's files), each replaced atomically."""
+    """`{split}_results.json`, merged into `all_results.json` (run_clm's files), each replaced atomically.
+
+    Numbers only, as run_clm's readers expect (how they were computed is in evaluations.json)."""
+    require_numbers(metrics, f"{split}_results.json")
     write_json_atomic(output_dir / f"{split}_results.json", metrics)
     combined_path = output_dir / "all_results.json"
-    combined = read_json(combined_path) if combined_path.exists() else {}
+    # A run written by an older clm-runner may hold descriptions there: only its numbers are kept.
+    combined = numbers_of(read_json(combined_path)) if combined_path.exists() else {}
     combined.update(metrics)
     write_json_atomic(combined_path, combined)

@@ -22,6 +22,7 @@ from clm_runner import faults
 from clm_runner.config.render import render_toml, unrecorded_secrets
 from clm_runner.config.schema import Recipe
 from clm_runner.rundir.changes import restored_on_resume
+from clm_runner.rundir.evaluations import record_evaluation
 from clm_runner.rundir.policy import (
     LOG_FILE_NAME,
     RECIPE_FILE,
@@ -45,10 +46,11 @@ from clm_runner.train.distributed import (
 )
 from clm_runner.train.interrupts import GracefulStop, RunInterrupted, StopNow, signal_name
 from clm_runner.train.results import (
-    count_blocks,
     evaluation_of_the_final_model,
+    final_evaluation_description,
     model_card_kwargs,
     prepared_record,
+    trained_samples,
 )
 from clm_runner.train.setup import RunSetup, TrainOptions, prepare_run
 
@@ -187,7 +189,7 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     metrics = totals.whole_run_metrics(dict(train_result.metrics), trainer, throughput)
     if args.should_log:
         logger.info(throughput_line(metrics))
-    metrics["train_samples"] = count_blocks(train_dataset, recipe.data.max_train_samples)
+    metrics["train_samples"] = trained_samples(train_dataset, metrics, setup.block_size)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
@@ -196,14 +198,16 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     if args.do_eval:
         logger.info("*** Evaluate ***")
         eval_metrics = evaluation_of_the_final_model(trainer) or trainer.evaluate()
-        eval_metrics["eval_samples"] = count_blocks(
-            prepared["validation"].blocks, recipe.data.max_eval_samples
-        )
-        # run_clm's key for it, and how the number was computed, as `clm-runner eval` labels it.
-        eval_metrics["perplexity"] = eval_metrics["eval_perplexity"]
-        eval_metrics.update(method="blocks", block_size=setup.block_size, split="validation")
+        eval_metrics["perplexity"] = eval_metrics["eval_perplexity"]  # run_clm's key for it
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+        if trainer.is_world_process_zero():
+            # How the number was computed, as `clm-runner eval` describes its own (numbers only in the file).
+            record_evaluation(
+                plan.output_dir,
+                plan.output_dir / "eval_results.json",
+                final_evaluation_description(trainer, recipe, setup.block_size, prepared["validation"]),
+            )
         results["eval"] = eval_metrics
 
     faults.point("card.write", plan.output_dir / "README.md")

@@ -156,7 +156,9 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
     tokenizer = load_tokenizer(recipe.model)
     config = load_config(recipe.model)
     check_trainer_keys(args, meta_model=lambda: build_meta_model(config))
-    block_size = resolve_block_size(recipe.data.block_size, tokenizer, config, warn=logger.warning)
+    block_size = resolve_block_size(
+        recipe.data.block_size, tokenizer, config, warn=logger.warning, clamp=recipe.data.clamp_block_size
+    )
     adapter = None
     if recipe.adapter is not None:
         from clm_runner.models.adapters import check_quantization, plan_adapter

@@ -268,7 +268,7 @@ class ClmTrainer(Trainer):
         (eval_NAME_loss, eval_NAME_perplexity, ...) and the overall numbers are their exact, token-weighted total.
         """
         from clm_runner import faults
-        from clm_runner.eval.result import PerplexityResult
+        from clm_runner.eval.result import PerplexityResult, speed_metrics
 
         faults.point("evaluate")
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -285,7 +285,10 @@ class ClmTrainer(Trainer):
             metrics.update(
                 result.prefixed(metric_key_prefix if name is None else f"{metric_key_prefix}_{name}")
             )
-        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
+        global_batch = self.args.per_device_eval_batch_size * self.args.world_size
+        metrics.update(
+            speed_metrics(metric_key_prefix, time.perf_counter() - start, results.values(), global_batch)
+        )
         if self.state.epoch is not None:
             metrics["epoch"] = self.state.epoch
         return metrics
