@@ -4,15 +4,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 # torch: pip's default Linux build of torch bundles CUDA (several GB). Where `nvidia-smi` finds no GPU
-# we ask PyTorch's CPU index first; where it finds one, pip's default CUDA build is what you want.
+# we also ask PyTorch's CPU index; where it finds one, pip's default CUDA build is what you want. The
+# variables below are expanded only when torch is about to be installed, so no other target pays for them.
 TORCH_SPEC ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-ifeq ($(HAS_GPU),yes)
-TORCH_INSTALL := $(TORCH_SPEC)
-else
-TORCH_INSTALL := $(TORCH_SPEC) --extra-index-url $(TORCH_CPU_INDEX)
-endif
+# Where that index cannot be reached (a closed network with its own mirror), pip would retry it for
+# minutes before falling back, so it is asked only when a 3-second connection to it succeeds.
+TORCH_CPU_HOST ?= download.pytorch.org
+HAS_GPU = $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+CPU_INDEX_REACHABLE = $(shell $(PYTHON) -c "import socket; socket.create_connection(('$(TORCH_CPU_HOST)', 443), 3)" >/dev/null 2>&1 && echo yes)
+TORCH_INSTALL = $(TORCH_SPEC) $(if $(HAS_GPU),,$(if $(CPU_INDEX_REACHABLE),--extra-index-url $(TORCH_CPU_INDEX)))
 
 # Tests and the smoke test never touch the network.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -37,7 +38,7 @@ smoke-test: install
 	$(OFFLINE) $(BIN)/clm-runner eval --run runs/smoke
 	$(OFFLINE) $(BIN)/clm-runner train --recipe recipes/smoke-lora.toml
 	$(OFFLINE) $(BIN)/clm-runner eval --run runs/smoke-lora
-	$(OFFLINE) $(BIN)/clm-runner export runs/smoke-lora --merge --output runs/smoke-lora-merged
+	$(OFFLINE) $(BIN)/clm-runner export --run runs/smoke-lora --merge --output runs/smoke-lora-merged
 
 test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q

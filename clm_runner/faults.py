@@ -13,7 +13,9 @@ failpoint idea of etcd, and FoundationDB's simulation testing):
 - ACTION: `kill` (SIGKILL this process, the default), `torn` (cut the point's file, or the largest file
   under its directory, to half its size, then SIGKILL: a kill in the middle of writing it), `enospc` (the
   write fails: no space left on the device), `eacces` (permission denied), `erofs` (read-only file system),
-  `delayS` (sleep S seconds at every hit from the N-th on: a slow machine, so a test can signal a run).
+  `sigint` / `sigterm` (send this process the signal, as Ctrl-C or a scheduler would: at `train.step@N` the
+  run stops after step N of this attempt), `delayS` (sleep S seconds at every hit from the N-th on: a slow
+  machine, so a test can signal a run).
 - rankR: only on global rank R of a multi-process run.
 
 tests/test_faults.py (`make fault-test`) kills a real `train` at every point in turn and resumes it.
@@ -49,7 +51,8 @@ POINTS = (
 train_results.json, eval_results.json, all_results.json, trainer_state.json, ...) between writing its
 temporary file and renaming it into place."""
 
-ACTIONS = ("kill", "torn", "enospc", "eacces", "erofs")
+ACTIONS = ("kill", "torn", "enospc", "eacces", "erofs", "sigint", "sigterm")
+_SIGNALS = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM}
 _ERRNO = {"enospc": errno.ENOSPC, "eacces": errno.EACCES, "erofs": errno.EROFS}
 
 
@@ -113,5 +116,8 @@ def point(name: str, path: str | Path | None = None) -> None:
         _tear(Path(path))
     if action in ("kill", "torn"):
         os.kill(os.getpid(), signal.SIGKILL)
+    if action in _SIGNALS:
+        os.kill(os.getpid(), _SIGNALS[action])
+        return
     code = _ERRNO[action]
     raise OSError(code, os.strerror(code), str(path) if path is not None else None)

@@ -65,6 +65,14 @@ def setup_logging(*, quiet: bool = False) -> bool:
 
     transformers.utils.logging.set_verbosity_warning()
     datasets.utils.logging.set_verbosity_warning()
+    # The console is masked as train.log is: a library warning or one of ours may quote a secret.
+    for name in LOGGED:
+        for console in logging.getLogger(name).handlers:
+            stream = isinstance(console, logging.StreamHandler) and not isinstance(
+                console, logging.FileHandler
+            )
+            if stream and not any(isinstance(f, SecretMask) for f in console.filters):
+                console.addFilter(SecretMask())
     live = live_display(quiet)
     if not live:
         datasets.disable_progress_bars()
@@ -73,14 +81,20 @@ def setup_logging(*, quiet: bool = False) -> bool:
 
 
 class SecretMask(logging.Filter):
-    """Replace secrets (given values, token-shaped strings, tokens in the environment) in a record's text."""
+    """Replace secrets (given values, token-shaped strings, every secret the process knows when the record is
+    emitted: the environment's tokens, recipes' secret keys) in a record's text."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        from clm_runner.config.secrets import MIN_SECRET_LENGTH, secret_values
+        from clm_runner.config.secrets import MIN_SECRET_LENGTH
 
-        known = [s for s in secrets if len(s) >= MIN_SECRET_LENGTH]
-        self.secrets = sorted({*known, *secret_values()}, key=len, reverse=True)
+        self.given = [s for s in secrets if len(s) >= MIN_SECRET_LENGTH]
+
+    @property
+    def secrets(self) -> list[str]:
+        from clm_runner.config.secrets import secret_values
+
+        return sorted({*self.given, *secret_values()}, key=len, reverse=True)
 
     def mask(self, text: str) -> str:
         from clm_runner.config.secrets import scrub

@@ -93,10 +93,10 @@ def subprocess_env(cache: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def start(args: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> subprocess.Popen:
     handle = open(log, "w", encoding="utf-8")  # noqa: SIM115 - closed when the process is reaped
     process = subprocess.Popen(
-        [sys.executable, "-c", WRAPPER, *args], env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO
+        [sys.executable, "-c", WRAPPER, *args], env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd
     )
     process.log_handle = handle  # type: ignore[attr-defined]
     return process
@@ -109,8 +109,10 @@ def finish(process: subprocess.Popen, timeout: float = 120) -> int:
         process.log_handle.close()  # type: ignore[attr-defined]
 
 
-def run_cli(args: list[str], env: dict[str, str], log: Path, timeout: float = 120) -> tuple[int, str]:
-    code = finish(start(args, env, log), timeout)
+def run_cli(
+    args: list[str], env: dict[str, str], log: Path, timeout: float = 120, cwd: Path = REPO
+) -> tuple[int, str]:
+    code = finish(start(args, env, log, cwd), timeout)
     return code, log.read_text(encoding="utf-8")
 
 

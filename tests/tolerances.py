@@ -31,3 +31,9 @@ TRAINED_STEPS_RTOL = 1e-4
 torch.compile's fused graphs against eager ones: each step differs by O(FORWARD_RTOL) and the difference
 feeds into the next step's weights, growing at most linearly over the handful of steps the tests take
 (6 to 12): below 1e-4, still 100x below a wrong loss (a dropped token, a wrong label shift)."""
+
+FLOAT64_SUM_RTOL = 1e-9
+"""A float64 sum of N = 10**6 positive per-token NLLs: even summed one by one its relative error is at most
+N * 2**-53 = 1.1e-10 (torch sums pairwise, far less). A float32 total of 10**6 NLLs near 5e6 nats can't even be
+held to better than 2**-24 = 6e-8 relative, and a float32 running sum drifts by far more: 1e-9 sits 9x above
+the float64 worst case and 60x below float32's representation step."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from clm_runner.cli.app import cli, recipe_options
+from clm_runner.cli.app import cli, json_option, print_json, quiet_option, recipe_options
 
 
 @cli.command()
@@ -12,19 +12,26 @@ from clm_runner.cli.app import cli, recipe_options
 @click.option(
     "--save", type=click.Path(), default=None, metavar="DIR", help="Write the blocks with save_to_disk."
 )
-def data(recipe_path: str, overrides: tuple[str, ...], save: str | None) -> None:
+@json_option()
+@quiet_option()
+def data(recipe_path: str, overrides: tuple[str, ...], save: str | None, as_json: bool, quiet: bool) -> None:
     """Prepare (and cache) the recipe's data; print rows, tokens and blocks per split.
 
     \b
-    Example:
+    Examples:
       clm-runner data --recipe recipes/smoke.toml --save /tmp/smoke-blocks
+      clm-runner data --recipe recipes/smoke.toml --json
     """
-    from clm_runner.cli.tables import render_table
     from clm_runner.config.load import load_recipe
     from clm_runner.data.summary import summarize_data
 
     loaded = load_recipe(recipe_path, overrides, require_output_dir=False)
-    summary = summarize_data(loaded, save=save)
+    summary = summarize_data(loaded, save=save, quiet=quiet)
+    if as_json:
+        print_json(summary.to_dict())
+        return
+    from clm_runner.cli.tables import render_table
+
     click.echo(f"block_size: {summary.block_size}   grouping: {summary.grouping}")
     headers = ["split", "rows", "tokens", "blocks", "dropped", "null rows", "tokens/s"]
     rows = []

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import click
 
-from clm_runner.cli.app import cli, recipe_options
+from clm_runner.cli.app import (
+    checkpoint_option,
+    cli,
+    json_option,
+    output_option,
+    print_json,
+    quiet_option,
+    recipe_options,
+    run_option,
+)
 
 
 @cli.command("eval")
-@click.option(
-    "--run", "run_dir", type=click.Path(), default=None, metavar="DIR", help="A trained run's output dir."
-)
+@run_option()
 @recipe_options(required=False)
-@click.option(
-    "--checkpoint", type=click.Path(), default=None, metavar="PATH", help="Evaluate this checkpoint."
-)
+@checkpoint_option()
 @click.option(
     "--all-checkpoints", is_flag=True, help="Evaluate every checkpoint of --run (writes eval_history.json)."
 )
@@ -32,10 +37,9 @@ from clm_runner.cli.app import cli, recipe_options
     default=None,
     help="Window length for --stride (default: the block size) or --documents (default: the model's).",
 )
-@click.option(
-    "--output", "-o", type=click.Path(), default=None, metavar="FILE", help="Write the metrics as JSON."
-)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@output_option("Write the metrics as JSON, numbers only (run_clm's keys)")
+@json_option()
+@quiet_option()
 def eval_command(
     run_dir: str | None,
     recipe_path: str | None,
@@ -47,14 +51,19 @@ def eval_command(
     documents: bool,
     context: int | None,
     output: str | None,
+    as_json: bool,
     quiet: bool,
 ) -> None:
     """Perplexity of a trained run, one checkpoint, or any model.
+
+    The metrics files hold numbers only, with run_clm's keys; how each was computed (split, method, block
+    size, model, data) is in the run's evaluations.json, and in --json's document.
 
     \b
     Examples:
       clm-runner eval --run runs/smoke
       clm-runner eval --run runs/smoke --checkpoint checkpoint-111 --split test
+      clm-runner eval --run runs/smoke --json
       clm-runner eval --recipe recipes/gpt2-wikitext.toml --set model.model_name_or_path=gpt2 --stride 512
       clm-runner eval --recipe recipes/gpt2-wikitext.toml --split test --documents
     """
@@ -62,6 +71,9 @@ def eval_command(
         raise click.UsageError(
             "Say what to evaluate: --run DIR (a trained run) or --recipe FILE (any model)."
         )
+    to_stdout = output == "-"
+    if to_stdout and as_json:
+        raise click.UsageError("--json and --output - both print to standard output; choose one.")
     from clm_runner.eval.job import EvalRequest, run_eval
 
     outcome = run_eval(
@@ -74,26 +86,38 @@ def eval_command(
             split=split,
             stride=stride,
             context=context,
-            output=output,
+            output=None if to_stdout else output,
             quiet=quiet,
             documents=documents,
         )
     )
+    if as_json:
+        print_json(
+            {
+                "evaluations": [row.document() for row in outcome.rows],
+                "written": [str(path) for path in outcome.written],
+            }
+        )
+        return
+    # With the metrics on standard output, the table and the file list go to standard error.
     render = render_documents_table if documents else render_eval_table
-    click.echo(render(outcome.rows, label=outcome.label))
+    click.echo(render(outcome.rows, label=outcome.label), err=to_stdout)
     for path in outcome.written:
-        click.echo(f"Wrote {path}")
+        click.echo(f"Wrote {path}", err=to_stdout)
+    if to_stdout:
+        print_json(outcome.output_document)
 
 
-def render_eval_table(rows: list[dict], *, label: str = "split") -> str:
+def render_eval_table(rows: list, *, label: str = "split") -> str:
     """One line per evaluation; a [[data.mix]] evaluation also one per source, before its total."""
     from clm_runner.cli.tables import render_table
 
     headers = [label, "method", "blocks", "tokens", "loss", "perplexity", "accuracy"]
     lines = []
-    for r in rows:
-        what, method = str(r.get(label, r.get("split"))), str(r.get("method", "blocks"))
-        for name in r.get("sources", []):
+    for row in rows:
+        r, about = row.metrics, row.description
+        what, method = str(about.get(label, about.get("split"))), str(about.get("method", "blocks"))
+        for name in about.get("sources") or []:
             lines.append(
                 [
                     f"{what}: {name}",
@@ -107,7 +131,7 @@ def render_eval_table(rows: list[dict], *, label: str = "split") -> str:
             )
         lines.append(
             [
-                f"{what}: all" if r.get("sources") else what,
+                f"{what}: all" if about.get("sources") else what,
                 method,
                 f"{r['eval_samples']:,}",
                 f"{r['eval_tokens']:,}",
@@ -131,21 +155,22 @@ DOCUMENT_COLUMNS = (
 )
 
 
-def render_documents_table(rows: list[dict], *, label: str = "split") -> str:
+def render_documents_table(rows: list, *, label: str = "split") -> str:
     """One line per per-document evaluation (a [[data.mix]] one: one per source too), then its convention."""
     from clm_runner.cli.tables import render_table
 
     lines = []
-    for r in rows:
-        what = str(r.get(label, r.get("split")))
-        named = [(f"{what}: {name}", f"eval_{name}_") for name in r.get("sources", [])]
-        named.append((f"{what}: all" if r.get("sources") else what, ""))
+    for row in rows:
+        r, about = row.metrics, row.description
+        what = str(about.get(label, about.get("split")))
+        named = [(f"{what}: {name}", f"eval_{name}_") for name in about.get("sources") or []]
+        named.append((f"{what}: all" if about.get("sources") else what, ""))
         for title, prefix in named:
             lines.append([title, *(_figure(r.get(prefix + key)) for _, key in DOCUMENT_COLUMNS)])
     table = render_table([label, *(header for header, _ in DOCUMENT_COLUMNS)], lines)
-    first = rows[0]
-    about = f"windows of {first['context']} tokens; documents: {first['documents_from']}"
-    return f"{table}\n{about}\n{first['convention']}"
+    about = rows[0].description
+    windows = f"windows of {about['context']} tokens; documents: {about['documents_from']}"
+    return f"{table}\n{windows}\n{about['convention']}"
 
 
 def _figure(value: object) -> str:

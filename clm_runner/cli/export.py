@@ -6,25 +6,43 @@ from pathlib import Path
 
 import click
 
-from clm_runner.cli.app import cli
+from clm_runner.cli.app import (
+    checkpoint_option,
+    cli,
+    complete_set,
+    model_location,
+    one_run,
+    output_option,
+    quiet_option,
+    run_option,
+)
 
 
 @cli.command("export")
-@click.argument("run", type=click.Path(), metavar="RUN")
-@click.option("--output", "-o", required=True, type=click.Path(), metavar="DIR", help="A new directory.")
-@click.option("--checkpoint", default=None, metavar="NAME", help="Export this checkpoint of RUN.")
+@click.argument("run", type=click.Path(), required=False, metavar="[RUN]")
+@run_option(help="The run to export (RUN is the same).")
+@checkpoint_option()
+@output_option("A new directory", metavar="DIR", required=True, stdout=False)
 @click.option("--merge", is_flag=True, help="Adapter runs: merge the adapter into its base (no PEFT needed).")
 @click.option(
     "--set",
     "overrides",
     multiple=True,
+    shell_complete=complete_set,
     metavar="SECTION.KEY=VALUE",
     help="Change the run's recipe, e.g. --set model.model_name_or_path=DIR (a local copy of the base).",
 )
+@quiet_option()
 def export_command(
-    run: str, output: str, checkpoint: str | None, merge: bool, overrides: tuple[str, ...]
+    run: str | None,
+    run_dir: str | None,
+    checkpoint: str | None,
+    output: str,
+    merge: bool,
+    overrides: tuple[str, ...],
+    quiet: bool,
 ) -> None:
-    """Write RUN's model to a new directory that loads on its own.
+    """Write a run's model to a new directory that loads on its own.
 
     A full run: the final model, tokenizer and card, without optimizer or trainer state. An adapter run:
     its adapter files, or with --merge a standalone model (the adapter merged into its base) that
@@ -32,16 +50,17 @@ def export_command(
 
     \b
     Examples:
-      clm-runner export runs/smoke --output exported/smoke
-      clm-runner export runs/smoke-lora --merge --output exported/smoke-lora-merged
-      clm-runner export runs/smoke-lora --checkpoint checkpoint-37 --output exported/lora-step37
+      clm-runner export --run runs/smoke --output exported/smoke
+      clm-runner export --run runs/smoke-lora --merge --output exported/smoke-lora-merged
+      clm-runner export --run runs/smoke-lora --checkpoint checkpoint-37 --output exported/lora-step37
     """
+    if output == "-":
+        raise click.UsageError("--output - : an export is a directory of files; give a new directory.")
     from clm_runner.logs import setup_logging
     from clm_runner.models.export import export_model
-    from clm_runner.rundir.checkpoints import resolve_checkpoint
 
-    setup_logging(quiet=True)
-    source = resolve_checkpoint(Path(run), checkpoint) if checkpoint else Path(run)
+    source = model_location(one_run(run, run_dir), checkpoint)
+    setup_logging(quiet=quiet)
     exported = export_model(source, Path(output), merge=merge, overrides=overrides)
     what = {"model": "model", "adapter": "adapter", "merged": "merged model"}[exported.kind]
     click.echo(f"Exported the {what} of {source} to {exported.output}: {', '.join(exported.files)}")

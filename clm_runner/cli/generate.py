@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import click
 
-from clm_runner.cli.app import cli
+from clm_runner.cli.app import (
+    checkpoint_option,
+    cli,
+    complete_set,
+    model_location,
+    one_run,
+    quiet_option,
+    run_option,
+)
 
 
 @cli.command()
-@click.argument("run", type=click.Path(), metavar="RUN")
+@click.argument("run", type=click.Path(), required=False, metavar="[RUN]")
+@run_option(help="A trained run's output dir, a checkpoint dir or any model dir (RUN is the same).")
+@checkpoint_option()
 @click.option("--prompt", "-p", required=True, help="Text the generation starts from.")
 @click.option("--max-new-tokens", type=int, default=50, show_default=True, help="Tokens to add.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="0 means greedy decoding.")
@@ -22,11 +32,15 @@ from clm_runner.cli.app import cli
     "--set",
     "overrides",
     multiple=True,
+    shell_complete=complete_set,
     metavar="model.KEY=VALUE",
     help="For an adapter run: where its base model is, e.g. --set model.model_name_or_path=DIR.",
 )
+@quiet_option()
 def generate(
-    run: str,
+    run: str | None,
+    run_dir: str | None,
+    checkpoint: str | None,
     prompt: str,
     max_new_tokens: int,
     temperature: float,
@@ -35,6 +49,7 @@ def generate(
     seed: int | None,
     num_samples: int,
     overrides: tuple[str, ...],
+    quiet: bool,
 ) -> None:
     """Continue a prompt with a trained run (or any checkpoint or model directory).
 
@@ -43,15 +58,16 @@ def generate(
 
     \b
     Examples:
-      clm-runner generate runs/smoke --prompt " = Valley of" --seed 1 --num-samples 2
-      clm-runner generate runs/smoke-lora/checkpoint-37 --prompt " = Valley of" --temperature 0
+      clm-runner generate --run runs/smoke --prompt " = Valley of" --seed 1 --num-samples 2
+      clm-runner generate --run runs/smoke-lora --checkpoint checkpoint-37 --prompt " = Valley of" --temperature 0
     """
     from clm_runner.logs import setup_logging
     from clm_runner.models.generate import generate_text
 
-    setup_logging(quiet=True)
+    source = model_location(one_run(run, run_dir), checkpoint)
+    setup_logging(quiet=quiet)
     texts = generate_text(
-        run,
+        source,
         prompt,
         max_new_tokens=max_new_tokens,
         temperature=temperature,

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from clm_runner.cli.app import cli, recipe_options
+from clm_runner.cli.app import cli, quiet_option, recipe_options
 
 
 @cli.command()
@@ -18,9 +18,10 @@ from clm_runner.cli.app import cli, recipe_options
     type=click.Path(),
     default=None,
     metavar="CHECKPOINT",
-    help="Resume from this checkpoint.",
+    help="Resume from this checkpoint. An earlier one of the run starts a branch: the later checkpoints and "
+    "final files move to OUTPUT_DIR/previous-runs/ when training starts.",
 )
-@click.option("--quiet", "-q", is_flag=True, help="Plain log lines instead of live progress bars.")
+@quiet_option()
 def train(
     recipe_path: str,
     overrides: tuple[str, ...],

@@ -112,6 +112,20 @@ def key_annotation(section: str, key: str) -> Any | None:
     return typing.get_type_hints(cls).get(key) if cls is not None else None
 
 
+def section_keys(section: str) -> list[str]:
+    """The keys a section takes, for shell completion of --set ([training] and [adapter] import their library)."""
+    if section == "training":
+        return list(training_argument_types())
+    if section == "adapter":
+        from clm_runner.config.adapter_keys import OWN_KEYS, lora_defaults
+
+        return [*OWN_KEYS, *lora_defaults()]
+    cls = SECTIONS.get(section) or OPTIONAL_SECTIONS.get(section)
+    if cls is None:
+        return []
+    return [f.name for f in dataclasses.fields(cls) if f.name != "mix"]  # [[data.mix]] tables are no --set
+
+
 def parse_override(item: str) -> tuple[str, str, Any]:
     """Split "section.key=value" and read the value for that key.
 
@@ -173,13 +187,41 @@ def _admits_str(annotation: Any) -> bool:
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
     for item in overrides:
         section, key, value = parse_override(item)
-        table = raw.setdefault(section, {})
+        if value is UNSET:
+            _check_known(section, key, item)
+        # Unsetting a key of a section the recipe lacks leaves it absent: an empty [adapter] or
+        # [early_stopping] would turn the feature on.
+        table = raw.setdefault(section, {}) if value is not UNSET else raw.get(section, {})
         if not isinstance(table, dict):
             raise RecipeError(f"[{section}] in the recipe must be a table, not {type(table).__name__}.")
         if value is UNSET:
             table.pop(key, None)
         else:
             table[key] = value
+
+
+def _check_known(section: str, key: str, item: str) -> None:
+    """An unset key must exist too: with no value to check, a typo would pass silently."""
+    if key_annotation(section, key) is not None:
+        return
+    if section == "training":
+        from clm_runner.config.training_keys import renamed
+
+        message = renamed(key)
+        if message is not None:
+            raise RecipeError(f"{message} (from --set {item})")
+        valid = list(training_argument_types())
+    elif section == "adapter":
+        from clm_runner.config.adapter_keys import ALIASES, OWN_KEYS, lora_argument_types
+
+        if key in ALIASES:
+            raise RecipeError(
+                f"--set {item}: unknown key adapter.{key}: did you mean adapter.{ALIASES[key]}?"
+            )
+        valid = [*OWN_KEYS, *lora_argument_types()]
+    else:
+        valid = list(typing.get_type_hints(SECTIONS.get(section) or OPTIONAL_SECTIONS[section]))
+    raise RecipeError(f"--set {item}: unknown key {section}.{key}{suggest(key, valid, prefix=section + '.')}")
 
 
 def build_recipe(
@@ -195,6 +237,7 @@ def build_recipe(
         if not isinstance(table, dict):
             raise RecipeError(f"{where}[{section}] must be a table of keys, not a {type(table).__name__}.")
     _refuse_placeholders(raw, where)
+    secrets.remember(raw)  # before any message about the recipe can quote a value
     try:
         sections = {
             name: _build_section(cls, name, raw.get(name, {}), where) for name, cls in SECTIONS.items()

@@ -167,6 +167,10 @@ class DataConfig:
     block_size: int | None = None
     """Tokens per block. Unset: the tokenizer's model_max_length, or min(1024, the model's positions) when that
     is larger than the model's positions (run_clm's rule). Never more than the model's positions."""
+    clamp_block_size: bool = False
+    """true: a block_size above the tokenizer's model_max_length is lowered to it first, as run_clm does (one
+    still longer than the model's positions is refused). false: a block_size longer than the model's positions
+    is refused as written (a size only above model_max_length is lowered to it either way)."""
     overwrite_cache: bool = False
     """Rebuild the preprocessing cache instead of reusing it."""
     validation_split_percentage: int = 5
@@ -197,8 +201,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         has_files = any(f is not None for f in (self.train_file, self.validation_file, self.test_file))
-        if self.mix_seed < 0:  # numpy's generators take none below 0: refused here, not after preprocessing
-            raise RecipeError(f"data.mix_seed must be 0 or more; got {self.mix_seed}.")
+        for key in ("mix_seed", "validation_split_seed"):
+            seed = getattr(self, key)
+            if seed is not None and seed < 0:  # numpy's generators take none below 0: refused here, not later
+                raise RecipeError(f"data.{key} must be 0 or more; got {seed}.")
         if self.mix:
             self._check_mix()
         elif self.dataset_name is None and not has_files:

@@ -1,9 +1,10 @@
-"""Secrets (hub tokens): which recipe keys hold them, where else they come from, and keeping them out of files.
+"""Secrets (hub tokens, WANDB_API_KEY): which recipe keys hold them, where else they come from, keeping them out.
 
-A secret never reaches a file clm-runner writes. Recipes written back (recipe.toml, run.json, `recipe show`)
-leave the secret keys out and say in a comment that one was set; text (logs, commands, errors) has every
-known secret, and anything shaped like a Hugging Face token, replaced. No file ever holds a placeholder
-where a secret was: a placeholder read back would be sent to the Hub as if it were the token.
+A secret never reaches a file clm-runner writes, nor the console. Recipes written back (recipe.toml,
+run.json, `recipe show`) leave the secret keys out and say in a comment that one was set; text (logs on
+file and console, commands, errors, tracebacks) has every secret the process knows (the environment's,
+every recipe's read so far) and anything shaped like a Hugging Face token replaced. No file ever holds a
+placeholder where a secret was: a placeholder read back would be sent to the Hub as if it were the token.
 """
 
 from __future__ import annotations
@@ -27,14 +28,32 @@ MIN_SECRET_LENGTH = 8
 """Shorter values would mask ordinary words; real tokens are far longer."""
 
 
+_MET: set[str] = set()
+"""Values of secret keys this process has read (recipes, --set): every later scrub masks them too."""
+
+
+def remember(raw: Mapping[str, Any]) -> None:
+    """Note the secret keys' values of a recipe being read, so that no text printed later shows them."""
+    for section, key in SECRET_KEYS:
+        table = raw.get(section)
+        remember_value(table.get(key) if isinstance(table, Mapping) else None)
+
+
+def remember_value(value: Any) -> None:
+    """Note one secret (an environment token about to be replaced, say) for every later scrub."""
+    if isinstance(value, str) and value:
+        _MET.add(value)
+
+
 def not_recorded_comment(dotted: str) -> str:
     return f"{dotted} was set and is not recorded: give it again (or set HF_TOKEN) to rerun"
 
 
 def secret_values(recipe: Any = None, environ: Mapping[str, str] | None = None) -> list[str]:
-    """Every secret this process knows: the recipe's tokens and the token variables' values, longest first."""
+    """Every secret this process knows: the recipe's tokens (and every recipe's read so far) and the token
+    variables' values, longest first."""
     environ = os.environ if environ is None else environ
-    found = [environ.get(name, "") for name in TOKEN_ENV_VARS + OTHER_SECRET_ENV_VARS]
+    found = [environ.get(name, "") for name in TOKEN_ENV_VARS + OTHER_SECRET_ENV_VARS] + list(_MET)
     if recipe is not None:
         found += [recipe.model.token or "", str(recipe.training.get("hub_token") or "")]
     # Longest first, so a secret that contains another is replaced whole.

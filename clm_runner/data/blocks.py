@@ -30,6 +30,8 @@ def resolve_block_size(
     tokenizer: Any,
     config: Any,
     warn: Callable[[str], None] = logger.warning,
+    *,
+    clamp: bool = False,
 ) -> int:
     """run_clm's block size rule, and the one place that decides the block size.
 
@@ -37,10 +39,20 @@ def resolve_block_size(
     than the model's positions (run_clm assumes 1024 positions for a config without the attribute).
     Set: capped at model_max_length. Either way never longer than the model's positions: run_clm lets such
     a block through and the model fails on it; here it is refused before any heavy work.
+
+    `clamp` (data.clamp_block_size) is run_clm's order: a set size is first lowered to model_max_length, and
+    only a size still longer than the model's positions is refused. Without it, a size longer than the
+    positions is refused as written, even where model_max_length would have lowered it.
     """
     declared_positions = getattr(config, "max_position_embeddings", None)
     max_positions = declared_positions if declared_positions is not None else 1024
     model_max_length = tokenizer.model_max_length
+    if clamp and requested is not None and requested > model_max_length:
+        warn(
+            f"The block_size passed ({requested}) is larger than the maximum length for the model "
+            f"({model_max_length}). Using block_size={model_max_length} (data.clamp_block_size)."
+        )
+        requested = int(model_max_length)
     if requested is not None and declared_positions is not None and requested > declared_positions:
         raise RecipeError(
             f"data.block_size = {requested} is longer than the model's {declared_positions} positions "

@@ -2,7 +2,7 @@
 
 A split is cached as its 1-D token stream (`stream.npy`), its blocks (`blocks.arrow`, int32 rows of input_ids
 and labels), where each block starts in the stream (`starts.npy`) and `meta.json`, under
-`$CLM_RUNNER_CACHE` (default ~/.cache/clm-runner), in a directory named by a hash of everything that decides
+`$CLM_RUNNER_CACHE` (else model.cache_dir/clm-runner, else ~/.cache/clm-runner; see cache_root), in a directory named by a hash of everything that decides
 the tokens: the data's content (or hub revision), the tokenizer, the block size and the grouping settings.
 A build is written under a temporary name and renamed, so a reader never sees half a cache.
 """
@@ -35,20 +35,28 @@ IMPORTED_AT = time.time()
 """data.overwrite_cache rebuilds caches written before this process started, once."""
 
 
-def cache_root() -> Path:
-    """$CLM_RUNNER_CACHE, else ~/.cache/clm-runner."""
+def cache_root(model_cache_dir: str | None = None) -> Path:
+    """$CLM_RUNNER_CACHE; else `clm-runner/` inside model.cache_dir when the recipe sets it (where its hub
+    downloads go: a cluster's scratch space when $HOME's quota is small); else ~/.cache/clm-runner."""
     configured = os.environ.get("CLM_RUNNER_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "clm-runner"
+    if configured:
+        return Path(configured).expanduser()
+    if model_cache_dir:
+        return Path(model_cache_dir).expanduser() / "clm-runner"
+    return Path.home() / ".cache" / "clm-runner"
 
 
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def split_identity(data: Any, fingerprint: dict, split: str, raw: Any = None) -> dict[str, Any]:
-    """The inputs of one split's text: its own files, or train's files plus how it was carved."""
+def split_identity(
+    data: Any, fingerprint: dict, split: str, raw: Any = None, *, carving: bool = True
+) -> dict[str, Any]:
+    """The inputs of one split's text: its own files, or train's files plus how it was carved (carving=False:
+    nothing is carved, as sources.load_raw_splits(carve=False))."""
     carve = None
-    if data.validation_file is None and split in ("train", "validation"):
+    if carving and data.validation_file is None and split in ("train", "validation"):
         carve = {"percentage": data.validation_split_percentage, "seed": data.validation_split_seed}
     if fingerprint["source"] == "hub":
         return {
@@ -79,8 +87,8 @@ def cache_key(recipe: Recipe, split_inputs: dict, tokenizer_id: dict, block_size
     }
 
 
-def split_cache_dir(key: dict) -> Path:
-    return cache_root() / "blocks" / _digest(key)[:40]
+def split_cache_dir(key: dict, root: Path) -> Path:
+    return root / "blocks" / _digest(key)[:40]
 
 
 def load_cached(path: Path, name: str) -> tuple[Any, np.ndarray, np.ndarray, dict] | None:

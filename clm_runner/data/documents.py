@@ -198,7 +198,8 @@ def wikitext_detokenize(text: str) -> str:
 def load_documents(data: DataConfig, model: ModelConfig, split: str, *, progress: bool = True) -> Documents:
     """The documents of one split of this [data] (a plain one: a mix's source or shared split passes its own),
     the first data.max_eval_samples of them when that is set."""
-    from clm_runner.data.sources import load_raw_splits, resolve_text_column
+    from clm_runner.data.columns import resolve_text_column
+    from clm_runner.data.sources import load_raw_splits
 
     raw = load_raw_splits(data, model, [split], progress=progress)[split]
     column = resolve_text_column(raw, data.text_column)

@@ -173,7 +173,7 @@ def check_utf8(source: SplitSource) -> list[Path]:
     return [path for path in source.paths if _first_utf8_error(path) is not None]
 
 
-def _open_decompressed(path: Path) -> Any:
+def open_decompressed(path: Path) -> Any:
     """A binary file object of the file's data, or None for a compression the standard library lacks."""
     import bz2
     import gzip
@@ -190,7 +190,7 @@ def _open_decompressed(path: Path) -> Any:
 
 def _first_utf8_error(path: Path) -> str | None:
     """Where the first invalid UTF-8 byte is ("byte 1234: invalid start byte"), or None when it is clean."""
-    handle = _open_decompressed(path)
+    handle = open_decompressed(path)
     if handle is None:
         return None
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
@@ -262,7 +262,7 @@ def load_source(source: SplitSource, data: DataConfig, model: ModelConfig) -> An
     if bad and source.builder == "json":
         # pyarrow's JSON reader keeps invalid bytes in strings instead of replacing them: feed it a
         # repaired copy.
-        paths = [_utf8_repaired_copy(p) if p in bad else p for p in paths]
+        paths = [_utf8_repaired_copy(p, model.cache_dir) if p in bad else p for p in paths]
 
     if source.builder == "arrow" and not data.streaming:
         parts = [datasets.Dataset.from_file(str(p)) for p in paths]
@@ -305,7 +305,7 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _utf8_repaired_copy(path: Path) -> Path:
+def _utf8_repaired_copy(path: Path, model_cache_dir: str | None) -> Path:
     """A UTF-8-clean copy of `path` (bad bytes replaced by U+FFFD), kept in the clm-runner cache by content."""
     from clm_runner.data.cache import cache_root
 
@@ -313,11 +313,11 @@ def _utf8_repaired_copy(path: Path) -> Path:
     name = path.name
     for suffix in COMPRESSION_SUFFIXES:
         name = name.removesuffix(suffix)
-    target = cache_root() / "utf8-repaired" / digest / name
+    target = cache_root(model_cache_dir) / "utf8-repaired" / digest / name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with _open_decompressed(path) as handle:
+        with open_decompressed(path) as handle:
             temporary.write_text(handle.read().decode("utf-8", errors="replace"), encoding="utf-8")
         os.replace(temporary, target)
     return target

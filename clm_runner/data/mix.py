@@ -35,7 +35,11 @@ def source_recipe(recipe: Recipe, source: MixSource) -> Recipe:
 
 
 def source_data(data: DataConfig, source: MixSource) -> DataConfig:
-    """[data] for one source of a mix, as if it were the only corpus."""
+    """[data] for one source of a mix, as if it were the only corpus.
+
+    [data]'s validation_file and test_file are not the source's: they are prepared once, on their own
+    (shared_data), and a dataset_name source may not have files of its own.
+    """
     return dataclasses.replace(
         data,
         mix=(),
@@ -44,6 +48,7 @@ def source_data(data: DataConfig, source: MixSource) -> DataConfig:
         dataset_revision=source.dataset_revision,
         train_file=source.train_file,
         validation_file=source.validation_file,
+        test_file=None,
         text_column=source.text_column,
         max_train_samples=None,  # applies to the mix (mix_counts)
     )

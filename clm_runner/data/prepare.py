@@ -44,25 +44,27 @@ def prepare_splits(
     *,
     main_process_first: Callable[[str], ContextManager] | None = None,
     progress: bool = True,
+    carve: bool = True,
 ) -> dict[str, PreparedSplit]:
     """Each requested split as token blocks, from the cache when it holds them, else built and cached.
 
     max_train_samples / max_eval_samples keep the first N blocks of train / of the other splits (as
     run_clm); `stats` and `stream` describe the whole split. With `main_process_first`, the build runs
-    under it, so in a distributed run rank 0 builds and the others then read its cache.
+    under it, so in a distributed run rank 0 builds and the others then read its cache. carve=False: the
+    validation text is elsewhere, none is carved from train (sources.load_raw_splits).
     """
     data = recipe.data
     if data.mix:
         return _prepare_mix(recipe, tokenizer, block_size, splits, main_process_first, progress)
     encoder = tokenize.Encoder.from_tokenizer(tokenizer)
     if data.streaming:
-        raw = sources.load_raw_splits(data, recipe.model, splits, progress=progress)
+        raw = sources.load_raw_splits(data, recipe.model, splits, progress=progress, carve=carve)
         encoder = encoder.checked(tokenizer)
         return {name: streaming_split(recipe, name, raw[name], encoder, block_size) for name in splits}
 
     guard = main_process_first("clm-runner tokenization and grouping") if main_process_first else None
     with guard if guard is not None else contextlib.nullcontext():
-        return _prepare_cached(recipe, tokenizer, encoder, block_size, splits, progress=progress)
+        return _prepare_cached(recipe, tokenizer, encoder, block_size, splits, progress=progress, carve=carve)
 
 
 def _prepare_mix(
@@ -73,7 +75,10 @@ def _prepare_mix(
     main_process_first: Callable[[str], ContextManager] | None,
     progress: bool,
 ) -> dict[str, PreparedSplit]:
-    """[[data.mix]]: each source prepared as its own recipe (its own cache entries), then mixed (data.mix)."""
+    """[[data.mix]]: each source prepared as its own recipe (its own cache entries), then mixed (data.mix).
+
+    With [data]'s shared validation_file no source carves a validation split: each trains on all its rows.
+    """
     from clm_runner.data import mix
 
     own_splits = [s for s in splits if not mix.shared_split(recipe, s)]
@@ -85,6 +90,7 @@ def _prepare_mix(
             own_splits,
             main_process_first=main_process_first,
             progress=progress,
+            carve=not mix.shared_split(recipe, "validation"),
         )
         for source in (recipe.data.mix if own_splits else ())  # a shared split alone needs no source
     }
@@ -114,6 +120,7 @@ def _prepare_cached(
     splits: Sequence[str],
     *,
     progress: bool,
+    carve: bool,
 ) -> dict[str, PreparedSplit]:
     data = recipe.data
     fingerprint = sources.data_fingerprint(data)
@@ -121,21 +128,22 @@ def _prepare_cached(
     raw: dict[str, Any] | None = None
     if fingerprint["source"] == "hub":
         # The hub dataset's identity includes the fingerprint of what was actually loaded.
-        raw = sources.load_raw_splits(data, recipe.model, splits, progress=progress)
+        raw = sources.load_raw_splits(data, recipe.model, splits, progress=progress, carve=carve)
     keys = {
         name: cache.cache_key(
             recipe,
-            cache.split_identity(data, fingerprint, name, raw.get(name) if raw else None),
+            cache.split_identity(data, fingerprint, name, raw.get(name) if raw else None, carving=carve),
             tokenizer_id,
             block_size,
         )
         for name in splits
     }
+    root = cache.cache_root(recipe.model.cache_dir)
     out: dict[str, PreparedSplit] = {}
     missing: list[str] = []
     for name in splits:
         started = time.perf_counter()
-        cached = cache.load_cached(cache.split_cache_dir(keys[name]), name)
+        cached = cache.load_cached(cache.split_cache_dir(keys[name], root), name)
         if cached is not None and data.overwrite_cache and cached[3].get("created", 0) < cache.IMPORTED_AT:
             # Rebuild what earlier processes wrote, once: in a distributed run rank 0 rebuilds under
             # main_process_first and the other ranks then take its fresh cache.
@@ -144,15 +152,15 @@ def _prepare_cached(
             missing.append(name)
             continue
         out[name] = _finish(
-            recipe, name, cached, cache.split_cache_dir(keys[name]), from_cache=True, started=started
+            recipe, name, cached, cache.split_cache_dir(keys[name], root), from_cache=True, started=started
         )
     if missing:
         started = time.perf_counter()
         if raw is None:
-            raw = sources.load_raw_splits(data, recipe.model, missing, progress=progress)
+            raw = sources.load_raw_splits(data, recipe.model, missing, progress=progress, carve=carve)
         encoder = encoder.checked(tokenizer)
         for name in missing:
-            target = cache.split_cache_dir(keys[name])
+            target = cache.split_cache_dir(keys[name], root)
             _build_split(recipe, name, raw[name], encoder, block_size, keys[name], target, progress=progress)
             cached = cache.load_cached(target, name)
             if cached is None:

@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from clm_runner.data.columns import resolve_text_column
 from clm_runner.errors import ClmError, DataError, HubUnreachableError
 from clm_runner.models.hub import is_connection_failure, offline_reason, prepare_hub_access
 
@@ -82,45 +83,6 @@ def data_fingerprint(data: DataConfig) -> dict:
     return {"source": "files", "splits": splits}
 
 
-def resolve_text_column(dataset: Any, configured: str | None) -> str:
-    """The column holding the text: `configured`, else "text", else the first string column."""
-    features = dataset.features
-    if features is None:  # a stream whose schema is unknown until read
-        if configured is not None:
-            return configured
-        return "text"
-    columns = list(features)
-    if configured is not None:
-        if configured not in features:
-            raise DataError(
-                f"data.text_column = {configured!r} is not a column of the data; columns: {_describe(features)}. "
-                "Set data.text_column to one of them."
-            )
-        if not _is_string_feature(features[configured]):
-            raise DataError(
-                f"data.text_column = {configured!r} is not a text column ({features[configured]}); "
-                f"columns: {_describe(features)}."
-            )
-        return configured
-    if "text" in features and _is_string_feature(features["text"]):
-        return "text"
-    for column in columns:
-        if _is_string_feature(features[column]):
-            return column
-    raise DataError(
-        f"The data has no text column; columns: {_describe(features) or '(none)'}. "
-        'Put the text in a string column (ideally named "text") or set data.text_column.'
-    )
-
-
-def _is_string_feature(feature: Any) -> bool:
-    return getattr(feature, "dtype", None) in ("string", "large_string")
-
-
-def _describe(features: Any) -> str:
-    return ", ".join(f"{name} ({getattr(f, 'dtype', type(f).__name__)})" for name, f in features.items())
-
-
 def check_has_text(dataset: Any, column: str, what: str) -> None:
     """DataError when a (non-streaming) split has no rows, or only blank ones."""
     import pyarrow.compute as pc
@@ -161,21 +123,28 @@ def datasets_progress(enabled: bool) -> Iterator[None]:
 
 
 def load_raw_splits(
-    data: DataConfig, model: ModelConfig, splits: Sequence[str], *, progress: bool = True
+    data: DataConfig,
+    model: ModelConfig,
+    splits: Sequence[str],
+    *,
+    progress: bool = True,
+    carve: bool = True,
 ) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
     """The raw text of each requested split (a subset of train, validation, test), as datasets.
 
     With no validation source, validation is carved from train exactly as run_clm's `train[:N%]` and
     `train[N%:]`, and train is always the remainder (so a train-only request never sees validation rows).
+    carve=False: the validation text comes from elsewhere (a [[data.mix]] source beside [data]'s shared
+    validation_file), so nothing is carved and train keeps every row.
     """
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise DataError(f"Unknown split {unknown[0]!r}: choose from {', '.join(SPLITS)}.")
     with datasets_progress(progress):
         if data.dataset_name is not None:
-            loaded = _load_hub(data, model, splits)
+            loaded = _load_hub(data, model, splits, carve)
         else:
-            loaded = _load_files(data, model, splits)
+            loaded = _load_files(data, model, splits, carve)
     if not data.streaming:
         for split, dataset in loaded.items():
             column = resolve_text_column(dataset, data.text_column)
@@ -283,7 +252,8 @@ def hub_dataset_errors(name: str) -> Iterator[None]:
 
 def check_data_sources(data: DataConfig, model: ModelConfig) -> None:
     """Before any heavy work: every local file the recipe names exists and is readable as its kind; a hub
-    dataset resolves (its builder only, no data is downloaded)."""
+    dataset resolves (its builder only, no data is downloaded); data.text_column names a text column wherever
+    the columns are known without reading rows (data.columns)."""
     if data.mix:
         from clm_runner.data.mix import shared_data, source_data
 
@@ -295,9 +265,12 @@ def check_data_sources(data: DataConfig, model: ModelConfig) -> None:
         if data.validation_file is not None or data.test_file is not None:
             check_data_sources(shared_data(data), model)
         return
+    from clm_runner.data.columns import check_features, check_text_columns
+
     if data.dataset_name is None:
-        for split, spec in file_specs(data).items():
-            split_source(split, spec)
+        check_text_columns(
+            data, [split_source(split, spec) for split, spec in file_specs(data).items()], model
+        )
         return
     import datasets
 
@@ -306,10 +279,11 @@ def check_data_sources(data: DataConfig, model: ModelConfig) -> None:
     kwargs = _hub_kwargs(data, model)
     kwargs.pop("streaming")
     with hub_dataset_errors(name), datasets_progress(False):
-        datasets.load_dataset_builder(name, data.dataset_config_name, **kwargs)
+        builder = datasets.load_dataset_builder(name, data.dataset_config_name, **kwargs)
+    check_features(builder.info.features, data.text_column)
 
 
-def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> dict[str, Any]:
+def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str], carve: bool) -> dict[str, Any]:
     import datasets
 
     name = data.dataset_name
@@ -319,21 +293,14 @@ def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> di
         loaded = datasets.load_dataset(name, data.dataset_config_name, **_hub_kwargs(data, model))
     available = list(loaded)
     out: dict[str, Any] = {}
-    needs_carving = "validation" not in loaded
+    needs_carving = carve and "validation" not in loaded
     if needs_carving and ("train" in splits or "validation" in splits):
         if "train" not in loaded:
             raise DataError(
                 f"Dataset {name!r} has no train split to carve validation from; its splits: "
                 f"{', '.join(available)}."
             )
-        if data.streaming:
-            train, validation = carve_validation_stream(
-                loaded["train"], data.validation_split_percentage, data.validation_split_seed
-            )
-        else:
-            train, validation = carve_validation(
-                loaded["train"], data.validation_split_percentage, data.validation_split_seed
-            )
+        train, validation = _carved(data, loaded["train"])
         loaded = dict(loaded, train=train, validation=validation)
     for split in splits:
         if split not in loaded:
@@ -345,7 +312,12 @@ def _load_hub(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> di
     return out
 
 
-def _load_files(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> dict[str, Any]:
+def _carved(data: DataConfig, train: Any) -> tuple[Any, Any]:
+    carve = carve_validation_stream if data.streaming else carve_validation
+    return carve(train, data.validation_split_percentage, data.validation_split_seed)
+
+
+def _load_files(data: DataConfig, model: ModelConfig, splits: Sequence[str], carve: bool) -> dict[str, Any]:
     specs = file_specs(data)
     sources = {split: split_source(split, spec) for split, spec in specs.items()}
     out: dict[str, Any] = {}
@@ -363,22 +335,14 @@ def _load_files(data: DataConfig, model: ModelConfig, splits: Sequence[str]) -> 
             return dict_splits[split]
         return None
 
-    carve = "validation" not in sources and "validation" not in dict_splits
+    carve = carve and "validation" not in sources and "validation" not in dict_splits
     if carve and ("train" in splits or "validation" in splits):
         if train_source is None:
             raise DataError(
                 "No training data to carve a validation split from: set data.train_file, or set "
                 "data.validation_file."
             )
-        train = source_dataset("train")
-        if data.streaming:
-            train, validation = carve_validation_stream(
-                train, data.validation_split_percentage, data.validation_split_seed
-            )
-        else:
-            train, validation = carve_validation(
-                train, data.validation_split_percentage, data.validation_split_seed
-            )
+        train, validation = _carved(data, source_dataset("train"))
         out.update({"train": train, "validation": validation})
     for split in splits:
         if split in out:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from clm_runner.config.schema import Recipe
 from clm_runner.data.blocks import SplitStats
@@ -31,6 +33,26 @@ class DataSummary:
     weights: dict[str, float] = field(default_factory=dict)
     """[[data.mix]]: each source's normalized weight (empty without weights)."""
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for `clm-runner data --json` (a streamed split's stats are null: unknown until read)."""
+
+        def plain(stats: SplitStats | None) -> dict[str, Any] | None:
+            return dataclasses.asdict(stats) if stats is not None else None
+
+        return {
+            "block_size": self.block_size,
+            "grouping": self.grouping,
+            "splits": {name: plain(stats) for name, stats in self.stats.items()},
+            "sources": {
+                source: {split: plain(stats) for split, stats in splits.items()}
+                for source, splits in self.sources.items()
+            },
+            "in_mix": dict(self.in_mix),
+            "weights": dict(self.weights),
+            "previews": dict(self.previews),
+            "saved_to": str(self.saved_to) if self.saved_to is not None else None,
+        }
+
 
 def available_splits(recipe: Recipe) -> list[str]:
     data = recipe.data
@@ -51,7 +73,9 @@ def summarize_data(recipe: Recipe, *, save: str | None = None, quiet: bool = Fal
         raise OutputDirError(f"--save {save}: directory is not empty. Choose a new directory.")
     tokenizer = load_tokenizer(recipe.model)
     config = load_config(recipe.model)
-    block_size = resolve_block_size(recipe.data.block_size, tokenizer, config, warn=logger.warning)
+    block_size = resolve_block_size(
+        recipe.data.block_size, tokenizer, config, warn=logger.warning, clamp=recipe.data.clamp_block_size
+    )
     prepared = prepare_splits(recipe, tokenizer, block_size, available_splits(recipe), progress=not quiet)
 
     previews = {}

@@ -27,10 +27,12 @@ relative (tested against lm-eval; a few 1e-8 in benchmarks/documents_eval.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +41,9 @@ from clm_runner.data.documents import Documents
 from clm_runner.errors import DataError, EvalError, ModelError
 from clm_runner.eval.result import PerplexityResult
 from clm_runner.eval.scoring import IGNORED, ScoringBatch, max_positions_of, score
+
+if TYPE_CHECKING:
+    from clm_runner.config.schema import Recipe
 
 METHOD = "documents"
 CONVENTION = (
@@ -180,14 +185,16 @@ class DocumentsResult:
         except OverflowError:
             return float("inf")
 
-    def numbers(self) -> dict[str, Any]:
-        """What was measured: lm-eval's three figures, token perplexity and the counts behind them."""
+    def numbers(self) -> dict[str, int | float]:
+        """What was measured, numbers only (a metrics file's keys): lm-eval's three figures, token perplexity and
+        the counts behind them (a figure whose count is 0 is left out)."""
         totals = self.totals
-        return {
+        values: dict[str, Any] = {
             "word_perplexity": totals.word_perplexity,
             "byte_perplexity": self.byte_perplexity,
             "bits_per_byte": totals.bits_per_byte,
             "perplexity": totals.perplexity,
+            "eval_perplexity": totals.perplexity,  # as `eval`'s other methods name it, beside run_clm's key
             "eval_loss": totals.eval_loss,
             "eval_accuracy": totals.accuracy,
             "documents": self.documents,
@@ -198,9 +205,11 @@ class DocumentsResult:
             "eval_samples": totals.samples,
             "null_rows": self.null_rows,
         }
+        return {key: value for key, value in values.items() if value is not None}
 
     def description(self) -> dict[str, Any]:
-        """How it was measured: the method, the window length, the prefix token, what a document is."""
+        """How it was measured (evaluations.json's entry): the method, the window length, the prefix token, what
+        a document is."""
         return {
             "method": METHOD,
             "context": self.totals.context,
@@ -255,3 +264,34 @@ def evaluate_documents(
         documents_from=documents.rule.describe(),
         null_rows=documents.null_rows,
     )
+
+
+def evaluate_recipe_documents(
+    recipe: Recipe,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    split: str,
+    *,
+    max_length: int | None,
+    batch_size: int,
+    quiet: bool = True,
+) -> tuple[DocumentsResult, dict[str, DocumentsResult]]:
+    """(the total, each [[data.mix]] source's result by name: empty without a mix) for one split of a recipe's
+    data, on the GPU when there is one."""
+    from clm_runner.data import mix
+    from clm_runner.data.documents import load_documents
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+
+    def scored(data: Any) -> DocumentsResult:
+        documents = load_documents(data, recipe.model, split, progress=not quiet)
+        return evaluate_documents(
+            model, documents, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device
+        )
+
+    data = recipe.data
+    if not data.mix or mix.shared_split(recipe, split):
+        return scored(mix.shared_data(data) if data.mix else data), {}
+    results = {source.label: scored(mix.source_data(data, source)) for source in data.mix}
+    return functools.reduce(operator.add, results.values()), results

@@ -9,11 +9,9 @@ written under evals/ in the run dir, with a name that says what it measured, and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,14 @@ from clm_runner.config.load import load_recipe
 from clm_runner.config.schema import Recipe
 from clm_runner.errors import EvalError, OutputDirError
 from clm_runner.rundir.checkpoints import resolve_checkpoint
-from clm_runner.rundir.policy import RECIPE_FILE, list_checkpoints, save_metrics, write_json_atomic
+from clm_runner.rundir.evaluations import EVALUATIONS_FILE, describe_recipe_data, record_evaluation
+from clm_runner.rundir.policy import (
+    RECIPE_FILE,
+    TRAINER_STATE,
+    list_checkpoints,
+    save_metrics,
+    write_json_atomic,
+)
 
 logger = logging.getLogger("clm_runner")
 
@@ -50,10 +55,24 @@ class EvalRequest:
 
 
 @dataclass(frozen=True)
-class EvalOutcome:
-    """What an evaluation measured (one row per model) and the files it wrote."""
+class Evaluation:
+    """One evaluation of one model: its numbers (what a metrics file holds, run_clm's keys) and how they were
+    computed (split, method, block size or context and stride, model, data: evaluations.json's entry)."""
 
-    rows: list[dict[str, Any]]
+    metrics: dict[str, int | float]
+    description: dict[str, Any]
+
+    def document(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "evaluation": self.description}
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    """What an evaluation measured (one row per model), what --output holds and the files it wrote."""
+
+    rows: list[Evaluation]
+    output_document: dict[str, Any]
+    """The metrics (one model), or eval_history's document (--all-checkpoints): what --output FILE holds."""
     label: str = "split"
     written: list[Path] = field(default_factory=list)
 
@@ -106,8 +125,19 @@ def check_request(request: EvalRequest, recipe: Recipe) -> tuple[str, int | None
     return split, stride
 
 
+def check_sources(request: EvalRequest) -> None:
+    """One thing to evaluate: a run, or a recipe."""
+    if request.run_dir is not None and request.recipe_path is not None:
+        raise EvalError(
+            "--run and --recipe both say what to evaluate (--run uses the run's own recipe.toml); choose one, "
+            "and change the run's recipe with --set."
+        )
+
+
 def run_eval(request: EvalRequest) -> EvalOutcome:
     from clm_runner.logs import setup_logging
+
+    check_sources(request)
 
     live = setup_logging(quiet=request.quiet)
     request = dataclasses.replace(request, quiet=not live)
@@ -124,20 +154,25 @@ def run_eval(request: EvalRequest) -> EvalOutcome:
         return evaluate_all_checkpoints(recipe, run_dir, request, split, stride)
 
     model_dir = checkpoint or run_dir
-    metrics = evaluate_model(recipe, str(model_dir) if model_dir else None, request, split, stride)
+    evaluation = evaluate_model(recipe, str(model_dir) if model_dir else None, request, split, stride)
+    if checkpoint is not None:
+        evaluation.description["checkpoint"] = checkpoint.name
     written: list[Path] = []
     if request.output:
-        write_json_atomic(Path(request.output), metrics)
+        write_json_atomic(Path(request.output), evaluation.metrics)
         written.append(Path(request.output))
     if run_dir is not None:
-        if checkpoint is None and is_trainings_evaluation(run_dir, recipe, metrics):
-            save_metrics(run_dir, "eval", metrics)  # where run_clm keeps a run's evaluation
-            written += [run_dir / "eval_results.json", run_dir / "all_results.json"]
+        if checkpoint is None and is_trainings_evaluation(run_dir, recipe, evaluation.description):
+            path = run_dir / "eval_results.json"
+            save_metrics(run_dir, "eval", evaluation.metrics)  # where run_clm keeps a run's evaluation
+            written += [path, run_dir / "all_results.json"]
         else:
-            path = run_dir / EVALS_DIR / evaluation_name(run_dir, recipe, metrics, checkpoint)
-            write_json_atomic(path, metrics)
+            path = run_dir / EVALS_DIR / evaluation_name(run_dir, recipe, evaluation.description, checkpoint)
+            write_json_atomic(path, evaluation.metrics)
             written.append(path)
-    return EvalOutcome([metrics], written=written)
+        record_evaluation(run_dir, path, evaluation.description)
+        written.append(run_dir / EVALUATIONS_FILE)
+    return EvalOutcome([evaluation], output_document=evaluation.metrics, written=written)
 
 
 def _source_sections(recipe: Recipe) -> dict[str, Any]:
@@ -155,25 +190,27 @@ def _differs_from_run(run_dir: Path, recipe: Recipe) -> str | None:
     return hashlib.sha256(json.dumps(ours, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def is_trainings_evaluation(run_dir: Path, recipe: Recipe, metrics: dict[str, Any]) -> bool:
+def is_trainings_evaluation(run_dir: Path, recipe: Recipe, description: dict[str, Any]) -> bool:
     """Whether an evaluation of a run's final model is the one training ran at its end."""
     return (
-        metrics.get("split") == "validation"
-        and metrics.get("method") == "blocks"
+        description.get("split") == "validation"
+        and description.get("method") == "blocks"
         and _differs_from_run(run_dir, recipe) is None
     )
 
 
-def evaluation_name(run_dir: Path, recipe: Recipe, metrics: dict[str, Any], checkpoint: Path | None) -> str:
+def evaluation_name(
+    run_dir: Path, recipe: Recipe, description: dict[str, Any], checkpoint: Path | None
+) -> str:
     """evals/ file name that says what was measured: [checkpoint_]split_method[_recipe-HASH].json."""
     parts = [checkpoint.name] if checkpoint is not None else []
-    parts.append(str(metrics["split"]))
-    if metrics["method"] == "strided":
-        parts.append(f"strided-context{metrics['context']}-stride{metrics['stride']}")
-    elif metrics["method"] == "documents":
-        parts.append(f"documents{metrics['context']}")
+    parts.append(str(description["split"]))
+    if description["method"] == "strided":
+        parts.append(f"strided-context{description['context']}-stride{description['stride']}")
+    elif description["method"] == "documents":
+        parts.append(f"documents{description['context']}")
     else:
-        parts.append(f"blocks{metrics['block_size']}")
+        parts.append(f"blocks{description['block_size']}")
     changed = _differs_from_run(run_dir, recipe)
     if changed is not None:
         parts.append(f"recipe-{changed}")
@@ -182,14 +219,16 @@ def evaluation_name(run_dir: Path, recipe: Recipe, metrics: dict[str, Any], chec
 
 def evaluate_model(
     recipe: Recipe, model_dir: str | None, request: EvalRequest, split: str, stride: int | None
-) -> dict[str, Any]:
+) -> Evaluation:
     """Load the model (a saved dir, or what the recipe names) and score one split of the recipe's data."""
+    import time
+
     import torch
 
     from clm_runner.data.blocks import resolve_block_size
     from clm_runner.data.prepare import prepare_splits
     from clm_runner.eval.perplexity import evaluate_blocks, evaluate_strided
-    from clm_runner.eval.result import PerplexityResult
+    from clm_runner.eval.result import PerplexityResult, speed_metrics
     from clm_runner.models.loading import check_model_sources, load_config, load_model, load_tokenizer
     from clm_runner.models.trained import load_trained
 
@@ -206,11 +245,15 @@ def evaluate_model(
         model_name = recipe.model.model_name_or_path or f"{recipe.model.model_type} (random init)"
 
     if request.documents:
-        metrics = evaluate_documents_split(recipe, model, tokenizer, request, split)
-        metrics.update({"split": split, "model": model_name, "data": describe_data(recipe)})
-        return metrics
+        return evaluate_documents_split(recipe, model, tokenizer, request, split, model_dir, model_name)
 
-    block_size = resolve_block_size(recipe.data.block_size, tokenizer, model.config, warn=logger.warning)
+    block_size = resolve_block_size(
+        recipe.data.block_size,
+        tokenizer,
+        model.config,
+        warn=logger.warning,
+        clamp=recipe.data.clamp_block_size,
+    )
     context = request.context or recipe.eval.context or block_size
     prepared = prepare_splits(recipe, tokenizer, block_size, [split], progress=not request.quiet)[split]
 
@@ -234,59 +277,89 @@ def evaluate_model(
             model, part.blocks, batch_size=batch_size, tokenizer=tokenizer, device=device, **part.eval_text()
         )
 
+    started = time.perf_counter()
     # [[data.mix]] sources each with their own split: each scored, and their exact token-weighted total.
     results = {name: score(part) for name, part in prepared.parts.items()}
-    total = PerplexityResult.merge(results.values()) if results else score(prepared)
-    metrics = dict(total.to_metrics())
+    scored = list(results.values()) or [score(prepared)]
+    seconds = time.perf_counter() - started
+    total = PerplexityResult.merge(scored)
+    metrics: dict[str, int | float] = dict(total.numbers())
+    metrics["eval_perplexity"] = metrics["perplexity"]  # as train's evaluations name it, beside run_clm's key
     for name, result in results.items():
         metrics.update(result.prefixed(f"eval_{name}"))
-    metrics.update({"split": split, "model": model_name, "data": describe_data(recipe)})
-    if results:
-        metrics["sources"] = list(results)
-    return metrics
+    metrics.update(speed_metrics("eval", seconds, scored, batch_size))
+    return _evaluation(metrics, total.settings(), recipe, split, model_dir, model_name, list(results))
 
 
 def evaluate_documents_split(
-    recipe: Recipe, model: Any, tokenizer: Any, request: EvalRequest, split: str
-) -> dict[str, Any]:
+    recipe: Recipe,
+    model: Any,
+    tokenizer: Any,
+    request: EvalRequest,
+    split: str,
+    model_dir: str | None,
+    model_name: str,
+) -> Evaluation:
     """Per-document rolling perplexity of one split; a [[data.mix]] split, each source's and their total."""
-    import torch
+    import time
 
-    from clm_runner.data import mix
-    from clm_runner.data.documents import load_documents
-    from clm_runner.eval.documents import evaluate_documents
+    from clm_runner.eval.documents import evaluate_recipe_documents
+    from clm_runner.eval.result import speed_metrics
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
     batch_size = int(recipe.training.get("per_device_eval_batch_size", 8))
-    context = request.context  # None: lm-eval's max length (eval.context is the strided window's)
-
-    def score(data: Any) -> Any:
-        documents = load_documents(data, recipe.model, split, progress=not request.quiet)
-        return evaluate_documents(
-            model, documents, tokenizer=tokenizer, batch_size=batch_size, max_length=context, device=device
-        )
-
-    data = recipe.data
-    if not data.mix or mix.shared_split(recipe, split):
-        result = score(mix.shared_data(data) if data.mix else data)
-        return {**result.numbers(), **result.description()}
-    results = {source.label: score(mix.source_data(data, source)) for source in data.mix}
-    total = functools.reduce(operator.add, results.values())
-    metrics = {**total.numbers(), **total.description(), "sources": list(results)}
+    started = time.perf_counter()
+    # --context None: lm-eval's max length (eval.context is the strided window's).
+    total, results = evaluate_recipe_documents(
+        recipe,
+        model,
+        tokenizer,
+        split,
+        max_length=request.context,
+        batch_size=batch_size,
+        quiet=request.quiet,
+    )
+    seconds = time.perf_counter() - started
+    metrics = total.numbers()
     for name, result in results.items():
         metrics.update(result.prefixed(f"eval_{name}"))
-    return metrics
+    scored = [result.totals for result in results.values()] or [total.totals]
+    metrics.update(speed_metrics("eval", seconds, scored, batch_size))
+    return _evaluation(metrics, total.description(), recipe, split, model_dir, model_name, list(results))
 
 
-def describe_data(recipe: Recipe) -> str:
-    data = recipe.data
-    if data.mix:
-        return " + ".join(source.label for source in data.mix)
-    if data.dataset_name:
-        return " ".join(x for x in (data.dataset_name, data.dataset_config_name) if x)
-    files = [data.train_file, data.validation_file, data.test_file]
-    return ", ".join(str(f) for f in files if f)
+def _evaluation(
+    metrics: dict[str, int | float],
+    settings: dict[str, Any],
+    recipe: Recipe,
+    split: str,
+    model_dir: str | None,
+    model_name: str,
+    sources: list[str],
+) -> Evaluation:
+    """An evaluation's numbers (with the epoch the model reached) and its description (evaluations.json's)."""
+    epoch = trained_epoch(model_dir)
+    if epoch is not None:
+        metrics["epoch"] = epoch
+    description = {
+        "by": "clm-runner eval",
+        "split": split,
+        **settings,
+        "model": model_name,
+        **describe_recipe_data(recipe),
+        "sources": sources or None,
+    }
+    return Evaluation(metrics, {key: value for key, value in description.items() if value is not None})
+
+
+def trained_epoch(model_dir: str | None) -> float | None:
+    """The epoch a saved run or checkpoint reached (its trainer_state.json), run_clm's `epoch` key."""
+    if model_dir is None:
+        return None
+    try:
+        epoch = json.loads((Path(model_dir) / TRAINER_STATE).read_text()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(epoch) if isinstance(epoch, (int, float)) and not isinstance(epoch, bool) else None
 
 
 def evaluate_all_checkpoints(
@@ -297,13 +370,20 @@ def evaluate_all_checkpoints(
         raise OutputDirError(f"{run_dir} has no checkpoint-N directories to evaluate.")
     rows = []
     for checkpoint in checkpoints:
-        metrics = evaluate_model(recipe, str(checkpoint), request, split, stride)
-        metrics["checkpoint"] = checkpoint.name
-        rows.append(metrics)
-    history = {"checkpoints": rows}
+        evaluation = evaluate_model(recipe, str(checkpoint), request, split, stride)
+        evaluation.description["checkpoint"] = checkpoint.name
+        rows.append(evaluation)
+    # Per checkpoint its name and its numbers; how they were computed once (it is the same for all of them).
+    shared = {k: v for k, v in rows[0].description.items() if k not in ("checkpoint", "model")}
+    history = {
+        "evaluation": shared,
+        "checkpoints": [
+            {"checkpoint": row.description["checkpoint"], "metrics": row.metrics} for row in rows
+        ],
+    }
     written = [run_dir / HISTORY_FILE]
     write_json_atomic(run_dir / HISTORY_FILE, history)
     if request.output:
         write_json_atomic(Path(request.output), history)
         written.append(Path(request.output))
-    return EvalOutcome(rows, label="checkpoint", written=written)
+    return EvalOutcome(rows, output_document=history, label="checkpoint", written=written)

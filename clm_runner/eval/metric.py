@@ -116,9 +116,12 @@ class PerplexityMetric(evaluate.Metric):
             )
             request = EvalRequest(stride=stride, context=context, quiet=True, documents=documents)
             with mock.patch.dict(os.environ, {"CLM_RUNNER_CACHE": str(Path(scratch) / "cache")}):
-                metrics = evaluate_model(recipe, model_id if local else None, request, "validation", stride)
+                evaluation = evaluate_model(
+                    recipe, model_id if local else None, request, "validation", stride
+                )
+        metrics, settings = evaluation.metrics, evaluation.description
         if documents:
-            keys = (
+            numbers = (
                 "perplexity",
                 "eval_loss",
                 "tokens",
@@ -126,19 +129,20 @@ class PerplexityMetric(evaluate.Metric):
                 "word_perplexity",
                 "byte_perplexity",
             )
-            keys += ("bits_per_byte", "documents", "words", "bytes", "method", "context", "convention")
+            numbers += ("bits_per_byte", "documents", "words", "bytes")
             renamed = {"eval_loss": "loss", "eval_accuracy": "accuracy"}
-            return {renamed.get(key, key): metrics[key] for key in keys}
+            out = {renamed.get(key, key): metrics[key] for key in numbers}
+            return {**out, **{key: settings[key] for key in ("method", "context", "convention")}}
         out = {
             "perplexity": metrics["perplexity"],
             "loss": metrics["eval_loss"],
             "tokens": metrics["eval_tokens"],
             "accuracy": metrics["eval_accuracy"],
-            "bits_per_byte": metrics["bits_per_byte"],
-            "word_perplexity": metrics["word_perplexity"],
-            "method": metrics["method"],
-            "stride": metrics["stride"],
+            "bits_per_byte": metrics.get("bits_per_byte"),
+            "word_perplexity": metrics.get("word_perplexity"),
+            "method": settings["method"],
+            "stride": settings.get("stride"),
         }
-        size_key = "block_size" if metrics["method"] == "blocks" else "context"
-        out[size_key] = metrics[size_key]
+        size_key = "block_size" if settings["method"] == "blocks" else "context"
+        out[size_key] = settings[size_key]
         return out

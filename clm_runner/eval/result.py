@@ -131,10 +131,16 @@ class PerplexityResult:
             f"{prefix}_tokens": self.tokens,
         }
 
-    def to_metrics(self) -> dict[str, Any]:
-        """Flat metrics for metrics.json / the report, named like Trainer's eval metrics."""
+    def settings(self) -> dict[str, Any]:
+        """How the numbers were computed: method, block_size (blocks) or context (strided), stride. A description,
+        kept out of the metric files (clm_runner.rundir.evaluations records it beside them)."""
         size_key = "block_size" if self.method == "blocks" else "context"
-        return {
+        return {"method": self.method, size_key: self.context, "stride": self.stride}
+
+    def numbers(self) -> dict[str, int | float]:
+        """The metrics, numbers only (run_clm's readers float() every value): bits_per_byte and word_perplexity
+        are left out when the text's bytes and words are unknown."""
+        values: dict[str, Any] = {
             "eval_loss": self.eval_loss,
             "perplexity": self.perplexity,
             "eval_accuracy": self.accuracy,
@@ -142,10 +148,34 @@ class PerplexityResult:
             "eval_samples": self.samples,
             "bits_per_byte": self.bits_per_byte,
             "word_perplexity": self.word_perplexity,
-            "method": self.method,
-            size_key: self.context,
-            "stride": self.stride,
         }
+        return {key: value for key, value in values.items() if value is not None}
+
+    def to_metrics(self) -> dict[str, Any]:
+        """Flat metrics and settings together, named like Trainer's eval metrics (unknown counts as None)."""
+        return {
+            "bits_per_byte": None,
+            "word_perplexity": None,
+            **self.numbers(),
+            **self.settings(),
+        }
+
+
+def speed_metrics(
+    prefix: str, seconds: float, results: Iterable[PerplexityResult], global_batch: int
+) -> dict[str, float]:
+    """PREFIX_runtime, _samples_per_second, _steps_per_second: the keys and arithmetic of the Trainer's
+    evaluate() (transformers.trainer_utils.speed_metrics), which run_clm's eval_results.json holds. A step is
+    one batch of `global_batch` blocks (per-device batch x processes) of one result (one [[data.mix]] source)."""
+    results = list(results)
+    samples = sum(result.samples for result in results)
+    steps = sum(math.ceil(result.samples / max(1, global_batch)) for result in results)
+    elapsed = max(seconds, 1e-9)  # a clock that did not tick still gives numbers, never a division by 0
+    return {
+        f"{prefix}_runtime": round(seconds, 4),
+        f"{prefix}_samples_per_second": round(samples / elapsed, 3),
+        f"{prefix}_steps_per_second": round(steps / elapsed, 3),
+    }
 
 
 def _add_optional(a: int | None, b: int | None) -> int | None:

@@ -115,7 +115,36 @@ def load_adapter_run(
     with quiet_peft():
         adapted = PeftModel.from_pretrained(model, str(model_dir), is_trainable=False)
     adapted.eval()
-    return adapted.merge_and_unload() if merge else adapted
+    return merge_adapter(adapted) if merge else adapted
+
+
+def merge_adapter(adapted: Any) -> Any:
+    """The adapter merged into its base (W + lora_alpha / r x B A in each adapted layer): a plain model.
+
+    A weight the base shares with another layer (GPT-2's wte and lm_head under tie_word_embeddings) is untied
+    first: the adapter run adds its delta in the adapted layer only, so merged into the shared tensor it would
+    change the other layer too (perplexity 1,473 became 1e9). The adapted layer gets its own copy and the
+    config no longer ties the embeddings, so the saved model keeps both weights and loads them apart.
+    """
+    import torch
+
+    base = adapted.get_base_model()
+    holders: dict[int, int] = {}
+    for module in base.modules():
+        for parameter in module.parameters(recurse=False):
+            holders[id(parameter)] = holders.get(id(parameter), 0) + 1
+    untied = False
+    for module in base.modules():
+        if not hasattr(module, "lora_A"):
+            continue
+        layer = module.get_base_layer()
+        if holders.get(id(layer.weight), 0) > 1:
+            layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+            untied = True
+    if untied:
+        base.config.tie_word_embeddings = False
+        logger.info("The adapter is on a tied weight: the merged model keeps its own copy of it (untied).")
+    return adapted.merge_and_unload()
 
 
 def _warn_if_other_base(model_dir: Path, base: ModelConfig, config: Any) -> None:

@@ -8,7 +8,6 @@ trainable parameters exactly. Loading a trained adapter again is clm_runner.mode
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -39,6 +38,8 @@ class AdapterPlan:
     adapted_modules: tuple[str, ...] = field(default=())
     """Module paths (in the base model) that carry an adapter."""
     load_in_4bit: bool = False
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """The tensors the adapter's weights file holds (name -> shape), as PEFT will save them."""
 
     @property
     def trainable_percent(self) -> float:
@@ -105,7 +106,7 @@ def _adaptable_module_names(model: torch.nn.Module) -> list[str]:
 
 def plan_adapter(adapter: AdapterConfig, config: Any) -> AdapterPlan:
     """Wrap a meta-device copy of the model as `train` will: every refusal before any weight is loaded."""
-    from peft import get_peft_model
+    from peft import get_peft_model, get_peft_model_state_dict
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
 
     from clm_runner.models.loading import build_meta_model
@@ -137,45 +138,8 @@ def plan_adapter(adapter: AdapterConfig, config: Any) -> AdapterPlan:
     trainable, total = wrapped.get_nb_trainable_parameters()
     base = wrapped.get_base_model()
     adapted = tuple(name for name, module in base.named_modules() if hasattr(module, "lora_A"))
-    return AdapterPlan(lora, int(trainable), int(total), adapted, adapter.load_in_4bit)
-
-
-SHAPING_KEYS = (
-    "r",
-    "target_modules",
-    "exclude_modules",
-    "modules_to_save",
-    "layers_to_transform",
-    "rank_pattern",
-    "use_dora",
-)
-"""adapter keys that decide which tensors a checkpoint's adapter holds: they can't change when resuming."""
-
-
-def check_resume_matches(checkpoint: Path, plan: AdapterPlan | None) -> None:
-    """A checkpoint resumes only into the same kind of run: full into full, the same adapter's shapes."""
-    holds_adapter = (checkpoint / ADAPTER_CONFIG).is_file()
-    fix = "Resume with the recipe the run was trained with (its recipe.toml), or start over with --no-resume --overwrite."
-    if plan is None and holds_adapter:
-        raise RecipeError(
-            f"{checkpoint} holds a LoRA adapter, but the recipe has no [adapter] section. {fix}"
-        )
-    if plan is None:
-        return
-    if not holds_adapter:
-        raise RecipeError(f"{checkpoint} holds a full model, but the recipe has an [adapter] section. {fix}")
-    saved = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
-    differ = []
-    for key in SHAPING_KEYS:
-        ours, theirs = plan.lora.get(key), saved.get(key)
-        if isinstance(ours, list) and isinstance(theirs, list):
-            ours, theirs = sorted(ours), sorted(theirs)
-        if key in plan.lora and ours != theirs:
-            differ.append(f"adapter.{key} = {plan.lora.get(key)!r} (the checkpoint's: {saved.get(key)!r})")
-    if differ:
-        raise RecipeError(
-            f"{checkpoint}'s adapter has other shapes than the recipe asks for: {'; '.join(differ)}. {fix}"
-        )
+    shapes = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(wrapped).items()}
+    return AdapterPlan(lora, int(trainable), int(total), adapted, adapter.load_in_4bit, shapes)
 
 
 def check_quantization(adapter: AdapterConfig, *, use_cpu: bool) -> None:
@@ -232,7 +196,7 @@ def add_adapter_note(readme: Path, base: ModelConfig, plan: AdapterPlan) -> None
         f"{plan.trainable_parameters:,} trainable parameters of {plan.total_parameters:,} "
         f"({plan.trainable_percent:.4f}%).\n\n"
         "Load it with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_DIR)`, or "
-        "write a standalone merged model with `clm-runner export THIS_DIR --merge --output DIR`.\n"
+        "write a standalone merged model with `clm-runner export --run THIS_DIR --merge --output DIR`.\n"
     )
     write_text_atomic(readme, text.rstrip("\n") + "\n" + note)
 

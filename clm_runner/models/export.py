@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clm_runner.config.schema import ModelConfig
-from clm_runner.errors import ModelError, OutputDirError
+from clm_runner.errors import ModelError, OutputDirError, RecipeError
 from clm_runner.models.adapter_runs import base_model_config, is_adapter_dir
 from clm_runner.models.adapters import ADAPTER_CONFIG
 
@@ -89,6 +89,16 @@ def export_model(source: Path, output: Path, *, merge: bool, overrides: Sequence
         raise ModelError(problem)
     check_output(output)
     adapter = is_adapter_dir(source)
+    if overrides and not (adapter and merge):
+        what = (
+            "an adapter exported without --merge is copied as it is"
+            if adapter
+            else f"{source} is a full model"
+        )
+        raise RecipeError(
+            f"--set changes the base model an adapter is merged into, so it applies only with --merge on an adapter "
+            f"run; {what}, and nothing would read it. Remove --set."
+        )
     base = None
     if adapter and merge:
         base, four_bit = base_model_config(source, overrides)

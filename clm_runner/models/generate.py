@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from clm_runner.errors import ClmError
+from clm_runner.errors import ClmError, RecipeError
 
 
 class GenerationOptionError(ClmError):
@@ -65,8 +65,19 @@ def load_for_generation(
     An adapter run is put back on its base model; `overrides` (`model.model_name_or_path=DIR`) can point
     at a local copy of that base.
     """
+    from clm_runner.models.adapter_runs import is_adapter_dir
     from clm_runner.models.trained import load_trained
 
+    if overrides and not is_adapter_dir(model_dir):
+        raise RecipeError(
+            f"--set: {model_dir} is a full model, loaded from its own files; --set only points an adapter run at "
+            "its base model. Remove --set."
+        )
+    unused = [item for item in overrides if not item.strip().startswith("model.")]
+    if unused:
+        raise RecipeError(
+            f"--set {unused[0]}: generate reads only model.* keys (where an adapter run's base model is). Remove it."
+        )
     model, tokenizer = load_trained(model_dir, dtype=_dtype_for(device), overrides=overrides)
     return tokenizer, model.to(device).eval()
 

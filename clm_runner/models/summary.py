@@ -73,6 +73,10 @@ class ModelSummary:
     adapter_parameters: int = 0
     """LoRA adapter parameters (the trainable ones) in an adapter run; 0 when every weight trains."""
 
+    def to_dict(self) -> dict:
+        """Plain data for `clm-runner model --json`: every count, the FLOPs and the module tree."""
+        return dataclasses.asdict(self)
+
 
 def _parameter_owners(model: nn.Module) -> dict[str, str]:
     """Map each parameter name to the name under which the same tensor is first reached (itself if untied)."""

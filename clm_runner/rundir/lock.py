@@ -3,7 +3,8 @@
 The lock file `.clm-runner.lock` holds the owner's pid, host, command and start time. It appears
 atomically (written in full under a temporary name, then hard-linked into place, which fails if a lock
 exists) and its owner holds an flock on it for as long as it lives. An existing lock is live when it is
-flocked or its pid still runs on this host; a lock from another host cannot be checked and counts as live.
+flocked; where it is not, its owner on this host is gone even if another program now has its pid. Only on a
+file system without flock does the pid decide. A lock from another host cannot be checked and counts as live.
 """
 
 from __future__ import annotations
@@ -73,29 +74,36 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _flocked_by_someone(path: Path) -> bool:
+def flock_held(path: Path) -> bool | None:
+    """Whether a process holds an flock on `path`: True, False, or None where the file system has no flock
+    (or the file cannot be opened), and only the pid can tell."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     except OSError:  # a filesystem without flock: fall back to the pid test
-        return False
+        return None
     finally:
         os.close(fd)
     return False
 
 
 def owner_is_live(owner: LockOwner | None, path: Path) -> bool:
-    if _flocked_by_someone(path):
+    held = flock_held(path)
+    if held:
         return True
     if owner is None:
         return False
     if owner.host != socket.gethostname():
         return True  # cannot look at another machine's processes: assume it is still running
+    if held is False:
+        # Its owner holds the flock for as long as it lives: free means dead, even where the pid now runs
+        # another program (pids are reused).
+        return False
     if owner.pid == os.getpid():
         return path.resolve() in _HELD
     return pid_alive(owner.pid)

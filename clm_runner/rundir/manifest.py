@@ -137,9 +137,15 @@ class RunManifest:
         data: Mapping[str, Any],
         devices: Mapping[str, Any],
         resumed_from: Path | None,
+        branched_from: Mapping[str, Any] | None = None,
     ) -> RunManifest:
+        """`branched_from`: the checkpoint this attempt was told to resume from (--resume-from); without
+        one, an attempt continuing the run in the dir keeps the one its run.json named (the line's)."""
         secrets = secret_values(recipe)
-        previous = _previous_attempts(output_dir / MANIFEST_NAME)
+        old = _read_record(output_dir / MANIFEST_NAME)
+        previous = _previous_attempts(old)
+        if branched_from is None and old is not None:
+            branched_from = old.get("branched_from")
         record: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "status": "running",
@@ -156,6 +162,7 @@ class RunManifest:
             "data": dict(data),
             "seed": seed,
             "resumed_from": str(resumed_from) if resumed_from else None,
+            "branched_from": dict(branched_from) if branched_from else None,
             "started_at": _now(),
             "ended_at": None,
             "global_step": None,
@@ -180,15 +187,18 @@ class RunManifest:
         write_text_atomic(self.path, scrub(text, self._secrets))
 
 
-def _previous_attempts(path: Path) -> list[dict[str, Any]]:
-    """Earlier attempts in this output dir (a resumed run), newest last, without their own history."""
-    if not path.exists():
-        return []
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The run.json an earlier attempt left in the output dir, if any (and readable)."""
     try:
         old = read_json(path)
     except (OSError, ValueError):
-        return []
-    if not isinstance(old, dict):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def _previous_attempts(old: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Earlier attempts in this output dir (a resumed run), newest last, without their own history."""
+    if old is None:
         return []
     attempts = [a for a in old.get("previous_attempts", []) if isinstance(a, dict)]
     summary_keys = (
@@ -198,6 +208,7 @@ def _previous_attempts(path: Path) -> list[dict[str, Any]]:
         "ended_at",
         "global_step",
         "resumed_from",
+        "branched_from",
         "recipe_hash",
         "error",
     )

@@ -6,25 +6,34 @@ removed that, so this module is the one place that decides it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import shutil
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clm_runner.errors import OutputDirError
+from clm_runner.rundir.branch import (
+    ARCHIVE_DIR,
+    archive,
+    began_at,
+    later_entries,
+    leave_line,
+    origin_record,
+    restart_point,
+    resume_point,
+    shown,
+)
+from clm_runner.rundir.changes import changes_what_is_trained, compare_length, recipe_changes
 from clm_runner.rundir.checkpoints import (
     CHECKPOINT_PATTERN,
-    DELETING_PREFIX,
-    STAGING_PREFIX,
     TRAINER_STATE,
-    checkpoint_problem,
     checkpoint_step,
     scan_checkpoints,
     warn_torn,
 )
+from clm_runner.rundir.evaluations import numbers_of, require_numbers
 from clm_runner.rundir.files import (
     default_file_mode,
     give_default_modes,
@@ -32,6 +41,7 @@ from clm_runner.rundir.files import (
     write_json_atomic,
     write_text_atomic,
 )
+from clm_runner.rundir.leftovers import FINAL_STAGING, is_leftover, remove_leftovers
 from clm_runner.rundir.lock import LOCK_NAME
 
 logger = logging.getLogger("clm_runner")
@@ -39,6 +49,7 @@ logger = logging.getLogger("clm_runner")
 # Re-exported: callers found checkpoints here before clm_runner.rundir.checkpoints existed.
 __all__ = [
     "CHECKPOINT_PATTERN",
+    "FINAL_STAGING",
     "TRAINER_STATE",
     "checkpoint_step",
     "default_file_mode",
@@ -46,6 +57,8 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "read_json",
+    "recipe_changes",
+    "remove_leftovers",
     "write_json_atomic",
     "run_dir_of",
     "write_text_atomic",
@@ -54,9 +67,6 @@ __all__ = [
 
 RECIPE_FILE = "recipe.toml"
 """The resolved recipe a run was trained with; `eval --run` and `report` read it."""
-STAGING_PREFIXES = (STAGING_PREFIX, DELETING_PREFIX)
-FINAL_STAGING = "tmp-final"
-"""Where the final model is written before its files are renamed into the output dir."""
 
 
 def run_dir_of(model_dir: Path) -> Path | None:
@@ -81,8 +91,6 @@ def latest_checkpoint(output_dir: Path, *, warn: bool = True) -> Path | None:
     return newest
 
 
-ARCHIVE_DIR = "previous-runs"
-"""Where a run started over with --overwrite moves the run it replaces (nothing is deleted)."""
 MANIFEST_NAME = "run.json"
 LOG_FILE_NAME = "train.log"
 TENSORBOARD_DIR = "runs"
@@ -93,6 +101,8 @@ EARLY_RUN_FILES = frozenset(
 )
 # Names that show a directory holds a clm-runner run (as opposed to files of the user's own).
 RUN_MARKERS = (MANIFEST_NAME, RECIPE_FILE, TRAINER_STATE)
+# What a branch continues rather than leaves behind: the run's record, recipe and logs.
+LINE_FILES = frozenset({MANIFEST_NAME, RECIPE_FILE, LOG_FILE_NAME, TENSORBOARD_DIR})
 
 
 @dataclass(frozen=True)
@@ -117,36 +127,10 @@ class OutputPlan:
     """Move the run the directory holds to previous-runs/<time>/ when this run starts."""
     recipe_changes: tuple[str, ...] = ()
     """Keys whose value differs from the run in the directory ("training.max_steps: 6 -> 12")."""
-
-
-def is_leftover(name: str) -> bool:
-    """What a killed attempt can leave half written: staging dirs and atomic writes' temporary files."""
-    return (
-        name.startswith(STAGING_PREFIXES)
-        or name == FINAL_STAGING
-        or (name.startswith(".") and name.endswith(".tmp"))
-        or name.startswith(f".{LOCK_NAME}.")  # RunLock's record, written in full before it is linked
-    )
-
-
-def remove_leftovers(output_dir: Path) -> list[Path]:
-    """Remove what killed attempts left half written (only call while holding the run's lock)."""
-    from clm_runner.rundir.lock import pid_alive
-
-    removed = []
-    for path in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
-        if not is_leftover(path.name):
-            continue
-        if path.name.startswith(f".{LOCK_NAME}."):
-            pid = path.name.rpartition(".")[2]
-            if pid.isdigit() and pid_alive(int(pid)):
-                continue  # another process taking the lock right now: its own temporary file
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
+    set_aside: tuple[str, ...] = ()
+    """A branch: what of the line it leaves moves to previous-runs/<time>/ when this run starts."""
+    branched_from: Mapping[str, Any] | None = None
+    """The checkpoint named to resume from (run.json's branched_from), None for every other start."""
 
 
 def _entries(output_dir: Path) -> list[str]:
@@ -156,25 +140,18 @@ def _entries(output_dir: Path) -> list[str]:
     return sorted(p.name for p in output_dir.iterdir() if p.name not in (LOCK_NAME, ARCHIVE_DIR))
 
 
+def _holds_run(entries: list[str]) -> bool:
+    return any(name in entries for name in RUN_MARKERS) or any(
+        checkpoint_step(Path(name)) is not None or is_leftover(name) for name in entries
+    )
+
+
 def _read_manifest(output_dir: Path) -> dict[str, Any] | None:
     try:
         record = read_json(output_dir / MANIFEST_NAME)
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
-
-
-def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose value differs between two resolved recipes, each as "key: old -> new"."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        changes: list[str] = []
-        for key in sorted(set(old) | set(new)):
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            changes.extend(recipe_changes(old.get(key), new.get(key), dotted))
-        return changes
-    if old != new:
-        return [f"{prefix}: {old!r} -> {new!r}"]
-    return []
 
 
 def _finished_steps(output_dir: Path) -> tuple[int, float] | None:
@@ -186,26 +163,13 @@ def _finished_steps(output_dir: Path) -> tuple[int, float] | None:
         return None
 
 
-def _extends(identity: RunIdentity, reached: tuple[int, float] | None) -> bool:
-    """Whether the recipe asks for more training than a finished run did."""
-    if reached is None:
-        return False
-    step, epoch = reached
-    if identity.max_steps > 0:
-        return identity.max_steps > step
-    return identity.num_train_epochs > epoch + 1e-9
-
-
-def _shown(entries: list[str]) -> str:
-    return ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-
-
 def plan_output_dir(
     output_dir: Path,
     *,
     overwrite: bool = False,
     resume: bool = True,
     resume_from: str | None = None,
+    recipe_resume_from: str | None = None,
     identity: RunIdentity | None = None,
 ) -> OutputPlan:
     """Decide, before any heavy work, whether and how a run may use `output_dir`. Never deletes anything.
@@ -214,6 +178,9 @@ def plan_output_dir(
     - a finished run with the same length: complete, nothing to do (a longer recipe continues it).
     - complete checkpoints: resume from the newest (--no-resume needs --overwrite, which moves the old run
       to previous-runs/ first, so the two can never mix).
+    - `resume_from` (--resume-from) names a checkpoint: resume from it, a branch when the dir holds more of
+      the line it leaves (see clm_runner.rundir.branch). `recipe_resume_from` (the recipe's
+      resume_from_checkpoint) does the same, unless the dir's line began there: then the line continues.
     - only this run's early files (its run.json for the same recipe, log, staging leftovers): start over in
       place, as the same command would have done had the first attempt not been cut short.
     - anything else is refused unless --overwrite.
@@ -226,28 +193,46 @@ def plan_output_dir(
     changes: tuple[str, ...] = ()
     if identity is not None and manifest is not None and isinstance(manifest.get("recipe"), dict):
         changes = tuple(recipe_changes(manifest["recipe"], identity.resolved))
+    if (
+        resume_from is None
+        and recipe_resume_from
+        and not began_at(manifest, Path(recipe_resume_from), output_dir)
+    ):
+        resume_from = recipe_resume_from
     if resume_from is not None:
-        checkpoint = _complete_resume_point(Path(resume_from), output_dir)
-        return OutputPlan(
-            output_dir, checkpoint, f"Resuming from {checkpoint} (--resume-from).", "resume", False, changes
-        )
+        return _named_checkpoint_plan(output_dir, Path(resume_from), manifest, changes, overwrite=overwrite)
 
     entries = _entries(output_dir)
     if all(is_leftover(name) for name in entries):  # nothing but what a killed start left half written
         return OutputPlan(output_dir, None, f"Training into new output dir {output_dir}.")
-    holds_run = any(name in entries for name in RUN_MARKERS) or any(
-        checkpoint_step(Path(name)) is not None or is_leftover(name) for name in entries
-    )
+    holds_run = _holds_run(entries)
     if overwrite and not resume:
         return _overwrite_plan(output_dir, changes, holds_run=holds_run)
 
-    finished = manifest is not None and manifest.get("status") == "completed"
+    # Completed, and its end is still there (a branch that moved it aside and was cut short is not).
+    reached = _finished_steps(output_dir)
+    finished = manifest is not None and manifest.get("status") == "completed" and reached is not None
     # A run that early stopping ended is complete at fewer steps than it was allowed (resumed with the same
     # [early_stopping], it would stop again at once).
     stopped_early = finished and bool((manifest.get("early_stopping") or {}).get("stopped_early"))
     same_rule = not any(change.startswith("early_stopping") for change in changes)
-    extends = _extends(identity, _finished_steps(output_dir)) if identity is not None else False
-    if finished and resume and identity is not None and not (extends and not (stopped_early and same_rule)):
+    length = 0
+    if identity is not None:
+        length = compare_length(identity.max_steps, identity.num_train_epochs, reached)
+    if (
+        finished
+        and resume
+        and identity is not None
+        and not (length > 0 and not (stopped_early and same_rule))
+    ):
+        # Nothing to train: unless the recipe asks for another run than the one the dir holds.
+        different = changes_what_is_trained(changes, shorter=length < 0)
+        if different:
+            raise OutputDirError(
+                f"Output dir {output_dir} holds a finished run and the recipe changes what it would train: "
+                f"{'; '.join(different)}. Use another training.output_dir, or pass --no-resume --overwrite to "
+                "start over there (the finished run is moved to previous-runs/, nothing is deleted)."
+            )
         return OutputPlan(output_dir, None, _complete_note(output_dir, changes), "complete", False, changes)
 
     newest = latest_checkpoint(output_dir, warn=resume)
@@ -277,6 +262,15 @@ def plan_output_dir(
                 f"differs in: {'; '.join(changes)}. Use the same recipe to start it over, or pass --overwrite "
                 "(the old attempt is moved aside, nothing is deleted), or use another training.output_dir."
             )
+        origin = restart_point(manifest, output_dir)
+        if origin is not None:  # begun from a named checkpoint (run.json's branched_from): from it again
+            return OutputPlan(
+                output_dir,
+                origin,
+                f"Output dir {output_dir} holds this run's first attempt, begun from {origin} and stopped "
+                f"before its first checkpoint: resuming from {origin} again.",
+                "resume",
+            )
         return OutputPlan(
             output_dir,
             None,
@@ -293,7 +287,7 @@ def plan_output_dir(
             f"to {output_dir / ARCHIVE_DIR}/), or use another training.output_dir."
         )
     raise OutputDirError(
-        f"Output dir {output_dir} is not empty ({_shown(entries)}) and has no checkpoint to resume. "
+        f"Output dir {output_dir} is not empty ({shown(entries)}) and has no checkpoint to resume. "
         "Use another training.output_dir (--set training.output_dir=DIR), or pass --overwrite to train into it."
     )
 
@@ -333,54 +327,72 @@ def _complete_note(output_dir: Path, changes: tuple[str, ...]) -> str:
 
 def archive_previous_run(output_dir: Path) -> Path | None:
     """Move everything the directory holds (but the lock) to previous-runs/<time>/; returns that folder."""
-    entries = _entries(output_dir)
-    if not entries:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = output_dir / ARCHIVE_DIR / stamp
-    suffix = 1
-    while target.exists():
-        suffix += 1
-        target = output_dir / ARCHIVE_DIR / f"{stamp}-{suffix}"
-    target.mkdir(parents=True)
-    for name in entries:
-        os.replace(output_dir / name, target / name)
-    logger.warning("Moved the previous run in %s to %s (nothing deleted).", output_dir, target)
+    target = archive(output_dir, _entries(output_dir))
+    if target is not None:
+        logger.warning("Moved the previous run in %s to %s (nothing deleted).", output_dir, target)
     return target
 
 
-def _complete_resume_point(checkpoint: Path, output_dir: Path) -> Path:
-    """--resume-from's checkpoint if complete; if torn, the newest complete one before it (with a warning)."""
-    if not checkpoint.is_dir():
+def move_aside(plan: OutputPlan) -> Path | None:
+    """When a run starts: the run it replaces (--overwrite) or the line it leaves (a branch) moves to
+    previous-runs/<time>/, so nothing of it is resumed or rotated; returns that folder."""
+    if plan.archive:
+        return archive_previous_run(plan.output_dir)
+    if plan.set_aside:
+        copies = (MANIFEST_NAME, RECIPE_FILE)
+        return leave_line(plan.output_dir, plan.set_aside, plan.resume_from, copies=copies)
+    return None
+
+
+def _kept_by_a_branch(name: str) -> bool:
+    return name in LINE_FILES or is_leftover(name)
+
+
+def _named_checkpoint_plan(
+    output_dir: Path,
+    named: Path,
+    manifest: dict[str, Any] | None,
+    changes: tuple[str, ...],
+    *,
+    overwrite: bool,
+) -> OutputPlan:
+    """Resume from a named checkpoint: of this dir's line (a branch when the dir holds more of it), or of
+    another run dir into an empty one (or one whose line began there); any other dir would mix two runs."""
+    checkpoint = resume_point(named, output_dir)
+    origin = origin_record(checkpoint, output_dir)
+    entries = _entries(output_dir)
+    note = f"Resuming from {checkpoint} (--resume-from)."
+    same_line = origin["in_run_dir"] or began_at(manifest, checkpoint, output_dir)
+    if same_line or all(is_leftover(name) for name in entries):
+        reached = _finished_steps(output_dir)
+        aside = later_entries(entries, origin["step"], reached[0] if reached else None, _kept_by_a_branch)
+        if aside:
+            note += (
+                f" A branch: the line it leaves ({shown(aside)}) is moved to {output_dir / ARCHIVE_DIR}/ when "
+                "training starts; nothing is deleted."
+            )
+        return OutputPlan(output_dir, checkpoint, note, "resume", False, changes, aside, origin)
+    holds_run = _holds_run(entries)
+    if not overwrite:
+        what, fix = ("another run", "to move that run to previous-runs/ first (nothing is deleted)")
+        if not holds_run:
+            what, fix = f"files that are not a run ({shown(entries)})", "to train into it"
         raise OutputDirError(
-            f"--resume-from {checkpoint}: not a checkpoint (no such directory). "
-            f"Pass a checkpoint-N directory, e.g. {output_dir}/checkpoint-500."
+            f"Output dir {output_dir} holds {what}: resuming {checkpoint} into it would mix the two. Use "
+            f"another training.output_dir, or pass --overwrite {fix}."
         )
-    problem = checkpoint_problem(checkpoint)
-    if problem is None:
-        return checkpoint
-    step = checkpoint_step(checkpoint)
-    if step is None:
-        raise OutputDirError(
-            f"--resume-from {checkpoint}: not a complete checkpoint ({problem}). "
-            f"Pass a checkpoint-N directory written by clm-runner, e.g. {output_dir}/checkpoint-500."
-        )
-    earlier = [p for p in scan_checkpoints(checkpoint.parent).complete if (checkpoint_step(p) or 0) < step]
-    if not earlier:
-        raise OutputDirError(
-            f"--resume-from {checkpoint} is torn ({problem}) and no complete checkpoint precedes it. "
-            "Pass another checkpoint, or start over with --no-resume."
-        )
-    logger.warning(
-        "Skipping torn checkpoint %s: %s. Resuming from %s instead.", checkpoint, problem, earlier[-1]
-    )
-    return earlier[-1]
+    plan = _overwrite_plan(output_dir, changes, holds_run=holds_run)
+    return dataclasses.replace(plan, resume_from=checkpoint, note=f"{note} {plan.note}", branched_from=origin)
 
 
 def save_metrics(output_dir: Path, split: str, metrics: dict[str, Any]) -> None:
-    """`{split}_results.json`, merged into `all_results.json` (run_clm's files), each replaced atomically."""
+    """`{split}_results.json`, merged into `all_results.json` (run_clm's files), each replaced atomically.
+
+    Numbers only, as run_clm's readers expect (how they were computed is in evaluations.json)."""
+    require_numbers(metrics, f"{split}_results.json")
     write_json_atomic(output_dir / f"{split}_results.json", metrics)
     combined_path = output_dir / "all_results.json"
-    combined = read_json(combined_path) if combined_path.exists() else {}
+    # A run written by an older clm-runner may hold descriptions there: only its numbers are kept.
+    combined = numbers_of(read_json(combined_path)) if combined_path.exists() else {}
     combined.update(metrics)
     write_json_atomic(combined_path, combined)

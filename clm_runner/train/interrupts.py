@@ -121,10 +121,15 @@ class GracefulStop:
         return bool(flag.item())
 
 
-def resume_command(argv: Sequence[str], output_dir: Path, secrets: Iterable[str] = ()) -> str:
+def resume_command(
+    argv: Sequence[str], output_dir: Path, secrets: Iterable[str] = (), *, keep_resume_from: bool = False
+) -> str:
     """The command that continues this run: the same one, minus flags that would stop it from resuming.
 
-    A token given with `--set model.token=...` is left out (it is never printed); the command says so.
+    `--resume-from` is dropped once the run has started (run.json records the checkpoint it named, and the
+    run dir holds its line): given again it would go back there. Before that, it is what says where the
+    line starts, and is kept. A token given with `--set model.token=...` is left out (it is never printed);
+    the command says so.
     """
     launcher, launcher_note = launcher_prefix()
     program = launcher or "clm-runner"
@@ -139,10 +144,10 @@ def resume_command(argv: Sequence[str], output_dir: Path, secrets: Iterable[str]
             continue
         if arg in ("--no-resume", "--overwrite"):
             continue
-        if arg == "--resume-from":
+        if arg == "--resume-from" and not keep_resume_from:
             skip_next = True
             continue
-        if arg.startswith("--resume-from="):
+        if arg.startswith("--resume-from=") and not keep_resume_from:
             continue
         kept.append(arg)
     kept, dropped = drop_secret_sets(kept)

@@ -161,6 +161,8 @@ class RunTotals(TrainerCallback, ExportableState):
     A resumed attempt starts from the totals of the checkpoint it resumes from (work an interrupted attempt
     did after its last checkpoint is redone, so it is counted once): seconds of training, tokens trained and
     measured training seconds (tokens/s), the summed per-step loss (the run's mean train loss), attempts.
+    The tokens are the trainer's count of every micro-batch, so a checkpoint holds exactly its steps' tokens,
+    whichever step it is written at (one a signal stops on, between logging steps, included).
     """
 
     KEYS = ("train_seconds", "step_seconds", "tokens", "loss_sum", "attempts")
@@ -168,6 +170,8 @@ class RunTotals(TrainerCallback, ExportableState):
     def __init__(self, throughput: ThroughputCallback, block_size: int) -> None:
         self.throughput = throughput
         self.block_size = block_size
+        self.tokens_trained = throughput.tokens_trained  # the trainer's counter, every micro-batch
+        self._tokens_at_start = 0
         self.base: dict[str, float] = dict.fromkeys(self.KEYS, 0.0)
         self.started: float | None = None
         self.loss_this_attempt = 0.0
@@ -175,6 +179,7 @@ class RunTotals(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
+        self._tokens_at_start = self.tokens_trained()
         if state.global_step == 0:
             return  # a new run (the Trainer fills stateful_callbacks with our own fresh state)
         stored = (state.stateful_callbacks or {}).get(type(self).__name__)
@@ -185,10 +190,12 @@ class RunTotals(TrainerCallback, ExportableState):
 
     def totals(self) -> dict[str, float]:
         elapsed = time.time() - self.started if self.started is not None else 0.0
+        # A checkpoint written where no stretch of steps closed (a signal's) still counts this one's seconds.
+        self.throughput._close()
         return {
             "train_seconds": self.base["train_seconds"] + elapsed,
             "step_seconds": self.base["step_seconds"] + self.throughput.seconds,
-            "tokens": self.base["tokens"] + self.throughput.tokens,
+            "tokens": self.base["tokens"] + (self.tokens_trained() - self._tokens_at_start),
             "loss_sum": self.base["loss_sum"] + self.loss_this_attempt,
             "attempts": self.base["attempts"] + 1,
         }

@@ -13,12 +13,39 @@ def evaluation_of_the_final_model(trainer: Any) -> dict[str, Any] | None:
     or steps that divide the run): reused, not computed a second time. None otherwise: when load_best_model_at_end
     brought back an earlier checkpoint, or when the evaluation ran in an earlier attempt (a resumed run may
     validate on other data)."""
-    state = trainer.state
-    if trainer.last_evaluation is None or trainer.last_evaluation[0] != state.global_step:
-        return None
-    if trainer.args.load_best_model_at_end and state.best_global_step not in (None, state.global_step):
+    final_step = trainer.final_weights_step
+    if trainer.last_evaluation is None or final_step is None or trainer.last_evaluation[0] != final_step:
         return None
     return dict(trainer.last_evaluation[1])
+
+
+def trained_samples(train_dataset: Any, metrics: dict[str, Any], block_size: int) -> int:
+    """run_clm's train_samples: the training blocks. A stream has no length (run_clm wrote -1, or the requested
+    maximum): there it is the blocks the run trained on, every attempt counted (its tokens / block size)."""
+    try:
+        return len(train_dataset)
+    except TypeError:
+        return int(metrics["train_tokens"]) // block_size
+
+
+def final_evaluation_description(
+    trainer: Any, recipe: Recipe, block_size: int, validation: Any
+) -> dict[str, Any]:
+    """How train's final evaluation was computed, for evaluations.json (eval_results.json holds its numbers)."""
+    from clm_runner.rundir.evaluations import describe_recipe_data
+
+    state, args = trainer.state, trainer.args
+    best = args.load_best_model_at_end and state.best_global_step not in (None, state.global_step)
+    return {
+        "by": "clm-runner train",
+        "split": "validation",
+        "method": "blocks",
+        "block_size": block_size,
+        "model": str(args.output_dir),
+        "model_step": state.best_global_step if best else state.global_step,
+        **describe_recipe_data(recipe),
+        "sources": list(validation.parts) or None,
+    }
 
 
 def prepared_record(split: Any) -> dict[str, Any]:

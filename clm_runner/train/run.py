@@ -21,13 +21,15 @@ from typing import Any
 from clm_runner import faults
 from clm_runner.config.render import render_toml, unrecorded_secrets
 from clm_runner.config.schema import Recipe
+from clm_runner.rundir.changes import restored_on_resume
+from clm_runner.rundir.evaluations import record_evaluation
 from clm_runner.rundir.policy import (
     LOG_FILE_NAME,
     RECIPE_FILE,
     OutputPlan,
-    archive_previous_run,
     give_default_modes,
     latest_checkpoint,
+    move_aside,
     write_text_atomic,
 )
 from clm_runner.train.checkpoints import save_final_model
@@ -44,10 +46,11 @@ from clm_runner.train.distributed import (
 )
 from clm_runner.train.interrupts import GracefulStop, RunInterrupted, StopNow, signal_name
 from clm_runner.train.results import (
-    count_blocks,
     evaluation_of_the_final_model,
+    final_evaluation_description,
     model_card_kwargs,
     prepared_record,
+    trained_samples,
 )
 from clm_runner.train.setup import RunSetup, TrainOptions, prepare_run
 
@@ -56,7 +59,7 @@ logger = logging.getLogger("clm_runner")
 
 def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
     """Train as the recipe says, evaluate, and leave run_clm's files plus recipe.toml and run.json."""
-    from clm_runner.config.secrets import redact_argv, secret_values
+    from clm_runner.config.secrets import redact_argv, remember_value, secret_values
     from clm_runner.logs import buffer_log, setup_logging
     from clm_runner.rundir.lock import RunLock
 
@@ -64,6 +67,7 @@ def run_training(recipe: Recipe, options: TrainOptions) -> dict[str, Any]:
     options = dataclasses.replace(options, quiet=not live)  # plain lines off a terminal, as --quiet
     quiet_replica_logging()
     if recipe.training.get("hub_token"):
+        remember_value(os.environ.get("HF_TOKEN"))  # replaced, yet still a secret to mask
         os.environ["HF_TOKEN"] = str(recipe.training["hub_token"])  # read by huggingface_hub
     # Until the run starts, the log is kept in memory: a start that fails writes no train.log.
     log = buffer_log(secrets=secret_values(recipe)) if is_main_process() else None
@@ -112,6 +116,8 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     if args.should_log:
         logger.info(plan.note)
         logger.info(describe_line(describe(setup.recorded_kwargs)))
+        if plan.resume_from is not None and (restored := restored_on_resume(plan.recipe_changes)):
+            logger.warning(restored)
     # Seeded before the model is built, as run_clm does, so a from-scratch init is reproducible.
     set_seed(args.seed)
     logger.info(global_batch(args, setup.block_size).describe())
@@ -183,7 +189,7 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     metrics = totals.whole_run_metrics(dict(train_result.metrics), trainer, throughput)
     if args.should_log:
         logger.info(throughput_line(metrics))
-    metrics["train_samples"] = count_blocks(train_dataset, recipe.data.max_train_samples)
+    metrics["train_samples"] = trained_samples(train_dataset, metrics, setup.block_size)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
@@ -192,14 +198,16 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     if args.do_eval:
         logger.info("*** Evaluate ***")
         eval_metrics = evaluation_of_the_final_model(trainer) or trainer.evaluate()
-        eval_metrics["eval_samples"] = count_blocks(
-            prepared["validation"].blocks, recipe.data.max_eval_samples
-        )
-        # run_clm's key for it, and how the number was computed, as `clm-runner eval` labels it.
-        eval_metrics["perplexity"] = eval_metrics["eval_perplexity"]
-        eval_metrics.update(method="blocks", block_size=setup.block_size, split="validation")
+        eval_metrics["perplexity"] = eval_metrics["eval_perplexity"]  # run_clm's key for it
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+        if trainer.is_world_process_zero():
+            # How the number was computed, as `clm-runner eval` describes its own (numbers only in the file).
+            record_evaluation(
+                plan.output_dir,
+                plan.output_dir / "eval_results.json",
+                final_evaluation_description(trainer, recipe, setup.block_size, prepared["validation"]),
+            )
         results["eval"] = eval_metrics
 
     faults.point("card.write", plan.output_dir / "README.md")
@@ -230,6 +238,8 @@ class _RunSession:
         self.log = log
         self.manifest: Any = None
         self.started = False
+        self.recorded = False
+        """run.json of this attempt is written: it names the checkpoint a --resume-from started the line at."""
         self.started_at = time.time()
 
     def begin(self, prepared: dict[str, Any]) -> None:
@@ -240,19 +250,19 @@ class _RunSession:
             return
         from clm_runner.rundir.policy import remove_leftovers
 
-        if self.plan.archive:
-            archive_previous_run(self.plan.output_dir)
+        previous_line = move_aside(self.plan)
         for leftover in remove_leftovers(self.plan.output_dir):
             logger.info("Removed %s, left half written by an attempt that was stopped.", leftover)
         # run.json first: a directory holding it (and its log) is known to be this run's, if the start is
         # cut short here, and the same command starts it over in place.
-        self.start_manifest(prepared)
+        self.start_manifest(prepared, previous_line)
+        self.recorded = True
         if self.log is not None:
             self.log.start_file(self.plan.output_dir / LOG_FILE_NAME)
         save_resolved_recipe(self.recipe, self.plan, self.setup.resolved)
         faults.point("startup.begun", self.plan.output_dir)
 
-    def start_manifest(self, prepared: dict[str, Any]) -> None:
+    def start_manifest(self, prepared: dict[str, Any], previous_line: Path | None = None) -> None:
         from clm_runner.data.sources import data_fingerprint
         from clm_runner.rundir.manifest import RunManifest, device_info
         from clm_runner.train.device import describe
@@ -268,6 +278,11 @@ class _RunSession:
             data=data,
             devices=device_info(self.setup.args),
             resumed_from=self.plan.resume_from,
+            branched_from=self.plan.branched_from
+            and {
+                **self.plan.branched_from,
+                "previous_line": str(previous_line) if previous_line else None,
+            },
         )
         # The precision / compile / data-loading choice made for this device (performance.py).
         self.manifest.update(
@@ -296,7 +311,9 @@ class _RunSession:
                     "global_step": state.best_global_step,
                     "metric": args.metric_for_best_model,
                     "value": state.best_metric,
-                    "final_model_is_best": bool(args.load_best_model_at_end and best),
+                    # Only when the final weights came from it (a best checkpoint that is gone is not loaded).
+                    "final_model_is_best": trainer.final_weights_step is not None
+                    and trainer.final_weights_step == state.best_global_step,
                 }
             )
         if early_stopping is not None:
@@ -321,7 +338,13 @@ class _RunSession:
         from clm_runner.config.secrets import secret_values
         from clm_runner.train.interrupts import resume_command
 
-        return resume_command(self.options.argv, self.plan.output_dir, secret_values(self.recipe))
+        # Until run.json records where the line starts, the rerun needs --resume-from to find it.
+        return resume_command(
+            self.options.argv,
+            self.plan.output_dir,
+            secret_values(self.recipe),
+            keep_resume_from=not self.recorded,
+        )
 
     def interrupted(self, global_step: int) -> RunInterrupted:
         signum = self.stop.signum or 2

@@ -85,6 +85,10 @@ def build_training_args(kwargs: dict[str, Any]):
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"[training] is inconsistent: {str(exc).strip()}") from None
+    except ImportError as exc:  # a package a key needs (preflight.check_packages names the known ones)
+        raise RecipeError(f"[training] needs a package that is not installed: {str(exc).strip()}") from None
+    except OSError as exc:  # a config file a key names (fsdp_config, accelerator_config, deepspeed)
+        raise RecipeError(f"[training] names a file that can't be read: {exc}. Fix the path.") from None
 
 
 @dataclass(frozen=True)
@@ -134,12 +138,14 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
     from clm_runner.data.blocks import resolve_block_size
     from clm_runner.data.sources import check_data_sources
     from clm_runner.models.hub import require_hub_for_push
-    from clm_runner.models.loading import check_model_sources, load_config, load_tokenizer
+    from clm_runner.models.loading import build_meta_model, check_model_sources, load_config, load_tokenizer
     from clm_runner.rundir.lock import ensure_free
+    from clm_runner.train.preflight import check_packages, check_trainer_keys
 
-    resume_from = resume_point(recipe, options)
+    resume_point(recipe, options)  # --resume-from and the recipe's key agree, and --no-resume neither
     kwargs = training_kwargs(recipe)
     recorded = training_kwargs(recipe, with_device_defaults=False)
+    check_packages(kwargs)
     # Built first: in a multi-process run this creates the process group that the decisions are shared on.
     args = build_training_args(kwargs)
     check_one_job(args)
@@ -149,7 +155,10 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
     check_data_sources(recipe.data, recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     config = load_config(recipe.model)
-    block_size = resolve_block_size(recipe.data.block_size, tokenizer, config, warn=logger.warning)
+    check_trainer_keys(args, meta_model=lambda: build_meta_model(config))
+    block_size = resolve_block_size(
+        recipe.data.block_size, tokenizer, config, warn=logger.warning, clamp=recipe.data.clamp_block_size
+    )
     adapter = None
     if recipe.adapter is not None:
         from clm_runner.models.adapters import check_quantization, plan_adapter
@@ -168,15 +177,17 @@ def prepare_run(recipe: Recipe, options: TrainOptions, *, decide: Any = None) ->
             recipe.output_dir,
             overwrite=options.overwrite,
             resume=options.resume,
-            resume_from=resume_from,
+            resume_from=options.resume_from,
+            # The recipe's key names where its line starts: a rerun continues the line begun there.
+            recipe_resume_from=None if options.resume_from else recipe.training.get("resume_from_checkpoint"),
             identity=identity,
         )
 
     plan = (decide or (lambda fn: fn()))(decide_plan)
     if plan.resume_from is not None:
-        from clm_runner.models.adapters import check_resume_matches
+        from clm_runner.models.resume_match import check_resume_matches
 
-        check_resume_matches(Path(plan.resume_from), adapter)
+        check_resume_matches(Path(plan.resume_from), adapter, config)
     return RunSetup(recipe, options, kwargs, recorded, args, tokenizer, config, block_size, plan, adapter)
 
 

@@ -11,7 +11,10 @@ files are replaced atomically; a SIGINT/SIGTERM stops after the current step wit
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from clm_runner import faults
 from clm_runner.rundir.policy import TRAINER_STATE, save_metrics, write_json_atomic, write_text_atomic
 from clm_runner.train.checkpoints import save_checkpoint_atomically
 from clm_runner.train.interrupts import GracefulStop
+
+logger = logging.getLogger("clm_runner")
 
 
 class ClmTrainer(Trainer):
@@ -53,8 +58,12 @@ class ClmTrainer(Trainer):
         self.checkpoint_limit = self.args.save_total_limit
         self._last_checkpoint_step: int | None = None
 
+    final_weights_step: int | None = None
+    """The step whose weights the model holds after train(): the last one, or the best one it loaded."""
+
     def train(self, *args: Any, **kwargs: Any) -> Any:
         checkpoint = kwargs.get("resume_from_checkpoint")
+        self.final_weights_step = None
         if checkpoint and self._steps_left(checkpoint) <= 0:
             return self._end_at_checkpoint(checkpoint)
         self.args.save_total_limit = None
@@ -63,10 +72,57 @@ class ClmTrainer(Trainer):
         if checkpoint:
             self.args.eval_on_start = False
         try:
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
         finally:
             self.args.save_total_limit = self.checkpoint_limit
             self.args.eval_on_start = eval_on_start
+        if self.final_weights_step is None:
+            self.final_weights_step = self.state.global_step
+        return output
+
+    def _init_training_state(self, *args: Any, **kwargs: Any) -> Any:
+        with _quiet_about_the_recorded_best():
+            trained = super()._init_training_state(*args, **kwargs)
+        self._best_checkpoint_in_run_dir()
+        return trained
+
+    def _best_checkpoint_in_run_dir(self) -> None:
+        """The best checkpoint is this run dir's checkpoint-<best step>, if it is there and complete.
+
+        A resumed state records it as a path: absolute, or relative to the working dir the run was started
+        from. A moved run dir, or a relative output_dir resumed from another working dir, makes that path
+        wrong (or, worse, right for some other run's checkpoint).
+        """
+        recorded = self.state.best_model_checkpoint
+        step = self.state.best_global_step
+        if not step and not recorded:
+            return
+        from clm_runner.rundir.checkpoints import checkpoint_problem
+
+        path = Path(self.args.output_dir) / (f"checkpoint-{step}" if step else Path(recorded).name)
+        problem = checkpoint_problem(path)
+        self.state.best_model_checkpoint = str(path) if problem is None else None
+        if problem is not None:
+            logger.warning(
+                "The best checkpoint so far, %s, cannot be used (%s): unless a later evaluation beats it, the "
+                "run ends with its last model.",
+                path,
+                problem,
+            )
+
+    def _load_best_model(self) -> None:
+        """Load the best checkpoint's weights, and remember that the model now holds them."""
+        from clm_runner.rundir.checkpoints import checkpoint_problem
+
+        best = self.state.best_model_checkpoint
+        problem = "not recorded" if best is None else checkpoint_problem(Path(best))
+        if problem is not None:
+            logger.warning(
+                "Not loading the best model from %s (%s): the run ends with its last model.", best, problem
+            )
+            return
+        super()._load_best_model()
+        self.final_weights_step = self.state.best_global_step
 
     early_stopping: Any = None
     """clm_runner.config.schema.EarlyStoppingConfig when the recipe has [early_stopping]."""
@@ -104,6 +160,8 @@ class ClmTrainer(Trainer):
 
         self._load_from_checkpoint(checkpoint)
         self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+        self.final_weights_step = self.state.global_step
+        self._best_checkpoint_in_run_dir()
         self._total_loss_scalar = 0.0
         self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
@@ -210,7 +268,7 @@ class ClmTrainer(Trainer):
         (eval_NAME_loss, eval_NAME_perplexity, ...) and the overall numbers are their exact, token-weighted total.
         """
         from clm_runner import faults
-        from clm_runner.eval.result import PerplexityResult
+        from clm_runner.eval.result import PerplexityResult, speed_metrics
 
         faults.point("evaluate")
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -227,7 +285,10 @@ class ClmTrainer(Trainer):
             metrics.update(
                 result.prefixed(metric_key_prefix if name is None else f"{metric_key_prefix}_{name}")
             )
-        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - start, 4)
+        global_batch = self.args.per_device_eval_batch_size * self.args.world_size
+        metrics.update(
+            speed_metrics(metric_key_prefix, time.perf_counter() - start, results.values(), global_batch)
+        )
         if self.state.epoch is not None:
             metrics["epoch"] = self.state.epoch
         return metrics
@@ -258,6 +319,22 @@ class ClmTrainer(Trainer):
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             result = reduce_across_ranks(result, device=self.args.device)
         return result
+
+
+@contextlib.contextmanager
+def _quiet_about_the_recorded_best() -> Iterator[None]:
+    """Upstream warns, on resume, that the best checkpoint's recorded path is gone; ClmTrainer then finds it
+    in the run dir (or says itself that it cannot), so the warning would only mislead."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "recorded in the resumed state does not exist" not in record.getMessage()
+
+    upstream = logging.getLogger("transformers.trainer")
+    upstream.addFilter(drop)
+    try:
+        yield
+    finally:
+        upstream.removeFilter(drop)
 
 
 def _tied_aliases(model: Any) -> set[str]:

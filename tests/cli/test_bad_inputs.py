@@ -227,6 +227,29 @@ def test_block_longer_than_the_models_positions(world: World, tmp_path_factory) 
     assert not (cache / "blocks").exists()  # nothing was tokenized
 
 
+@pytest.mark.parametrize(
+    ("sets", "refused"),
+    [
+        (["data.block_size=64"], None),  # the model's 64 positions exactly
+        (["data.block_size=65"], "data.block_size = 65 is longer than the model's 64 positions"),
+        (["data.validation_file=", "data.validation_split_percentage=1"], None),
+        (["data.validation_file=", "data.validation_split_percentage=99"], None),
+        (["data.validation_file=", "data.validation_split_percentage=0"], "between 1 and 99; got 0"),
+        (["data.validation_file=", "data.validation_split_percentage=100"], "between 1 and 99; got 100"),
+    ],
+    ids=["block-64", "block-65", "percent-1", "percent-99", "percent-0", "percent-100"],
+)
+def test_refusals_at_their_boundaries(world: World, sets: list[str], refused: str | None) -> None:
+    """The last value accepted and the first refused, in `recipe check` and `train` alike."""
+    check = ["recipe", "check", "--recipe", str(world.recipe), *[a for s in sets for a in ("--set", s)]]
+    if refused is None:
+        result = CliRunner().invoke(cli, check)
+        assert result.exit_code == 0, result.output
+        assert "ok (block_size" in result.output
+        return
+    assert refuse(world, check, refused) == refuse(world, train(world, *sets), refused)
+
+
 @pytest.mark.parametrize("size", [0, -4])
 def test_block_size_zero_or_less(world: World, size: int) -> None:
     refuse(world, train(world, f"data.block_size={size}"), "data.block_size must be a positive number")
@@ -281,6 +304,32 @@ def test_output_dir_with_only_torn_checkpoints(world: World) -> None:
     refuse(world, train(world), "only torn checkpoints", "checkpoint-4", "--overwrite")
 
 
+def test_a_checkpoint_resumes_only_into_a_model_of_its_shapes(world: World, tmp_path: Path) -> None:
+    """A recipe whose model differs from the checkpoint's (wider, deeper) used to fail loading the state dict
+    after the model was built (a traceback, exit 1); the checkpoint's tensors are compared with the planned
+    model's first. The recipe it was trained with still resumes."""
+    import shutil
+
+    first = tmp_path / "first"
+    result = CliRunner().invoke(cli, train(world, f"training.output_dir={first}", "training.save_steps=2"))
+    assert result.exit_code == 0, result.output
+    shutil.copytree(first / "checkpoint-2", world.out / "checkpoint-2")
+    more = "training.max_steps=4"
+    check = ["recipe", "check", "--recipe", str(world.recipe), "--set", more]
+    result = CliRunner().invoke(cli, check)
+    assert result.exit_code == 0 and "resuming from" in result.output, result.output
+    for change, fragment in (
+        ("n_embd=32", "transformer.h.0.attn.c_attn.bias: shape [96] in the checkpoint, shape [192] planned"),
+        ("n_layer=1", "transformer.h.1.ln_1.weight: none in the checkpoint, shape [32] planned"),
+    ):
+        other = TINY_CONFIG.replace(change, change.replace("32", "64").replace("1", "2"))
+        sets = [f"model.config_overrides={other}", more]
+        checked = refuse(
+            world, [*check, "--set", sets[0]], "holds other tensors than the recipe plans", fragment
+        )
+        assert refuse(world, train(world, *sets), fragment) == checked
+
+
 # ---------------------------------------------------------------------------------------------------
 # Hub while offline
 
@@ -323,6 +372,52 @@ def test_eval_on_a_directory_that_is_not_a_run(world: World) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Options a command would accept and then not use
+
+
+def saved_model(world: World, name: str, adapter: bool) -> Path:
+    """A directory that looks like a saved model (refusals come before any file in it is read)."""
+    directory = world.root / name
+    directory.mkdir()
+    (directory / ("adapter_config.json" if adapter else "config.json")).write_text("{}")
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("adapter", "merge"),
+    [(True, False), (False, False), (False, True)],
+    ids=["adapter", "full", "full-merge"],
+)
+def test_export_refuses_a_set_it_would_not_use(world: World, adapter: bool, merge: bool) -> None:
+    """--set changes the base an adapter is merged into; without --merge (or for a full model) nothing reads it."""
+    source = saved_model(world, "model", adapter)
+    args = [
+        "export",
+        str(source),
+        "--output",
+        str(world.root / "exported"),
+        "--set",
+        "model.model_name_or_path=x",
+    ]
+    refuse(world, args + (["--merge"] if merge else []), "--set", "only with --merge on an adapter")
+
+
+def test_generate_refuses_a_set_it_would_not_use(world: World) -> None:
+    full = saved_model(world, "full", adapter=False)
+    refuse(world, ["generate", str(full), "--prompt", "x", "--set", "model.dtype=float16"], "is a full model")
+    adapter = saved_model(world, "adapter", adapter=True)
+    refuse(world, ["generate", str(adapter), "--prompt", "x", "--set", "data.block_size=8"], "model.* keys")
+
+
+def test_eval_refuses_a_run_and_a_recipe_together(world: World) -> None:
+    """--run used to win silently over --recipe."""
+    run = saved_model(world, "run", adapter=False)
+    refuse(
+        world, ["eval", "--run", str(run), "--recipe", str(world.recipe)], "--run and --recipe", "choose one"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
 # recipe check runs what train runs before any heavy work
 
 
@@ -337,6 +432,31 @@ def test_eval_on_a_directory_that_is_not_a_run(world: World) -> None:
         (["data.block_size=128"], "longer than the model's 64 positions"),
         (["training.per_device_train_batch_size=0"], "at least 1 block"),
         (["training.report_to=wandb"], "not installed"),
+        (["data.validation_split_seed=-1"], "data.validation_split_seed must be 0 or more; got -1"),
+        (["data.text_column=nope"], "data.text_column = 'nope' is not a column of the data; columns: text"),
+        (
+            ["training.fsdp=true"],
+            "training.fsdp shards the model across processes, and this run is one process",
+        ),
+        (["training.lr_scheduler_kwargs={foo=1}"], "unexpected keyword argument 'foo'"),
+        (["training.lr_scheduler_type=cosine_with_min_lr"], "One of min_lr or min_lr_rate should be set"),
+        (
+            ["training.lr_scheduler_type=constant", "training.lr_scheduler_kwargs={num_cycles=2}"],
+            "the constant schedule takes no arguments",
+        ),
+        (["training.optim_args=bogus"], "must be key=value pairs separated by commas"),
+        (["training.optim=sgd", "training.optim_args=momentun=0.9"], "'sgd' does not read 'momentun'"),
+        (["training.gradient_checkpointing_kwargs={foo=1}"], "is not what torch.utils.checkpoint takes"),
+        (
+            [
+                "training.gradient_checkpointing=true",
+                "training.gradient_checkpointing_kwargs={every_n_layers=0}",
+            ],
+            "every_n_layers must be a whole number of layers, 1 or more",
+        ),
+        (["training.torch_compile_backend=nope"], "is not a torch.compile backend here"),
+        (["training.torch_compile_mode=fast"], "training.torch_compile_mode = 'fast' is not one of default"),
+        (["training.accelerator_config=absent.json"], "names a file that can't be read"),
     ],
     ids=[
         "train_file",
@@ -347,6 +467,19 @@ def test_eval_on_a_directory_that_is_not_a_run(world: World) -> None:
         "block",
         "batch",
         "report",
+        "validation-seed",
+        "text-column",
+        "fsdp-one-process",
+        "scheduler-kwargs",
+        "scheduler-needs-kwargs",
+        "scheduler-takes-none",
+        "optim-args",
+        "optim-args-unread",
+        "checkpointing-kwargs",
+        "checkpointing-layers",
+        "compile-backend",
+        "compile-mode",
+        "accelerator-config",
     ],
 )
 def test_check_refuses_what_train_refuses_with_the_same_line(
@@ -357,6 +490,29 @@ def test_check_refuses_what_train_refuses_with_the_same_line(
     checked = refuse(world, check, fragment)
     trained = refuse(world, train(world, *sets), fragment)
     assert checked == trained
+
+
+@pytest.mark.parametrize(
+    ("package", "sets", "fragment"),
+    [
+        ("bitsandbytes", ["training.optim=adamw_bnb_8bit"], "needs a package that is not installed"),
+        ("galore_torch", ["training.optim=galore_adamw"], "needs a package that is not installed"),
+        ("deepspeed", ["training.deepspeed={root}/ds.json"], "training.deepspeed needs DeepSpeed"),
+    ],
+    ids=["bitsandbytes", "galore", "deepspeed"],
+)
+def test_a_key_whose_package_is_missing_is_refused_by_check_and_train(
+    world: World, package: str, sets: list[str], fragment: str
+) -> None:
+    """`recipe check` said ok (deepspeed: a traceback from check itself) and train failed after the model."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    (world.root / "ds.json").write_text('{"train_batch_size": "auto"}')
+    sets = [s.format(root=world.root) for s in sets]
+    check = ["recipe", "check", "--recipe", str(world.recipe), *[a for s in sets for a in ("--set", s)]]
+    assert refuse(world, check, fragment) == refuse(world, train(world, *sets), fragment)
 
 
 def test_check_says_what_train_would_do_with_the_output_dir(world: World) -> None:

@@ -24,6 +24,7 @@ COMMANDS = [
     ["recipe"],
     ["recipe", "show"],
     ["recipe", "check"],
+    ["recipe", "from-args"],
     ["report"],
     ["generate"],
     ["model"],
@@ -87,19 +88,17 @@ def test_help_examples_name_only_paths_that_exist_or_that_an_example_creates() -
         for args in _examples(text):
             if "train" in args:
                 made.add(_output_dir(args))
+            if "--" in args:  # what follows is another program's command line (recipe from-args)
+                args = args[: args.index("--")]
             flags = dict(zip(args, args[1:], strict=False))
             if "--recipe" in flags:
                 assert (REPO / flags["--recipe"]).is_file(), args
-            run = flags.get("--run")
-            if run is not None:
-                assert run in made, args
-                if "--checkpoint" in flags:
-                    assert f"{run}/{flags['--checkpoint']}" in made, args
-            if args[1] in ("report", "generate", "export"):
+            runs = [value for flag, value in zip(args, args[1:], strict=False) if flag == "--run"]
+            if not runs and args[1] in ("report", "generate", "export"):  # RUN, the positional alias
                 runs = [a for a in args[2:] if not a.startswith("-")][: None if args[1] == "report" else 1]
-                assert all(r in made for r in runs), args
-                if args[1] == "export" and "--checkpoint" in flags:
-                    assert f"{runs[0]}/{flags['--checkpoint']}" in made, args
+            assert all(r in made for r in runs), args
+            if "--checkpoint" in flags:
+                assert f"{runs[0]}/{flags['--checkpoint']}" in made, args
 
 
 @pytest.mark.parametrize(

@@ -102,25 +102,62 @@ def test_mutated_smoke_recipe_loads_or_raises_clm_error(data: st.DataObject) -> 
     _load(text)
 
 
-# Well-typed values for real keys: they pass the type checks and reach the range and cross-field rules.
-TYPED = {
-    "data.block_size": st.integers(-2, 256),
-    "data.max_train_samples": st.integers(0, 10**6),
-    "data.validation_split_percentage": st.integers(0, 100),
-    "data.grouping": st.sampled_from(["concat", "run_clm", "lines"]),
-    "data.keep_linebreaks": st.booleans(),
-    "data.text_column": st.text(min_size=1, max_size=8),
-    "training.learning_rate": st.floats(-1.0, 1.0),
-    "training.max_steps": st.integers(-2, 10**6),
-    "training.seed": st.integers(-1, 2**32),
-    "training.warmup_steps": st.floats(0, 3),
-    "training.adam_beta1": st.floats(0, 1),
-    "training.eval_strategy": st.sampled_from(["no", "steps", "epoch", "epochs"]),
-    "training.lr_scheduler_type": st.sampled_from(["linear", "cosine", "constant", "cosin"]),
-    "training.per_device_train_batch_size": st.integers(0, 64),
-    "model.model_revision": st.text(alphabet="abcdef0123456789-", min_size=1, max_size=12),
-    "eval.stride": st.integers(-1, 512),
+# Well-typed values for real keys: they pass the type checks and reach the range and cross-field rules. Each
+# strategy comes with its oracle: the key's valid values, written down here independently of the code that
+# checks them (on the smoke recipe, where no other key interferes), so a drawn value is known to be in range or
+# out of it.
+def _whole_or_ratio(value: float) -> bool:
+    return value >= 0 and (value < 1 or value.is_integer())
+
+
+TYPED_RANGES = {
+    "data.block_size": (st.integers(-2, 256), lambda v: v >= 1),
+    "data.max_train_samples": (st.integers(0, 10**6), lambda v: v >= 1),
+    "data.validation_split_percentage": (st.integers(-1, 101), lambda v: 1 <= v <= 99),
+    "data.validation_split_seed": (st.integers(-3, 2**40), lambda v: v >= 0),
+    "data.mix_seed": (st.integers(-3, 2**40), lambda v: v >= 0),
+    "data.grouping": (st.sampled_from(["concat", "run_clm", "lines"]), lambda v: v in ("concat", "run_clm")),
+    "data.keep_linebreaks": (st.booleans(), lambda v: True),
+    "data.text_column": (st.text(min_size=1, max_size=8), lambda v: True),
+    "training.learning_rate": (st.floats(-1.0, 1.0), lambda v: v >= 0),
+    "training.max_steps": (st.integers(-2, 10**6), lambda v: v == -1 or v >= 1),
+    "training.seed": (st.integers(-1, 2**32), lambda v: 0 <= v <= 2**32 - 1),
+    "training.warmup_steps": (st.floats(-1, 3), _whole_or_ratio),
+    "training.adam_beta1": (st.floats(-0.5, 1.5), lambda v: 0 <= v < 1),
+    "training.eval_strategy": (st.sampled_from(["no", "steps", "epoch", "epochs"]), lambda v: v != "epochs"),
+    "training.lr_scheduler_type": (
+        st.sampled_from(["linear", "cosine", "constant", "cosin"]),
+        lambda v: v != "cosin",
+    ),
+    "training.per_device_train_batch_size": (st.integers(-1, 64), lambda v: v >= 1),
+    "training.gradient_accumulation_steps": (st.integers(-1, 8), lambda v: v >= 1),
+    "training.save_total_limit": (st.integers(-1, 8), lambda v: v >= 1),
+    "training.num_train_epochs": (st.floats(-1, 5), lambda v: v > 0),
+    "model.model_revision": (st.text(alphabet="abcdef0123456789-", min_size=1, max_size=12), lambda v: True),
+    "eval.stride": (st.integers(-1, 512), lambda v: v >= 1),
+    "eval.context": (st.integers(-1, 512), lambda v: v >= 1),
 }
+TYPED = {key: strategy for key, (strategy, _) in TYPED_RANGES.items()}
+BOUNDARIES = {
+    "data.block_size": [0, 1],
+    "data.max_train_samples": [0, 1],
+    "data.validation_split_percentage": [0, 1, 99, 100],
+    "data.validation_split_seed": [-1, 0],
+    "data.mix_seed": [-1, 0],
+    "training.learning_rate": [-1e-12, 0.0],
+    "training.max_steps": [-2, -1, 0, 1],
+    "training.seed": [-1, 0, 2**32 - 1, 2**32],
+    "training.warmup_steps": [-1e-9, 0.0, 0.999, 1.0, 1.5, 2.0],
+    "training.adam_beta1": [-1e-9, 0.0, 0.999999, 1.0],
+    "training.per_device_train_batch_size": [0, 1],
+    "training.gradient_accumulation_steps": [0, 1],
+    "training.save_total_limit": [0, 1],
+    "training.num_train_epochs": [0.0, 1e-9],
+    "eval.stride": [0, 1],
+    "eval.context": [0, 1],
+}
+"""The last value accepted and the first refused of each ranged key, drawn every time (a random draw may miss
+them)."""
 TYPED_OVERRIDES = st.sampled_from(sorted(TYPED)).flatmap(
     lambda key: TYPED[key].map(lambda value: f"{key}={_toml_value(value) or value}")
 )
@@ -151,6 +188,41 @@ def _toml_value(value: object) -> str | None:
 @given(st.lists(OVERRIDES, max_size=4))
 def test_set_overrides_load_or_raise_clm_error(overrides: list[str]) -> None:
     _load(SMOKE_TEXT, overrides)
+
+
+def check_typed(drawn: tuple) -> None:
+    """Each drawn value is known to be in range or not: out-of-range ones are refused naming their key, a
+    recipe whose values are all in range loads and holds them."""
+    overrides = [f"{key}={_toml_value(value) or value}" for key, value in drawn]
+    out_of_range = [key for key, value in drawn if not TYPED_RANGES[key][1](value)]
+    try:
+        recipe = load_recipe(REPO / "recipes" / "smoke.toml", overrides)
+    except ClmError as exc:
+        assert out_of_range, (overrides, str(exc))
+        assert any(key in str(exc) for key in out_of_range), str(exc)
+        return
+    assert not out_of_range, (overrides, "accepted")
+    for key, value in drawn:
+        section, _, name = key.partition(".")
+        held = recipe.training[name] if section == "training" else getattr(getattr(recipe, section), name)
+        assert held == value
+
+
+@FUZZ
+@given(
+    st.lists(st.sampled_from(sorted(TYPED_RANGES)), min_size=1, max_size=3, unique=True).flatmap(
+        lambda keys: st.tuples(*[TYPED_RANGES[key][0].map(lambda v, k=key: (k, v)) for key in keys])
+    )
+)
+def test_typed_overrides_are_refused_exactly_when_out_of_range(drawn: tuple) -> None:
+    check_typed(drawn)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [(key, value) for key, values in BOUNDARIES.items() for value in values], ids=str
+)
+def test_typed_overrides_at_their_boundaries(key: str, value: object) -> None:
+    check_typed(((key, value),))
 
 
 @FUZZ

@@ -200,6 +200,39 @@ def test_an_empty_set_value_unsets_the_key(tmp_path: Path) -> None:
     assert load_recipe(write(tmp_path, text), ['data.text_column=""']).data.text_column == ""
 
 
+def test_an_empty_set_leaves_an_absent_section_absent(tmp_path: Path) -> None:
+    """Unsetting a key of a section the recipe lacks changes nothing: `--set adapter.r=` on a full fine-tune
+    used to plan LoRA (an empty [adapter] is LoRA with PEFT's defaults), and `--set early_stopping.patience=`
+    turned early stopping on (and failed for the missing patience)."""
+    path = write(tmp_path, MINIMAL.replace('model_type = "gpt2"', 'model_name_or_path = "base"'))
+    plain = load_recipe(path)
+    for item in ("adapter.r=", "adapter.target_modules=", "early_stopping.patience=", "data.mix="):
+        recipe = load_recipe(path, [item])
+        assert recipe.adapter is None and recipe.early_stopping is None and recipe.data.mix == (), item
+        assert recipe.to_dict() == plain.to_dict(), item
+    with_adapter = write(tmp_path, path.read_text() + "\n[adapter]\nr = 16\n")
+    recipe = load_recipe(with_adapter, ["adapter.r="])  # a section the recipe has stays, its key unset
+    assert recipe.adapter is not None and "r" not in recipe.adapter.lora
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("data.blok_size=", "unknown key data.blok_size: did you mean data.block_size?"),
+        ("adapter.rank=", "unknown key adapter.rank: did you mean adapter.r?"),
+        (
+            "early_stopping.patiense=",
+            "unknown key early_stopping.patiense: did you mean early_stopping.patience?",
+        ),
+        ("training.learnig_rate=", "unknown key training.learnig_rate: did you mean training.learning_rate?"),
+    ],
+)
+def test_an_empty_set_of_an_unknown_key_is_refused(tmp_path: Path, item: str, message: str) -> None:
+    """An unset typo used to pass silently (there was nothing to remove), with or without the section."""
+    with pytest.raises(RecipeError, match=message.replace("?", r"\?").replace(".", r"\.")):
+        load_recipe(write(tmp_path, MINIMAL), [item])
+
+
 def test_an_errant_set_is_reported_against_the_set_not_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL)
     with pytest.raises(RecipeError) as caught:

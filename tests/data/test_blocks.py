@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import EOS, byte_level_tokenizer
+from run_clm_reference import reference_concat, reference_rows, reference_run_clm
 
 from clm_runner.config.load import load_recipe
 from clm_runner.data import cache, prepare, sources
@@ -117,26 +118,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Independent reference: run_clm's preprocessing in plain Python lists
-
-
-def reference_rows(tokenizer, texts: list[str]) -> list[list[int]]:
-    return [list(tokenizer(text)["input_ids"]) for text in texts]
-
-
-def reference_concat(rows: list[list[int]], block_size: int) -> list[list[int]]:
-    stream = list(chain(*rows))
-    usable = len(stream) // block_size * block_size
-    return [stream[i : i + block_size] for i in range(0, usable, block_size)]
-
-
-def reference_run_clm(rows: list[list[int]], block_size: int) -> list[list[int]]:
-    out = []
-    for first in range(0, len(rows), 1000):
-        batch = list(chain(*rows[first : first + 1000]))
-        usable = len(batch) // block_size * block_size
-        out.extend(batch[i : i + block_size] for i in range(0, usable, block_size))
-    return out
+# Independent reference: run_clm's preprocessing in plain Python lists (tests/run_clm_reference.py)
 
 
 def as_lists(split: PreparedSplit) -> list[list[int]]:
@@ -186,6 +168,27 @@ def test_block_size_longer_than_the_models_positions_is_refused_with_the_fix():
         resolve_block_size(
             100, FakeTokenizer(model_max_length=128), SimpleNamespace(max_position_embeddings=64), print
         )
+
+
+def test_clamp_block_size_lowers_to_model_max_length_first_as_run_clm_does():
+    """data.clamp_block_size (what `recipe from-args` pins): run_clm lowers --block_size 2048 to GPT-2's
+    model_max_length 1024 and trains; without the key the size is refused as written."""
+    gpt2 = FakeTokenizer(model_max_length=1024), SimpleNamespace(max_position_embeddings=1024)
+    warnings: list[str] = []
+    assert resolve_block_size(2048, *gpt2, warnings.append, clamp=True) == 1024
+    assert len(warnings) == 1 and "Using block_size=1024" in warnings[0]
+    with pytest.raises(RecipeError, match="longer than the model's 1024 positions"):
+        resolve_block_size(2048, *gpt2, print)
+    # Lowered to model_max_length and still longer than the positions: refused either way (run_clm fails).
+    with pytest.raises(RecipeError, match="= 128 is longer than the model's 64 positions"):
+        resolve_block_size(
+            500,
+            FakeTokenizer(model_max_length=128),
+            SimpleNamespace(max_position_embeddings=64),
+            print,
+            clamp=True,
+        )
+    assert resolve_block_size(100, *gpt2, print, clamp=True) == 100  # within both limits: as given
 
 
 def test_block_size_default_warning_goes_to_logging(caplog):
@@ -374,6 +377,29 @@ def test_cache_hit_does_not_tokenize_and_overwrite_cache_rebuilds(
     monkeypatch.setattr(sources, "load_raw_splits", real_load_raw_splits)
     rebuilt = prepare_splits(overwrite, tokenizer, 16, ["train"], progress=False)
     assert not rebuilt["train"].from_cache and as_lists(rebuilt["train"]) == as_lists(first["train"])
+
+
+def test_the_block_cache_follows_model_cache_dir(tmp_path, tokenizer, monkeypatch):
+    """A cluster with a small $HOME quota: model.cache_dir on scratch space takes the blocks too, unless
+    $CLM_RUNNER_CACHE names a place of its own."""
+    tokenizer.save_pretrained(tmp_path / "tok")
+    path = write_lines(tmp_path / "train.txt", make_lines(200))
+    recipe = recipe_for(tmp_path, f"data.train_file={path}")  # model.cache_dir = tmp_path/hf
+    monkeypatch.delenv("CLM_RUNNER_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    split = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    assert split.cache_path.parent == tmp_path / "hf" / "clm-runner" / "blocks"
+    monkeypatch.setenv("CLM_RUNNER_CACHE", str(tmp_path / "mine"))
+    split = prepare_splits(recipe, tokenizer, 16, ["train"], progress=False)["train"]
+    assert split.cache_path.parent == tmp_path / "mine" / "blocks"
+    without = load_recipe(
+        None,
+        ["model.model_type=gpt2", f"model.tokenizer_name={tmp_path / 'tok'}", f"data.train_file={path}"],
+        require_output_dir=False,
+    )
+    monkeypatch.delenv("CLM_RUNNER_CACHE")
+    split = prepare_splits(without, tokenizer, 16, ["train"], progress=False)["train"]
+    assert split.cache_path.parent == tmp_path / "home" / ".cache" / "clm-runner" / "blocks"
 
 
 def test_cache_key_follows_content_block_size_and_tokenizer(tmp_path, tokenizer):

@@ -309,6 +309,56 @@ def test_no_text_column_lists_the_columns(tmp_path):
         load(tmp_path, ["train"], f"data.train_file={tmp_path / 'train.parquet'}")
 
 
+def columns_file(tmp_path: Path, kind: str) -> Path:
+    """A train file of `kind` with columns title (string), body (string), n (int64)."""
+    table = pa.table({"title": [f"t{i}" for i in range(30)], "body": TRAIN[:30], "n": list(range(30))})
+    path = tmp_path / f"train.{kind}"
+    if kind == "parquet":
+        pq.write_table(table, path)
+    elif kind == "csv":
+        table.to_pandas().to_csv(path, index=False)
+    elif kind == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+    elif kind == "arrow":
+        datasets.Dataset(table).save_to_disk(str(tmp_path / "saved"))
+        path = next((tmp_path / "saved").glob("*.arrow"))
+    else:  # a save_to_disk directory
+        datasets.Dataset(table).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["parquet", "csv", "arrow", "saved", "jsonl"])
+@pytest.mark.parametrize("column", [None, "body", "nope", "n"])
+def test_the_text_column_is_checked_before_loading_where_the_columns_are_known(tmp_path, kind, column):
+    """check_data_sources (what `recipe check` and `train` run first) refuses exactly what loading the data
+    refuses, with the same line, wherever the columns are known without reading rows; JSON (keys may first
+    appear in any record) and a CSV column's type (the header has none) are left to loading."""
+    from clm_runner.data.sources import check_data_sources
+
+    overrides = [f"data.train_file={columns_file(tmp_path, kind)}"]  # validation carved from it
+    if column is not None:
+        overrides.append(f"data.text_column={column}")
+    r = recipe(tmp_path, *overrides)
+    early = None
+    try:
+        check_data_sources(r.data, r.model)
+    except DataError as exc:
+        early = str(exc)
+    late = None
+    try:
+        raw = load_raw_splits(r.data, r.model, ["train"], progress=False)
+        resolve_text_column(raw["train"], column)
+    except DataError as exc:
+        late = str(exc)
+    assert (late is None) == (column in (None, "body"))
+    if kind == "jsonl" or (kind == "csv" and column == "n"):
+        assert early is None  # left to loading
+    elif kind == "csv" and late is not None:  # the header names the columns, without their types
+        assert early == late.replace(" (large_string)", "").replace(" (int64)", "")
+    else:
+        assert early == late
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input: one DataError each, naming the file and the fix
 

@@ -197,12 +197,22 @@ def clm_runner_documents(model_dir: Path, tmp_path: Path, data_sets: list[str], 
         ),
         "--documents",
         "--quiet",
+        "--json",
         "--output",
         out,
         *flags,
     )
     assert cli.exit_code == 0, cli.output
-    return json.loads(out.read_text())
+    return numbers_and_description(cli.stdout, out)
+
+
+def numbers_and_description(stdout: str, out: Path) -> dict:
+    """--json's metrics and how they were computed, in one dict; the --output file holds the numbers alone."""
+    (evaluation,) = json.loads(stdout)["evaluations"]
+    metrics, description = evaluation["metrics"], evaluation["evaluation"]
+    assert json.loads(out.read_text()) == metrics
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+    return {**metrics, **description}
 
 
 def assert_equal_figures(ours: dict, reference, n_documents: int) -> None:
@@ -266,7 +276,7 @@ def test_the_hub_wikitext_equals_lm_evals_wikitext_task(
     hub_rows = [line + "\n" if line.strip() else "" for line in lines[:-1]]  # as the hub holds the lines
     loaded = []
 
-    def hub(data, model, splits):
+    def hub(data, model, splits, carve=True):
         loaded.append((data.dataset_name, data.dataset_config_name, list(splits)))
         return {split: datasets.Dataset.from_dict({"text": hub_rows}) for split in splits}
 
@@ -310,11 +320,10 @@ def test_a_mix_is_scored_per_source_and_in_total(model_dir: Path, tmp_path: Path
         f'[training]\noutput_dir = "{tmp_path / "unused"}"\n'
     )
     out = tmp_path / "mix.json"
-    cli = invoke("eval", "--recipe", recipe, "--documents", "--quiet", "--output", out)
+    cli = invoke("eval", "--recipe", recipe, "--documents", "--quiet", "--json", "--output", out)
     assert cli.exit_code == 0, cli.output
-    ours = json.loads(out.read_text())
+    ours = numbers_and_description(cli.stdout, out)
     assert ours["sources"] == ["rows", "wiki"]
-    assert "validation: rows" in cli.output and "validation: all" in cli.output
     for name, documents in (("rows", rows), ("wiki", pages)):
         mine = {
             key.removeprefix(f"eval_{name}_"): v for key, v in ours.items() if key.startswith(f"eval_{name}_")
@@ -383,5 +392,10 @@ def test_a_runs_documents_evaluation_goes_to_evals_without_importing_lm_eval(
     written = run / "evals" / f"validation_documents{MAX_LENGTH}.json"
     assert f"Wrote {written}" in done.stdout
     assert "word ppl" in done.stdout and "lm-evaluation-harness" in done.stdout
-    assert json.loads(written.read_text())["method"] == "documents"
+    assert json.loads(written.read_text())["documents"] > 0  # numbers only; how they were made is recorded:
+    described = json.loads((run / "evaluations.json").read_text())[f"evals/{written.name}"]
+    assert described["method"] == "documents" and described["context"] == MAX_LENGTH
+    assert "lm-evaluation-harness" in described["convention"] and described["documents_from"].startswith(
+        "WikiText"
+    )
     assert not (run / "eval_results.json").exists()  # training's own evaluation is blocks, never this

@@ -85,34 +85,40 @@ def nll_of(model, ids: list[int], first_scored: int) -> tuple[float, int]:
     return -picked.sum().item(), len(targets)
 
 
+def evaluated(*args: str) -> tuple[dict, dict]:
+    """`eval ... --json`: (the metrics, numbers only; how they were computed) of its one evaluation."""
+    result = invoke("eval", *args, "--quiet", "--json")
+    assert result.exit_code == 0, result.output
+    (only,) = json.loads(result.stdout)["evaluations"]
+    return only["metrics"], only["evaluation"]
+
+
 def test_blocks_eval_of_a_run_equals_plain_forward_passes(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.json"
     result = invoke("eval", "--run", str(run_dir), "--quiet", "--output", str(out))
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
+    about = json.loads((run_dir / "evaluations.json").read_text())["eval_results.json"]
     ids = token_stream(run_dir, ASSETS / "validation.txt")
     model = load(run_dir)
     total, count = 0.0, 0
     for b in range(len(ids) // BLOCK):
         nll, n = nll_of(model, ids[b * BLOCK : (b + 1) * BLOCK], 1)
         total, count = total + nll, count + n
-    assert metrics["method"] == "blocks" and metrics["block_size"] == BLOCK
+    assert about["method"] == "blocks" and about["block_size"] == BLOCK
     assert metrics["eval_tokens"] == count
     assert metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=FORWARD_RTOL)
-    assert metrics["split"] == "validation"
+    assert about["split"] == "validation"
     # eval of a run's final model is recorded where run_clm keeps it
     assert json.loads((run_dir / "eval_results.json").read_text())["perplexity"] == metrics["perplexity"]
 
 
 @pytest.mark.parametrize(("context", "stride"), [(64, 32), (48, 48), (100, 30)])
 def test_strided_eval_equals_naive_windows(run_dir: Path, tmp_path: Path, context: int, stride: int) -> None:
-    out = tmp_path / "s.json"
-    result = invoke(
-        "eval", "--run", str(run_dir), "--checkpoint", str(run_dir / "checkpoint-10"),
-        "--stride", str(stride), "--context", str(context), "--quiet", "--output", str(out),
+    metrics, about = evaluated(
+        "--run", str(run_dir), "--checkpoint", str(run_dir / "checkpoint-10"),
+        "--stride", str(stride), "--context", str(context),
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    metrics = json.loads(out.read_text())
     ids = token_stream(run_dir, ASSETS / "validation.txt")
     model = load(run_dir / "checkpoint-10")
     # Windows of `context` input tokens start every `stride` tokens; each scores the targets (the
@@ -123,7 +129,8 @@ def test_strided_eval_equals_naive_windows(run_dir: Path, tmp_path: Path, contex
         nll, n = nll_of(model, ids[start:end], scored_until - start)
         total, count, scored_until, start = total + nll, count + n, end, start + stride
     assert metrics["eval_tokens"] == count == len(ids) - 1
-    assert metrics["method"] == "strided" and metrics["stride"] == stride and metrics["context"] == context
+    assert about["method"] == "strided" and about["stride"] == stride and about["context"] == context
+    assert about["checkpoint"] == "checkpoint-10"
     assert metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=FORWARD_RTOL)
     assert metrics["bits_per_byte"] > 0 and metrics["word_perplexity"] > metrics["perplexity"]
 
@@ -180,7 +187,8 @@ def test_all_checkpoints_writes_history(run_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     history = json.loads((run_dir / "eval_history.json").read_text())["checkpoints"]
     assert [row["checkpoint"] for row in history] == ["checkpoint-10", "checkpoint-20"]
-    assert history[0]["perplexity"] != history[1]["perplexity"]  # different weights, different numbers
+    # different weights, different numbers
+    assert history[0]["metrics"]["perplexity"] != history[1]["metrics"]["perplexity"]
     assert "checkpoint-10" in result.output and "checkpoint-20" in result.output
 
 
@@ -195,11 +203,8 @@ def blocks_nll(model_dir: Path, ids: list[int], n_blocks: int | None = None) -> 
 
 
 def test_test_split_equals_plain_forward_passes_over_the_test_file(run_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "t.json"
-    result = invoke("eval", "--run", str(run_dir), "--split", "test", "--quiet", "--output", str(out))
-    assert result.exit_code == 0, result.output
-    test_metrics = json.loads(out.read_text())
-    assert test_metrics["split"] == "test"
+    test_metrics, about = evaluated("--run", str(run_dir), "--split", "test")
+    assert about["split"] == "test"
     total, count = blocks_nll(run_dir, token_stream(run_dir, run_dir.parent / "test.txt"))
     assert test_metrics["eval_tokens"] == count
     assert test_metrics["perplexity"] == pytest.approx(math.exp(total / count), rel=FORWARD_RTOL)
@@ -222,13 +227,15 @@ def test_other_evaluations_of_a_run_never_replace_trainings_result(run_dir: Path
         result = invoke("eval", "--run", str(run_dir), "--quiet", *args)
         assert result.exit_code == 0, result.output
         (written,) = [
-            Path(line[len("Wrote ") :]) for line in result.output.splitlines() if line.startswith("Wrote ")
+            Path(line[len("Wrote ") :])
+            for line in result.output.splitlines()
+            if line.startswith("Wrote ") and "evaluations.json" not in line
         ]
         assert written.parent == run_dir / "evals" and written.name.startswith(name), written
         assert json.loads(written.read_text())["eval_tokens"] > 0
         assert {n: (run_dir / n).read_bytes() for n in trainings} == trainings
-    measured = json.loads((run_dir / "evals" / "test_blocks64.json").read_text())
-    assert measured["split"] == "test" and measured["method"] == "blocks"
+    described = json.loads((run_dir / "evaluations.json").read_text())["evals/test_blocks64.json"]
+    assert described["split"] == "test" and described["method"] == "blocks"
 
 
 def test_strided_eval_scores_the_text_of_the_first_max_eval_samples_blocks(
@@ -285,18 +292,11 @@ def test_eval_of_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
 
 
 def test_eval_any_model_through_a_recipe(run_dir: Path, tmp_path: Path) -> None:
-    any_out, run_out = tmp_path / "any.json", tmp_path / "run.json"
     checkpoint = run_dir / "checkpoint-20"
-    result = invoke(
-        "eval", "--recipe", str(run_dir / "recipe.toml"), "--set", f"model.model_name_or_path={checkpoint}",
-        "--quiet", "--output", str(any_out),
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    result = invoke(
-        "eval", "--run", str(run_dir), "--checkpoint", str(checkpoint), "--quiet", "--output", str(run_out)
+    any_model, about = evaluated(
+        "--recipe", str(run_dir / "recipe.toml"), "--set", f"model.model_name_or_path={checkpoint}"
     )
-    assert result.exit_code == 0, result.output
-    any_model, from_run = json.loads(any_out.read_text()), json.loads(run_out.read_text())
-    assert any_model["model"] == str(checkpoint)
+    from_run, _ = evaluated("--run", str(run_dir), "--checkpoint", str(checkpoint))
+    assert about["model"] == str(checkpoint)
     # The same weights, tokens and batches in the same process: the same float operations, bit for bit.
     assert any_model["eval_loss"] == from_run["eval_loss"]

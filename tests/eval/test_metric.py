@@ -27,8 +27,8 @@ def rows() -> list[str]:
 
 
 def clm_runner_eval(model_dir: Path, tmp_path: Path, *flags: str) -> dict:
-    """`clm-runner eval` of the model on TEXT's rows, BLOCK-token blocks (or strided windows with flags)."""
-    out = tmp_path / "eval.json"
+    """`clm-runner eval` of the model on TEXT's rows, BLOCK-token blocks (or strided windows with flags): its
+    metrics and how they were computed, in one dict."""
     cli = invoke(
         "eval",
         "--recipe",
@@ -45,11 +45,11 @@ def clm_runner_eval(model_dir: Path, tmp_path: Path, *flags: str) -> dict:
         ),
         *flags,
         "--quiet",
-        "--output",
-        out,
+        "--json",
     )
     assert cli.exit_code == 0, cli.output
-    return json.loads(out.read_text())
+    (only,) = json.loads(cli.stdout)["evaluations"]
+    return {**only["metrics"], **only["evaluation"]}
 
 
 def test_the_metric_equals_clm_runner_eval_and_a_plain_forward(model_dir: Path, tmp_path: Path) -> None:

@@ -510,3 +510,84 @@ def test_progress_reports_samples_done(model, stream):
     seen: list[int] = []
     result = evaluate_strided(model, stream[:100], context=16, stride=8, batch_size=3, progress=seen.append)
     assert seen == sorted(seen) and seen[-1] == result.samples
+
+
+# ---------------------------------------------------------------------------------------------------
+# Accumulation: float64 totals over a million targets
+
+VOCAB = 8
+PATTERNS = [  # (logits row, target): a confident hit, a uniform guess, a confident miss
+    ([6.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 0),
+    ([0.0] * VOCAB, 3),
+    ([9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -3.0], 7),
+]
+COUNTS = (333_331, 333_333, 333_336)  # 10**6 targets
+
+
+def synthetic_batch(rows: int, columns: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, float]:
+    """Logits [rows, columns, VOCAB] and targets of the PATTERNS in COUNTS (shuffled), and their exact total NLL.
+
+    The total is the sum, in exact rational arithmetic, of each pattern's per-token NLL as the scoring computes
+    it (float32 cross-entropy of that one row) times its count; each pattern is also checked against the
+    closed form logsumexp - logit in float64.
+    """
+    from fractions import Fraction
+
+    order = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(PATTERNS)), COUNTS))
+    assert order.size == rows * columns
+    table = torch.tensor([row for row, _ in PATTERNS], dtype=torch.float32)
+    targets = np.array([target for _, target in PATTERNS])[order].reshape(rows, columns)
+    logits = table[torch.as_tensor(order)].reshape(rows, columns, VOCAB)
+    total = Fraction(0)
+    for (row, target), count in zip(PATTERNS, COUNTS, strict=True):
+        one = F.cross_entropy(torch.tensor([row]), torch.tensor([target]), reduction="none").item()
+        # float32's logsumexp near 9 nats is good to a few ulp of 9 (1e-6), whatever the NLL's size
+        assert one == pytest.approx(math.log(sum(math.exp(v) for v in row)) - row[target], abs=1e-5)
+        total += Fraction(one) * count
+    return logits, targets, float(total)
+
+
+@pytest.mark.parametrize("batches", [1, 1000], ids=["one-batch", "1000-batches"])
+def test_nll_is_accumulated_in_float64_over_a_million_targets(batches: int) -> None:
+    """The per-token NLLs of one batch, and the batch totals, are summed in float64: a float32 sum of 10**6
+    NLLs (about 5e6 nats) is off by more than 1e-9 relative."""
+    from tolerances import FLOAT64_SUM_RTOL
+
+    from clm_runner.eval.scoring import Totals
+
+    logits, targets, exact = synthetic_batch(batches, 10**6 // batches)
+    totals = Totals(with_text=False)
+    for index in range(batches):
+        totals.add_logits(logits[index : index + 1], targets[index : index + 1])
+    assert totals.tokens == 10**6
+    assert totals.nll_sum == pytest.approx(exact, rel=FLOAT64_SUM_RTOL)
+    result = totals.result(method="blocks", context=1, stride=None)
+    assert result.eval_loss == pytest.approx(exact / 10**6, rel=FLOAT64_SUM_RTOL)
+
+
+def test_shard_totals_add_up_in_float64() -> None:
+    """Shards merged (PerplexityResult.__add__) and all-reduced (as_tensor / from_tensor) keep float64."""
+    from tolerances import FLOAT64_SUM_RTOL
+
+    _, _, exact = synthetic_batch(1, 10**6)
+    shards = [
+        PerplexityResult(
+            nll_sum=exact / 1000 + k * 1e-3,
+            tokens=1000,
+            correct=0,
+            n_bytes=None,
+            n_words=None,
+            method="blocks",
+            context=1,
+            stride=None,
+            samples=1,
+        )
+        for k in range(1000)
+    ]
+    expected = math.fsum(shard.nll_sum for shard in shards)
+    merged = PerplexityResult.merge(shards)
+    assert merged.nll_sum == pytest.approx(expected, rel=FLOAT64_SUM_RTOL) and merged.tokens == 10**6
+    # An all-reduce SUM adds the shards' tensors in their own dtype.
+    summed = torch.stack([shard.as_tensor() for shard in shards]).sum(dim=0)
+    rebuilt = PerplexityResult.from_tensor(summed, like=shards[0])
+    assert rebuilt.nll_sum == pytest.approx(expected, rel=FLOAT64_SUM_RTOL) and rebuilt.tokens == 10**6

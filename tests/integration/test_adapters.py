@@ -330,11 +330,106 @@ def test_a_checkpoint_resumes_only_into_a_run_of_its_kind(lora_run: Path, base: 
     ]
     full += sets("model.model_type=", "model.config_overrides=", "model.tokenizer_name=")
     other_rank = lora_train(base, run, "adapter.r=8")
+    # A key left unset resolves to PEFT's default (r = 8): the check compares what the recipe resolves to.
+    unset_rank = lora_train(base, run, "adapter.r=")
+    # A key that is not among the shaping ones but adds tensors: the planned weights file differs.
+    tokens = lora_train(base, run, "adapter.trainable_token_indices=[1, 2]")
     for args, expected in (
         (full, "holds a LoRA adapter, but the recipe has no [adapter] section"),
         (other_rank, "adapter.r = 8 (the checkpoint's: 4)"),
+        (unset_rank, "adapter.r = 8 (the checkpoint's: 4)"),
+        (
+            tokens,
+            "holds other tensors than the recipe plans (base_model.model.transformer.wte.token_adapter."
+            "trainable_tokens_delta: none in the checkpoint, shape [2, 32] planned)",
+        ),
     ):
         result = invoke(*args)
         assert result.exit_code == 2, result.output
         assert expected in result.output and "--no-resume --overwrite" in result.output
         assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        ['adapter.target_modules=["wte"]'],
+        ['adapter.target_modules=["lm_head"]'],
+        ['adapter.target_modules=["wte", "lm_head", "c_attn"]'],
+        ["adapter.target_modules=.*(wte|lm_head)"],  # a regex
+        ['adapter.target_modules=["lm_head"]', 'adapter.modules_to_save=["wte"]'],
+        ['adapter.modules_to_save=["lm_head"]'],
+        ["adapter.trainable_token_indices=[1, 2, 3]"],
+        ["adapter.use_dora=true"],
+    ],
+    ids=[
+        "wte",
+        "lm_head",
+        "both-tied-and-c_attn",
+        "regex",
+        "lm_head-and-saved-wte",
+        "saved-lm_head",
+        "tokens",
+        "dora",
+    ],
+)
+def test_the_merged_export_scores_what_the_adapter_run_scores(
+    base: Path, tmp_path: Path, adapter: list[str]
+) -> None:
+    """For every kind of target the recipe accepts: the run's own final evaluation equals the merged export's.
+    GPT-2 ties wte to lm_head: an adapter merged into the shared weight changed both (1,473 became 1e9)."""
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    result = invoke(
+        *lora_train(
+            base,
+            run,
+            *adapter,
+            "training.save_strategy=no",
+            "training.learning_rate=3e-2",
+            "training.max_steps=4",
+        )
+    )
+    assert result.exit_code == 0, result.output
+    result = invoke("export", run, "--merge", "--output", merged)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "merged.json"
+    merged_sets = sets(
+        "model.model_type=",
+        "model.config_overrides=",
+        "model.tokenizer_name=",
+        f"model.model_name_or_path={merged}",
+    )
+    result = invoke(
+        "eval", "--recipe", SMOKE, *tiny_sets(tmp_path / "unused"), *merged_sets, "--quiet", "--output", out
+    )
+    assert result.exit_code == 0, result.output
+    trained = json.loads((run / "eval_results.json").read_text())
+    via_merged = json.loads(out.read_text())
+    assert via_merged["eval_tokens"] == trained["eval_tokens"]
+    assert via_merged["perplexity"] == pytest.approx(trained["perplexity"], rel=FORWARD_RTOL)
+
+
+def test_an_adapter_recipe_does_not_resume_a_full_checkpoint(base: Path, tmp_path: Path) -> None:
+    """A full run's checkpoint, found in the output dir or named by --resume-from: refused, exit 2, one line,
+    the run dir unchanged byte for byte (in `recipe check` too)."""
+    full = tmp_path / "full"
+    full_args = ["train", "--recipe", str(SMOKE), "--quiet", *tiny_sets(full, max_steps=4)]
+    full_args += sets("model.model_type=", "model.config_overrides=", "model.tokenizer_name=")
+    result = invoke(*full_args, *sets(f"model.model_name_or_path={base}"))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    copy_checkpoints(full, run, (4,))
+    before = snapshot(run)
+    found = lora_train(base, run)
+    named = [*lora_train(base, tmp_path / "other"), "--resume-from", str(run / "checkpoint-4")]
+    checked = ["recipe", "check", *found[1:]]
+    checked.remove("--quiet")
+    for args in (found, named, checked):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.output
+        assert "checkpoint-4 holds a full model, but the recipe has an [adapter] section" in lines[0]
+        assert "--no-resume --overwrite" in lines[0]
+        assert snapshot(run) == before
+    assert not (tmp_path / "other").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,75 @@ def test_the_best_checkpoint_survives_a_kill_and_a_resume(
         json.loads((run / "eval_results.json").read_text())["perplexity"]
         == json.loads((reference / "eval_results.json").read_text())["perplexity"]
     )
+
+
+def test_a_moved_run_dir_ends_with_its_best_model(
+    workdir: Path, env: dict[str, str], reference: Path
+) -> None:
+    """Killed after its last checkpoint, moved, resumed: trainer_state.json names the best checkpoint at its old
+    path. The run used to end with the last model while run.json said final_model_is_best."""
+    run = workdir / "before-move"
+    code, text = run_cli(
+        overfit_train(run), {**env, "CLM_RUNNER_FAULT": "train.end:kill"}, workdir / "move.log"
+    )
+    assert code == -9, text[-2000:]
+    moved = workdir / "moved"
+    run.rename(moved)
+    completed_run(moved, overfit_train(moved), env)
+    assert (
+        json.loads((moved / "run.json").read_text())["best_model"]
+        == json.loads((reference / "run.json").read_text())["best_model"]
+    )
+    assert same_weights(moved / "model.safetensors", reference / "model.safetensors")
+    assert (
+        json.loads((moved / "eval_results.json").read_text())["perplexity"]
+        == (json.loads((reference / "eval_results.json").read_text())["perplexity"])
+    )
+
+
+def test_a_relative_output_dir_resumed_from_another_working_dir_ends_with_its_own_best(
+    workdir: Path, env: dict[str, str], reference: Path
+) -> None:
+    """Started as `output_dir = "run"` in one working dir, resumed as "../first/run" from another, where a
+    `run/checkpoint-N` of some other model happens to exist: the best checkpoint is this run dir's."""
+    best = first_best(evaluations(reference))
+    first, second = workdir / "first", workdir / "second"
+    first.mkdir()
+    code, text = run_cli(
+        overfit_train(Path("run")),
+        {**env, "CLM_RUNNER_FAULT": "train.end:kill"},
+        workdir / "cwd.log",
+        cwd=first,
+    )
+    assert code == -9, text[-2000:]
+    decoy = second / "run" / f"checkpoint-{best}"
+    shutil.copytree(reference / f"checkpoint-{STEPS}", decoy)  # another model at the recorded relative path
+    code, text = run_cli(overfit_train(Path("../first/run")), env, workdir / "cwd-2.log", cwd=second)
+    assert code == 0, text[-2000:]
+    run = first / "run"
+    assert json.loads((run / "run.json").read_text())["best_model"]["final_model_is_best"] is True
+    assert same_weights(run / "model.safetensors", reference / "model.safetensors")
+    assert not same_weights(run / "model.safetensors", decoy / "model.safetensors")
+
+
+def test_a_best_checkpoint_that_is_gone_is_not_claimed_as_the_final_model(
+    workdir: Path, env: dict[str, str], reference: Path
+) -> None:
+    best = first_best(evaluations(reference))
+    run = workdir / "best-gone"
+    code, text = run_cli(
+        overfit_train(run), {**env, "CLM_RUNNER_FAULT": "train.end:kill"}, workdir / "gone.log"
+    )
+    assert code == -9, text[-2000:]
+    shutil.rmtree(run / f"checkpoint-{best}")
+    code, text = run_cli(overfit_train(run), env, workdir / "gone-2.log")
+    assert code == 0, text[-2000:]
+    assert "the run ends with its last model" in text
+    record = json.loads((run / "run.json").read_text())["best_model"]
+    assert record["global_step"] == best and record["final_model_is_best"] is False
+    assert same_weights(run / "model.safetensors", run / f"checkpoint-{STEPS}" / "model.safetensors")
+    final = json.loads((run / "eval_results.json").read_text())
+    assert final["eval_loss"] == evaluations(reference)[STEPS]["eval_loss"]  # the last model's, scored
 
 
 def expected_stop(evals: dict[int, dict], patience: int, threshold: float = 0.0) -> int | None:

@@ -63,11 +63,8 @@ def test_output_dir_has_every_run_clm_file(trained_run: Path) -> None:
     for key in ("eval_loss", "perplexity", "eval_accuracy", "eval_samples", "eval_tokens"):
         assert key in evaluation and key in both
     assert evaluation["perplexity"] == math.exp(evaluation["eval_loss"])  # the same float64 expression
-    assert (evaluation["method"], evaluation["block_size"], evaluation["split"]) == (
-        "blocks",
-        128,
-        "validation",
-    )
+    described = json.loads((trained_run / "evaluations.json").read_text())["eval_results.json"]
+    assert (described["method"], described["block_size"], described["split"]) == ("blocks", 128, "validation")
     assert evaluation["eval_tokens"] == evaluation["eval_samples"] * 127  # block 128, first token unpredicted
     assert sorted(p.name for p in trained_run.glob("checkpoint-*"))  # save_strategy=epoch kept checkpoints
 

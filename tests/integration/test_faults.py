@@ -64,6 +64,7 @@ KILL_POINTS = [
     ("write.train_results.json", 1, RESUME),
     ("write.eval_results.json", 1, RESUME),
     ("write.all_results.json", 2, RESUME),
+    ("write.evaluations.json", 1, RESUME),  # how eval_results.json was computed, written after it
     ("card.write", 1, RESUME),
     ("write.run.json", 3, RESUME),  # the last run.json write: the run's end is about to be recorded
 ]

@@ -150,3 +150,20 @@ def test_signal_finishes_the_step_checkpoints_and_prints_the_resume_command(
     assert code == 0, log
     assert_same_result(run, uninterrupted, after_step=step)
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+def test_whole_run_totals_count_the_step_a_signal_stops_on(workdir: Path, env: dict[str, str]) -> None:
+    """Stopped by SIGINT at step 7 (neither a logging nor a saving step) and resumed: train_tokens used to lose
+    the tokens trained since the last logging step (the checkpoint stored the last measured stretch)."""
+    tokens_per_step = 4 * 32  # per_device_train_batch_size x block_size, one process, no accumulation
+    run = workdir / "totals"
+    args = train_args(run, "training.logging_steps=5")
+    code, log = run_cli(args, {**env, "CLM_RUNNER_FAULT": "train.step@7:sigint"}, workdir / "totals-1.log")
+    assert code == 130, log[-3000:]
+    state = json.loads((run / "checkpoint-7" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["RunTotals"]["attributes"]["tokens"] == 7 * tokens_per_step
+    code, log = run_cli(args, env, workdir / "totals-2.log")
+    assert code == 0, log[-3000:]
+    results = json.loads((run / "train_results.json").read_text())
+    assert results["train_tokens"] == MAX_STEPS * tokens_per_step
+    assert results["train_attempts"] == 2

@@ -181,6 +181,100 @@ def test_run_json_records_what_produced_the_run_and_no_secret(tmp_path: Path) ->
     assert manifest["previous_attempts"] == []
 
 
+def test_secrets_that_do_not_look_like_hub_tokens_reach_no_file_and_no_console(tmp_path: Path) -> None:
+    """Each route on its own value, none shaped like hf_...: the catch-all pattern cannot hide a route that
+    leaks. A run interrupted (its resume command printed) and resumed, so every line and file is seen."""
+    secrets = {
+        "model.token": "corp-model-key-123456789",
+        "training.hub_token": "corp-hub-key-987654321",
+        "HF_TOKEN": "corp-env-key-555555555",
+        "WANDB_API_KEY": "corp-wandb-key-4444444",
+    }
+    run = tmp_path / "run"
+    args = train_args(
+        run,
+        f"model.token={secrets['model.token']}",
+        f"training.hub_token={secrets['training.hub_token']}",
+        max_steps=4,
+    )
+    env = subprocess_env(
+        tmp_path / "cache", HF_TOKEN=secrets["HF_TOKEN"], WANDB_API_KEY=secrets["WANDB_API_KEY"]
+    )
+    code, first = run_cli(args, {**env, "CLM_RUNNER_FAULT": "train.step@2:sigint"}, tmp_path / "first.log")
+    assert code == 130, first[-3000:]
+    assert "Resume with:" in first
+    code, second = run_cli(args, env, tmp_path / "second.log")
+    assert code == 0, second[-3000:]
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+    for route, secret in secrets.items():
+        assert secret not in first and secret not in second, f"{route} on the console"
+        for path in [p for p in run.rglob("*") if p.is_file()]:
+            assert secret.encode() not in path.read_bytes(), f"{route} in {path.relative_to(run)}"
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["secrets_not_recorded"] == ["model.token", "training.hub_token"]
+    recipe_toml = (run / "recipe.toml").read_text()
+    for dotted in ("model.token", "training.hub_token"):
+        assert f"# {dotted} was set and is not recorded" in recipe_toml
+
+
+# Runs `clm-runner` with every training step logging the secrets (a library warning, one of ours) and the
+# second one failing with them in its message: the routes a value takes when something else prints it.
+LEAKY_WRAPPER = """
+import logging, os, sys
+from clm_runner.train.trainer import ClmTrainer
+original = ClmTrainer.training_step
+def leaky(self, *args, **kwargs):
+    secrets = os.environ["TEST_SECRETS"].split(",")
+    for secret in secrets:
+        logging.getLogger("transformers.trainer").warning("library says %s", secret)
+        logging.getLogger("clm_runner").warning("we say " + secret)
+    if self.state.global_step >= 1:
+        raise RuntimeError("crashed holding " + " and ".join(secrets))
+    return original(self, *args, **kwargs)
+ClmTrainer.training_step = leaky
+from clm_runner.cli import main
+sys.argv = ["clm-runner", *sys.argv[1:]]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_secrets_printed_by_a_library_or_an_error_are_masked_everywhere(tmp_path: Path) -> None:
+    secrets = {
+        "model.token": "corp-model-key-123456789",
+        "training.hub_token": "corp-hub-key-987654321",
+        "HF_TOKEN": "corp-env-key-555555555",
+        "WANDB_API_KEY": "corp-wandb-key-4444444",
+    }
+    run = tmp_path / "run"
+    args = train_args(
+        run,
+        f"model.token={secrets['model.token']}",
+        f"training.hub_token={secrets['training.hub_token']}",
+        max_steps=4,
+    )
+    env = subprocess_env(
+        tmp_path / "cache",
+        HF_TOKEN=secrets["HF_TOKEN"],
+        WANDB_API_KEY=secrets["WANDB_API_KEY"],
+        TEST_SECRETS=",".join(secrets.values()),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", LEAKY_WRAPPER, *args], env=env, capture_output=True, text=True, cwd=REPO
+    )
+    console = done.stdout + done.stderr
+    assert done.returncode == 1, console[-3000:]
+    assert "library says" in console and "crashed holding" in console  # the routes were taken
+    log = (run / "train.log").read_text()
+    assert "library says" in log and "we say" in log
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"].startswith("RuntimeError: crashed holding")
+    for route, secret in secrets.items():
+        assert secret not in console, f"{route} on the console"
+        for path in [p for p in run.rglob("*") if p.is_file()]:
+            assert secret.encode() not in path.read_bytes(), f"{route} in {path.relative_to(run)}"
+
+
 def test_a_crash_marks_the_run_failed_and_frees_the_dir(
     tmp_path: Path, fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -36,6 +36,8 @@ def test_streamed_training_evaluates_during_and_after_training(tmp_path: Path, f
     final = json.loads((run / "eval_results.json").read_text())
     assert final["eval_samples"] == 8 and final["eval_tokens"] == 8 * 31  # max_eval_samples bounds it
     assert final["perplexity"] == math.exp(final["eval_loss"])
+    # A stream has no length: train_samples is the blocks trained on (4 steps x 4), never run_clm's -1.
+    assert json.loads((run / "train_results.json").read_text())["train_samples"] == 4 * 4
 
     # The same blocks, not streamed, score the same (the stream carries tokens over between batches).
     out = tmp_path / "cached.json"

@@ -158,3 +158,81 @@ def test_atomic_json_files_get_the_usual_permissions(tmp_path: Path) -> None:
     plain = tmp_path / "plain.json"
     plain.write_text("{}")  # what open() gives under this process's umask
     assert os.stat(target).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+# ---------------------------------------------------------------------------------------------------
+# Durability: what reaches the disk before the rename publishes a checkpoint
+
+
+def record_durability(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every fsync (by the path its descriptor names), the marker's opening and every rename, in order."""
+    import builtins
+    import os
+
+    from clm_runner.rundir import checkpoints
+
+    calls: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_open = os.fsync, os.replace, builtins.open
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        calls.append(("replace", f"{src} -> {dst}"))
+        real_replace(src, dst)
+
+    def recording_open(file, mode="r", *args, **kwargs):
+        if "w" in mode:
+            calls.append(("write", str(file)))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(checkpoints, "open", recording_open, raising=False)
+    return calls
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors through /proc")
+def test_every_file_and_the_marker_reach_the_disk_before_the_rename_and_the_rename_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path.resolve()
+    staging = run / "tmp-checkpoint-5"
+    (staging / "sub").mkdir(parents=True)
+    files = [staging / "model.safetensors", staging / "trainer_state.json", staging / "sub" / "extra.bin"]
+    for file in files:
+        file.write_bytes(b"x" * 10)
+    calls = record_durability(monkeypatch)
+    seal_checkpoint(staging, run / "checkpoint-5", step=5, facts={"world_size": 1})
+
+    def at(kind: str, what: Path | str) -> int:
+        return calls.index((kind, str(what)))
+
+    marker = staging / MARKER
+    rename = at("replace", f"{staging} -> {run / 'checkpoint-5'}")
+    for file in files:  # every file's data before the marker that vouches for it
+        assert at("fsync", file) < at("write", marker)
+    for directory in (staging / "sub", staging):  # their entries too
+        assert at("fsync", directory) < rename
+    assert at("write", marker) < at("fsync", marker) < rename  # the marker itself before the rename
+    assert calls.index(("fsync", str(staging)), at("fsync", marker)) < rename  # and its entry
+    assert rename < at("fsync", run)  # the rename itself reaches the disk
+    assert [c for c in calls if c[0] == "replace"] == [calls[rename]]  # one rename publishes it
+
+
+def test_a_marker_that_lists_no_trainer_state_is_torn_and_skipped_on_resume(tmp_path: Path, caplog) -> None:
+    sealed(tmp_path, 2)
+    newest = sealed(tmp_path, 4)
+    marker = json.loads((newest / MARKER).read_text())
+    del marker["files"]["trainer_state.json"]  # sealed from a staging dir the state never reached
+    (newest / MARKER).write_text(json.dumps(marker))
+    assert checkpoint_problem(newest) == "its marker lists no trainer_state.json"
+    with caplog.at_level(logging.WARNING, logger="clm_runner"):
+        plan = plan_output_dir(tmp_path)
+    assert plan.resume_from == tmp_path / "checkpoint-2"
+    assert any(
+        str(newest) in r.getMessage() and "lists no trainer_state.json" in r.getMessage()
+        for r in caplog.records
+    )
+    assert [p.name for p in scan_checkpoints(tmp_path).complete] == ["checkpoint-2"]

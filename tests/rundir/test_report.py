@@ -175,3 +175,27 @@ def test_interrupted_run_is_read_from_its_newest_checkpoint(tmp_path):
     assert run.state_file == run_dir / "checkpoint-10" / "trainer_state.json"
     assert run.global_step == 10
     assert run.name == "interrupted"
+
+
+def test_report_output_file_json_and_standard_output(two_runs, tmp_path):
+    """`report --output FILE`: the plot goes there (it always went into the first run's dir)."""
+    from click.testing import CliRunner
+
+    from clm_runner.cli import cli
+
+    run_a, run_b = (str(path) for path in two_runs)
+    plot = tmp_path / "plots" / "compare.png"
+    result = CliRunner().invoke(
+        cli, ["report", "--run", run_a, "--run", run_b, "--output", str(plot), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["plot"] == str(plot) and plot.read_bytes().startswith(PNG_SIGNATURE)
+    assert [row["run"] for row in document["runs"]] == ["run-a", "run-b"]
+    assert document["runs"][0]["final_perplexity"] == 20.3
+    assert not (two_runs[0] / "report.png").exists()
+    # RUN arguments are the same as --run; "-" puts the PNG on standard output, the table on standard error.
+    result = CliRunner().invoke(cli, ["report", run_a, "--run", run_b, "--output", "-"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout_bytes.startswith(PNG_SIGNATURE) and "run-b" in result.stderr
+    assert not Path("-").exists() and not (two_runs[0] / "report.png").exists()

@@ -209,6 +209,7 @@ EXPECTED_FILES = {
     "all_results.json",
     "config.json",
     "eval_results.json",
+    "evaluations.json",
     "generation_config.json",
     "model.safetensors",
     "recipe.toml",

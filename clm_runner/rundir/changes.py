@@ -1,0 +1,130 @@
+"""Which differences between a run dir's recipe and a rerun's change what would be trained: the one place that says.
+
+A finished run rerun with the same recipe is complete (exit 0); a rerun whose recipe changes what would be
+trained is refused, naming the keys (clm_runner.rundir.policy). Keys that only change what a run writes,
+logs or reports, or how fast it loads data, do not count (`OUTPUT_ONLY`). The length (`max_steps`,
+`num_train_epochs`) is judged by its own rule: a longer run continues the finished one, a length the run
+already covers changes nothing, a shorter one is a change. Where a line starts (`resume_from_checkpoint`)
+is the branch rule's (clm_runner.rundir.branch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+OUTPUT_ONLY: frozenset[str] = frozenset(
+    {
+        # Where the run is written: the same dir, perhaps spelled another way (relative, absolute).
+        "training.output_dir",
+        # What is logged and where it is reported.
+        "training.logging_strategy",
+        "training.logging_steps",
+        "training.logging_first_step",
+        "training.logging_nan_inf_filter",
+        "training.log_level",
+        "training.log_level_replica",
+        "training.log_on_each_node",
+        "training.disable_tqdm",
+        "training.include_num_input_tokens_seen",
+        "training.skip_memory_metrics",
+        "training.debug",
+        "training.report_to",
+        "training.project",
+        "training.run_name",
+        "training.trackio_space_id",
+        "training.trackio_bucket_id",
+        "training.trackio_static_space_id",
+        # Which checkpoints are kept and where copies go (not when they are written: the best model is
+        # chosen among the checkpoints written, so save_strategy and save_steps count).
+        "training.save_total_limit",
+        "training.save_on_each_node",
+        "training.save_only_model",
+        "training.push_to_hub",
+        "training.hub_model_id",
+        "training.hub_strategy",
+        "training.hub_private_repo",
+        "training.hub_always_push",
+        "training.hub_revision",
+        # How fast data is loaded and memory handled: the same batches, the same numbers.
+        "training.dataloader_num_workers",
+        "training.dataloader_pin_memory",
+        "training.dataloader_persistent_workers",
+        "training.dataloader_prefetch_factor",
+        "training.dataloader_multiprocessing_context",
+        "training.torch_empty_cache_steps",
+        "training.ddp_timeout",
+        # The exact evaluation sums NLL over every token: its batch changes no number beyond float rounding.
+        "training.per_device_eval_batch_size",
+        "data.preprocessing_num_workers",  # blocks never depend on it
+        "data.overwrite_cache",  # the same blocks, rebuilt
+        "model.cache_dir",  # where downloads are kept
+    }
+)
+OUTPUT_ONLY_SECTIONS = ("eval",)
+"""[eval] says how `clm-runner eval` scores a model; `train` never reads it."""
+RESTORED_FROM_CHECKPOINT = (
+    "training.learning_rate",
+    "training.weight_decay",
+    "training.adam_beta1",
+    "training.adam_beta2",
+    "training.adam_epsilon",
+)
+"""What a resumed run takes from the checkpoint whatever the recipe says: the optimizer's settings (its state
+holds them per parameter group) and the schedule's base learning rate (the scheduler's state holds it)."""
+LENGTH_KEYS = ("training.max_steps", "training.num_train_epochs")
+JUDGED_ELSEWHERE = (*LENGTH_KEYS, "training.resume_from_checkpoint")
+
+
+def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value differs between two resolved recipes, each as "key: old -> new"."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changes: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            changes.extend(recipe_changes(old.get(key), new.get(key), dotted))
+        return changes
+    if old != new:
+        return [f"{prefix}: {old!r} -> {new!r}"]
+    return []
+
+
+def changed_key(change: str) -> str:
+    """The dotted key of one of recipe_changes' lines."""
+    return change.partition(": ")[0]
+
+
+def output_only(key: str) -> bool:
+    return key in OUTPUT_ONLY or key.partition(".")[0] in OUTPUT_ONLY_SECTIONS
+
+
+def changes_what_is_trained(changes: Iterable[str], *, shorter: bool = False) -> list[str]:
+    """The changes that change what would be trained; the length's count only when `shorter`."""
+    counted = set(LENGTH_KEYS) if shorter else set()
+    return [
+        change
+        for change in changes
+        if not output_only(key := changed_key(change)) and (key not in JUDGED_ELSEWHERE or key in counted)
+    ]
+
+
+def compare_length(max_steps: int, num_train_epochs: float, reached: tuple[int, float] | None) -> int:
+    """1 when a recipe asks for more training than a run reached (global step, epoch), -1 for less, else 0."""
+    if reached is None:
+        return 0
+    step, epoch = reached
+    if max_steps > 0:
+        return (max_steps > step) - (max_steps < step)
+    return (num_train_epochs > epoch + 1e-9) - (num_train_epochs < epoch - 1e-9)
+
+
+def restored_on_resume(changes: Iterable[str]) -> str | None:
+    """The warning a resume owes when the recipe changes keys it does not apply (RESTORED_FROM_CHECKPOINT)."""
+    keys = [key for change in changes if (key := changed_key(change)) in RESTORED_FROM_CHECKPOINT]
+    if not keys:
+        return None
+    return (
+        f"The recipe changes {', '.join(keys)}, but a resumed run restores the checkpoint's optimizer and "
+        "learning-rate schedule, so the checkpoint's value applies. To train with the new value, start over "
+        "(--no-resume --overwrite, or another training.output_dir)."
+    )
