@@ -2,7 +2,7 @@
 
 Every case ends with the uninterrupted run's global step, eval loss and weights, every JSON file parses,
 every safetensors file loads, nothing half written is left, and the results count the whole run. `make
-fault-test` runs this file (it is left out of `make test`: about five minutes on two cores).
+fault-test` runs this file (it is left out of `make test`: about nine minutes on two cores).
 
 Why equality and not a tolerance: the resumed attempt runs on the same machine, with the same thread count
 (1), the same data order, weights, optimizer and RNG states (all restored bit for bit): each remaining step
@@ -250,6 +250,18 @@ def test_a_step_failing_while_a_seal_is_in_flight_lets_the_seal_finish_first(
     code, log = run_cli(args_for(run), env, workdir / "fails-in-flight-2.log")
     assert code == 0 and f"{RESUME} {run / 'checkpoint-8'}" in log, log[-3000:]
     assert_whole_and_equal(run, reference)
+
+
+def test_a_save_waits_for_the_seal_still_in_flight(workdir: Path, env: dict[str, str]) -> None:
+    """Every seal is slowed down and a checkpoint saved every other step (milliseconds apart): each save
+    waits for the previous seal, whose tmp-checkpoint-N it would otherwise remove as a leftover."""
+    run = workdir / "quick-saves"
+    args = train_args(run, "training.save_steps=2", "training.save_total_limit=2", max_steps=MAX_STEPS)
+    faults = "checkpoint.sealing:delay0.5"
+    code, log = run_cli(args, {**env, "CLM_RUNNER_FAULT": faults}, workdir / "quick-saves.log")
+    assert code == 0, log[-3000:]
+    assert [p.name for p in scan_checkpoints(run).complete] == ["checkpoint-10", f"checkpoint-{MAX_STEPS}"]
+    assert [p.name for p in run.iterdir() if is_leftover(p.name)] == []
 
 
 def test_the_run_ends_once_its_last_seal_is_done_and_loads_the_best_model_from_it(
