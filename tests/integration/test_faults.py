@@ -356,3 +356,22 @@ def assert_two_process_result(run: Path, reference: Path) -> None:
     assert got_eval["eval_loss"] == want_eval["eval_loss"]
     assert same_weights(run / "model.safetensors", reference / "model.safetensors")
     assert [p.name for p in run.iterdir() if is_leftover(p.name)] == []
+
+
+def test_two_processes_load_the_best_model_once_rank0_has_sealed_it(
+    workdir: Path, env: dict[str, str]
+) -> None:
+    """Rank 0 seals the last checkpoint, the best one, slowly; load_best_model_at_end reads it on every rank,
+    so rank 1 waits for rank 0's seal too (it would otherwise find no checkpoint-8 and keep its weights)."""
+    env = {**env, "HF_HOME": str(workdir / "hf-home")}
+    run = workdir / "two-best"
+    best = ["training.eval_strategy=steps", "training.eval_steps=2", "training.load_best_model_at_end=true"]
+    args = two_process_args(run) + [a for s in best for a in ("--set", s)]
+    slow = {"CLM_RUNNER_FAULT": "checkpoint.sealing@4:delay2:rank0"}  # the 4th seal: checkpoint-8
+    done = subprocess.run(
+        torchrun(*args), env={**env, **slow}, capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["best_model"]["checkpoint"] == "checkpoint-8"
+    assert "Could not locate the best model" not in done.stdout + done.stderr, done.stderr[-3000:]
+    assert [p.name for p in run.iterdir() if is_leftover(p.name)] == []
