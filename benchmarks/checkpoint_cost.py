@@ -22,8 +22,9 @@ repeats); the median of the per-repeat ratios is printed beside it.
     python benchmarks/checkpoint_cost.py                  # 7 repeats of 20 steps; the goal is <= 1.1x
     python benchmarks/checkpoint_cost.py --profile        # where one clm-runner save's time goes
 
-`--profile` times each part of clm-runner's saves (weights, optimizer, RNG, trainer state, fsyncs, seal,
-rotation) and says on which thread it ran.
+Every run allocates memory the same way: the benchmark restarts itself with glibc's mmap threshold
+fixed (MALLOC_MMAP_THRESHOLD_; see MMAP_THRESHOLD). `--profile` times each part of clm-runner's saves
+(weights, optimizer, RNG, trainer state, fsyncs, seal, rotation) and says on which thread it ran.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import argparse
 import collections
 import contextlib
 import itertools
+import os
 import platform
 import statistics
 import sys
@@ -271,7 +273,17 @@ def profile(opts: argparse.Namespace, blocks) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+MMAP_THRESHOLD = str(32 * 2**20)
+"""glibc's malloc raises its mmap threshold after the first large free (up to 32 MiB), and a torch.save of
+the optimizer state frees large buffers: runs with saves would then allocate the steps' activations from
+the heap and train faster than runs without, on both sides. Fixed at glibc's dynamic maximum, every run
+allocates the same way."""
+
+
 def main() -> int:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # malloc reads it at process start
     opts = parse_args()
     sides = (*SIDES, SYNC) if opts.with_sync else SIDES
     import torch
