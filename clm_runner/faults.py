@@ -3,10 +3,10 @@
 Every place where a kill, a full disk or a lost permission could leave a run half written calls
 `point("name", path)`: around each file of a checkpoint, its seal and rename, rotation's deletes, every
 results / manifest / model-card write, the final save, evaluation, start-up. Off by default, at the cost of
-one comparison; switched on by the environment variable CLM_RUNNER_FAULT, which names one point (the
+one comparison; switched on by the environment variable CLM_RUNNER_FAULT, which names a point (the
 failpoint idea of etcd, and FoundationDB's simulation testing):
 
-    CLM_RUNNER_FAULT=POINT[@HIT][:ACTION][:rankR]
+    CLM_RUNNER_FAULT=POINT[@HIT][:ACTION][:rankR][,POINT...]
 
 - POINT: a name below (`write.run.json`, `checkpoint.model`, ...).
 - HIT: fire the N-th time the point is reached in this process (default 1).
@@ -17,6 +17,8 @@ failpoint idea of etcd, and FoundationDB's simulation testing):
   run stops after step N of this attempt), `delayS` (sleep S seconds at every hit from the N-th on: a slow
   machine, so a test can signal a run).
 - rankR: only on global rank R of a multi-process run.
+- Several faults, separated by commas, each counting its own hits: `checkpoint.sealing@2:delay60,train.step@10`
+  slows the second checkpoint's seal and kills the run two steps later, while that seal is in flight.
 
 tests/test_faults.py (`make fault-test`) kills a real `train` at every point in turn and resumes it.
 """
@@ -38,6 +40,8 @@ POINTS = (
     "checkpoint.model",  # the weights (and tokenizer) are in tmp-checkpoint-N
     "checkpoint.optimizer",  # optimizer, scheduler, scaler and RNG states too
     "checkpoint.state",  # trainer_state.json too
+    "checkpoint.taken",  # every file of tmp-checkpoint-N is written: the training thread goes on from here
+    "checkpoint.sealing",  # the background seal of tmp-checkpoint-N starts (training goes on meanwhile)
     "checkpoint.marker",  # the completion marker is written; the rename has not happened
     "checkpoint.renamed",  # tmp-checkpoint-N became checkpoint-N; rotation has not run
     "rotation.delete",  # an old checkpoint is renamed to tmp-deleting-checkpoint-N, not yet removed
@@ -80,8 +84,8 @@ def _is_number(text: str) -> bool:
     return True
 
 
-_ACTIVE = _parse(os.environ.get(ENV))
-_hits = 0
+_ACTIVE = tuple(fault for fault in map(_parse, (os.environ.get(ENV) or "").split(",")) if fault is not None)
+_hits = [0] * len(_ACTIVE)
 
 
 def _tear(path: Path) -> None:
@@ -99,18 +103,22 @@ def _tear(path: Path) -> None:
 
 def point(name: str, path: str | Path | None = None) -> None:
     """A place where a crash could tear something: fails here when CLM_RUNNER_FAULT names it, else nothing."""
-    if _ACTIVE is None or _ACTIVE[0] != name:
+    if not _ACTIVE:
         return
-    global _hits
-    target, hit, action, rank = _ACTIVE
+    for index, (target, hit, action, rank) in enumerate(_ACTIVE):
+        if target == name:
+            _strike(index, hit, action, rank, path)
+
+
+def _strike(index: int, hit: int, action: str, rank: int | None, path: str | Path | None) -> None:
     if rank is not None and int(os.environ.get("RANK", "0")) != rank:
         return
-    _hits += 1
+    _hits[index] += 1
     if action.startswith("delay"):
-        if _hits >= hit:
+        if _hits[index] >= hit:
             time.sleep(float(action[5:]))
         return
-    if _hits != hit:
+    if _hits[index] != hit:
         return
     if action == "torn" and path is not None:
         _tear(Path(path))

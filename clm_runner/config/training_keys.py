@@ -36,6 +36,10 @@ HONOURED: dict[str, str] = {
     "hub_revision": "the branch push_to_hub writes to",
     "use_cpu": "honoured; a multi-process run on a machine without a GPU trains on the CPU whatever it says",
     "ddp_backend": "honoured; gloo is chosen where a multi-process run trains on the CPU and none is set",
+    "ddp_find_unused_parameters": (
+        "false in a multi-process run unless set, checked against the model: true where it leaves trainable "
+        "parameters without a gradient; false set for such a model is refused"
+    ),
     "bf16": "a device default on CUDA; the recipe's value wins",
     "fp16": "a device default on older CUDA; the recipe's value wins",
     "tf32": "a device default on CUDA; the recipe's value wins",

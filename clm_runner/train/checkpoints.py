@@ -2,13 +2,16 @@
 
 Upstream Trainer writes `checkpoint-N` and the final model in place, so a kill during a save leaves a torn
 directory that `get_last_checkpoint` still picks, or a torn model.safetensors. Here every save is written
-under a temporary name first (the on-disk format is clm_runner.rundir.checkpoints').
+under a temporary name first (the on-disk format is clm_runner.rundir.checkpoints'). The training thread
+writes a checkpoint's files, as upstream does; sealing and rotation run on a background thread
+(clm_runner.rundir.sealer), one at a time.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +24,18 @@ from clm_runner.rundir.checkpoints import (
     staging_dir,
 )
 from clm_runner.rundir.files import fsync_path, give_default_modes
+from clm_runner.rundir.sealer import Sealer
 
 
-def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: int | None) -> Path:
+def save_checkpoint_atomically(
+    trainer: Any, model: Any, trial: Any, *, limit: int | None, sealer: Sealer | None = None
+) -> Path:
     """Trainer._save_checkpoint (transformers 5.x), writing into tmp-checkpoint-N and sealing it.
 
     Mirrors the upstream order (model, best-checkpoint bookkeeping, optimizer/scheduler/scaler/RNG,
-    trainer state, push, rotation) so resuming restores exactly what upstream restores.
+    trainer state, push, rotation) so resuming restores exactly what upstream restores. Every file holds
+    this step's state once this returns; with a `sealer`, the seal and rotation are still running on its
+    thread (with push_to_hub they are not: the push reads the sealed checkpoint).
     """
     from transformers.trainer_callback import ExportableState
     from transformers.trainer_utils import SaveStrategy
@@ -40,6 +48,8 @@ def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: i
     final = run_dir / f"checkpoint-{step}"
     staging = staging_dir(run_dir, step)
     if args.should_save:
+        if sealer is not None:
+            sealer.wait()  # the previous seal and its rotation are done: nothing else touches the run dir
         remove_stale_temporaries(run_dir)
     # Every rank writes into the staging dir (its RNG state, sharded states): none may start before the
     # stale one is gone, and the rename must wait until all are done.
@@ -80,6 +90,9 @@ def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: i
                 trainer.state.stateful_callbacks[name] = cb.state()
         trainer.state.save_to_json(str(staging / TRAINER_STATE))
         faults.point("checkpoint.state", staging / TRAINER_STATE)
+    # Every file holds this step's state, written and closed: the next optimizer step may change the
+    # weights. What is left reads only these files.
+    faults.point("checkpoint.taken", staging)
 
     trainer.accelerator.wait_for_everyone()
     if args.should_save:
@@ -89,15 +102,34 @@ def save_checkpoint_atomically(trainer: Any, model: Any, trial: Any, *, limit: i
             "per_device_train_batch_size": int(args.per_device_train_batch_size),
             "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
         }
-        seal_checkpoint(staging, final, step=step, facts=facts)
-    trainer.accelerator.wait_for_everyone()
-
-    if args.push_to_hub:
-        trainer._push_from_checkpoint(str(final))
-    if args.should_save:
         best = Path(trainer.state.best_model_checkpoint) if trainer.state.best_model_checkpoint else None
-        rotate_checkpoints(run_dir, limit, best=best)
+        seal = partial(_seal_and_rotate, staging, final, step, facts, limit, best)
+        if sealer is None or args.push_to_hub:
+            seal(rotate=not args.push_to_hub)
+        else:
+            sealer.submit(seal, name=final.name)
+    if args.push_to_hub:
+        trainer.accelerator.wait_for_everyone()
+        trainer._push_from_checkpoint(str(final))
+        if args.should_save:
+            rotate_checkpoints(run_dir, limit, best=best)
     return final
+
+
+def _seal_and_rotate(
+    staging: Path,
+    final: Path,
+    step: int,
+    facts: dict[str, Any],
+    limit: int | None,
+    best: Path | None,
+    rotate: bool = True,
+) -> None:
+    """Seal `staging` as `final`, then rotate: on the sealer's thread, while training goes on."""
+    faults.point("checkpoint.sealing", staging)
+    seal_checkpoint(staging, final, step=step, facts=facts)
+    if rotate:
+        rotate_checkpoints(final.parent, limit, best=best)
 
 
 def save_final_model(trainer: Any, output_dir: Path) -> None:

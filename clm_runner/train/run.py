@@ -145,6 +145,10 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
         from clm_runner.models.adapters import wrap_with_adapter
 
         model = wrap_with_adapter(model, adapter, gradient_checkpointing=bool(args.gradient_checkpointing))
+    if is_distributed():
+        from clm_runner.train.unused_parameters import settle_for_model
+
+        setup = session.setup = settle_for_model(setup, model)  # before DDP wraps it
     if plan.resume_from is not None and args.should_log:
         changed = global_batch_change(plan.resume_from, args, setup.block_size)
         if changed:

@@ -4,8 +4,9 @@ The Trainer's own eval loss is a mean of batch means and its accuracy needs ever
 memory; here evaluation sums NLL and correct tokens per batch (flat memory), shards blocks across ranks
 without padding, and all-reduces the sums, so every world size gives the same number.
 
-Checkpoints are written under a temporary name and sealed (clm_runner.rundir.checkpoints); metric and state
-files are replaced atomically; a SIGINT/SIGTERM stops after the current step with a checkpoint
+Checkpoints are written under a temporary name and sealed (clm_runner.rundir.checkpoints) on a background
+thread (clm_runner.rundir.sealer), waited for wherever a checkpoint is relied on; metric and state files are
+replaced atomically; a SIGINT/SIGTERM stops after the current step with a checkpoint
 (clm_runner.train.interrupts).
 """
 
@@ -22,6 +23,7 @@ from transformers import Trainer
 
 from clm_runner import faults
 from clm_runner.rundir.policy import TRAINER_STATE, save_metrics, write_json_atomic, write_text_atomic
+from clm_runner.rundir.sealer import Sealer
 from clm_runner.train.checkpoints import save_checkpoint_atomically
 from clm_runner.train.interrupts import GracefulStop
 
@@ -57,6 +59,8 @@ class ClmTrainer(Trainer):
         # the newest checkpoint at the end when save_total_limit=1 and a best checkpoint differs.
         self.checkpoint_limit = self.args.save_total_limit
         self._last_checkpoint_step: int | None = None
+        self.sealer = Sealer()
+        """Seals this process's checkpoints in the background, one at a time (only where should_save)."""
 
     final_weights_step: int | None = None
     """The step whose weights the model holds after train(): the last one, or the best one it loaded."""
@@ -73,12 +77,33 @@ class ClmTrainer(Trainer):
             self.args.eval_on_start = False
         try:
             output = super().train(*args, **kwargs)
+        except BaseException:
+            self._finish_seal_after_failure()
+            raise
         finally:
             self.args.save_total_limit = self.checkpoint_limit
             self.args.eval_on_start = eval_on_start
+        # The last checkpoint (a SIGINT's too) is sealed before the run reports it or writes its results.
+        self.wait_for_checkpoint()
         if self.final_weights_step is None:
             self.final_weights_step = self.state.global_step
         return output
+
+    def wait_for_checkpoint(self) -> None:
+        """Return once the checkpoint being sealed is complete, on every rank (all ranks must call it)."""
+        self.sealer.wait()
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
+
+    def _finish_seal_after_failure(self) -> None:
+        """Training failed or was stopped at once: let the seal in flight finish, so the newest checkpoint the
+        error names is whole. The first error is the one reported; the seal's, if it failed too, is logged."""
+        import logging
+
+        try:
+            self.sealer.wait()
+        except Exception as exc:
+            logging.getLogger("clm_runner").warning("The checkpoint being sealed was not sealed: %s", exc)
 
     def _init_training_state(self, *args: Any, **kwargs: Any) -> Any:
         with _quiet_about_the_recorded_best():
@@ -114,6 +139,7 @@ class ClmTrainer(Trainer):
         """Load the best checkpoint's weights, and remember that the model now holds them."""
         from clm_runner.rundir.checkpoints import checkpoint_problem
 
+        self.wait_for_checkpoint()  # the best checkpoint may be the one still being sealed
         best = self.state.best_model_checkpoint
         problem = "not recorded" if best is None else checkpoint_problem(Path(best))
         if problem is not None:
@@ -197,12 +223,14 @@ class ClmTrainer(Trainer):
         # training_args.bin inside the checkpoint records the user's limit, not the None set during train.
         self.args.save_total_limit = self.checkpoint_limit
         try:
-            save_checkpoint_atomically(self, model, trial, limit=self.checkpoint_limit)
+            save_checkpoint_atomically(self, model, trial, limit=self.checkpoint_limit, sealer=self.sealer)
         finally:
             self.args.save_total_limit = None
         self._last_checkpoint_step = self.state.global_step
 
     def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        # A seal that failed in the background (a full disk) stops the run at the next step, not at the end.
+        self.sealer.raise_if_failed()
         stop = self.graceful_stop
         if stop is not None and stop.stopped_at_step is not None:
             # The epoch-end pass after we stopped: the checkpoint is written, evaluate and save nothing more.
@@ -243,6 +271,9 @@ class ClmTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
+        # An evaluation may pick the best checkpoint, and early stopping may end the run on it: the one being
+        # sealed is complete first (evaluations are rare; the seal is mostly done by then).
+        self.wait_for_checkpoint()
         metrics = self.exact_metrics(eval_dataset, metric_key_prefix=metric_key_prefix)
         if eval_dataset is None and metric_key_prefix == "eval":
             # The step whose weights this evaluation scored, in this process (see train.results).

@@ -195,8 +195,12 @@ def test_a_killed_adapter_run_resumes_to_the_same_losses(
     workdir: Path, env: dict[str, str], base: Path, lora_run: Path
 ) -> None:
     run = workdir / "killed"
+    # Killed as the save at step 8 starts: after step 8 trained, and after checkpoint-4's background seal
+    # (a save waits for the one before it; a kill at step 7 could still find that seal in flight).
     code, text = run_cli(
-        lora_train(base, run), {**env, "CLM_RUNNER_FAULT": "train.step@7:kill"}, workdir / "killed.log"
+        lora_train(base, run),
+        {**env, "CLM_RUNNER_FAULT": "checkpoint.staging@2:kill"},
+        workdir / "killed.log",
     )
     assert code == -9, text[-2000:]
     assert (run / "checkpoint-4").is_dir() and not (run / "checkpoint-8").exists()

@@ -119,13 +119,16 @@ def test_the_best_checkpoint_survives_a_kill_and_a_resume(
     workdir: Path, env: dict[str, str], reference: Path
 ) -> None:
     best = first_best(evaluations(reference))
-    kill_at = STEPS - EVERY + 2  # after the best was found and the newest checkpoint rotated past it
+    # Killed in the last evaluation (step 40; the first is eval_on_start's): after the best was found and
+    # the newest checkpoint rotated past it. An evaluation starts once the checkpoint being sealed in the
+    # background (and its rotation) is done, so checkpoint-36 is sealed and checkpoint-32 gone.
+    evaluation = STEPS // EVERY + 1
     run = workdir / "killed"
     code, text = run_cli(
-        overfit_train(run), {**env, "CLM_RUNNER_FAULT": f"train.step@{kill_at}:kill"}, workdir / "killed.log"
+        overfit_train(run), {**env, "CLM_RUNNER_FAULT": f"evaluate@{evaluation}:kill"}, workdir / "killed.log"
     )
     assert code == -9, text[-2000:]
-    newest = kill_at - kill_at % EVERY
+    newest = STEPS - EVERY
     kept = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
     assert kept == sorted({best, newest})
     completed_run(run, overfit_train(run), env)

@@ -2,7 +2,7 @@
 
 Every case ends with the uninterrupted run's global step, eval loss and weights, every JSON file parses,
 every safetensors file loads, nothing half written is left, and the results count the whole run. `make
-fault-test` runs this file (it is left out of `make test`: about five minutes on two cores).
+fault-test` runs this file (it is left out of `make test`: about nine minutes on two cores).
 
 Why equality and not a tolerance: the resumed attempt runs on the same machine, with the same thread count
 (1), the same data order, weights, optimizer and RNG states (all restored bit for bit): each remaining step
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from helpers import ASSETS, REPO, SMOKE, completed_run, run_cli, same_weights, train_args
 
-from clm_runner.rundir.checkpoints import checkpoint_problem, scan_checkpoints
+from clm_runner.rundir.checkpoints import MARKER, checkpoint_problem, scan_checkpoints
 from clm_runner.rundir.policy import is_leftover
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -53,6 +53,8 @@ KILL_POINTS = [
     ("checkpoint.model", 1, RESTART),
     ("checkpoint.optimizer", 2, RESUME),
     ("checkpoint.state", 2, RESUME),
+    ("checkpoint.taken", 2, RESUME),  # every file of checkpoint-8 written; its seal not started
+    ("checkpoint.sealing", 2, RESUME),  # checkpoint-8's seal started in the background
     ("checkpoint.marker", 2, RESUME),
     ("checkpoint.renamed", 2, RESUME),
     ("rotation.delete", 1, RESUME),
@@ -136,6 +138,7 @@ def test_killed_at_a_fault_point_the_same_command_finishes_the_run(
     ("point", "hit", "action", "says"),
     [
         ("checkpoint.model", 2, "enospc", "No space left on the device writing"),
+        ("checkpoint.marker", 2, "enospc", "No space left on the device writing"),  # on the seal's thread
         ("write.train_results.json", 1, "enospc", "No space left on the device writing"),
         ("final.save", 1, "enospc", "No space left on the device writing"),
         ("checkpoint.staging", 2, "eacces", "Permission denied writing"),
@@ -188,6 +191,102 @@ def test_an_output_dir_made_read_only_mid_run_is_one_line_and_resumable(
     code, text = run_cli(args_for(run), env, workdir / "read-only-2.log")
     assert code == 0, text[-3000:]
     assert_whole_and_equal(run, reference)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A seal in flight: checkpoints are sealed on a background thread while training goes on
+
+
+def test_killed_while_a_seal_is_in_flight_the_same_command_resumes_from_the_previous_one(
+    workdir: Path, env: dict[str, str], reference: Path
+) -> None:
+    """checkpoint-8's seal is slowed down; the run trains on and is killed at step 10 with that seal still in
+    flight. Its files hold step 8's state although steps 9 and 10 changed the weights meanwhile, it was never
+    published as checkpoint-8, and the same command resumes from checkpoint-4 to the uninterrupted result."""
+    run = workdir / "in-flight"
+    faults = "checkpoint.sealing@2:delay60,train.step@10:kill"
+    code, log = run_cli(args_for(run), {**env, "CLM_RUNNER_FAULT": faults}, workdir / "in-flight-1.log")
+    assert code == -signal.SIGKILL, log[-2000:]
+    staged = run / "tmp-checkpoint-8"
+    assert not (run / "checkpoint-8").exists() and not (staged / MARKER).exists()
+    assert [p.name for p in scan_checkpoints(run).complete] == ["checkpoint-4"]
+    assert json.loads((staged / "trainer_state.json").read_text())["global_step"] == 8
+    assert same_weights(staged / "model.safetensors", reference / "checkpoint-8" / "model.safetensors")
+    code, log = run_cli(args_for(run), env, workdir / "in-flight-2.log")
+    assert code == 0, log[-3000:]
+    assert f"{RESUME} {run / 'checkpoint-4'}" in log, log[-3000:]
+    assert_whole_and_equal(run, reference)
+
+
+def test_an_evaluation_starts_once_the_seal_in_flight_is_done(
+    workdir: Path, env: dict[str, str], reference: Path
+) -> None:
+    """checkpoint-4's seal is slowed down and the run killed as the evaluation at step 6 starts: the evaluation
+    waited for the seal (it may pick that checkpoint as the best), so checkpoint-4 is there to resume from."""
+    run = workdir / "evaluation-waits"
+    faults = "checkpoint.sealing@1:delay2,evaluate@2:kill"
+    code, log = run_cli(
+        args_for(run), {**env, "CLM_RUNNER_FAULT": faults}, workdir / "evaluation-waits-1.log"
+    )
+    assert code == -signal.SIGKILL, log[-2000:]
+    assert [p.name for p in scan_checkpoints(run).complete] == ["checkpoint-4"]
+    code, log = run_cli(args_for(run), env, workdir / "evaluation-waits-2.log")
+    assert code == 0 and f"{RESUME} {run / 'checkpoint-4'}" in log, log[-3000:]
+    assert_whole_and_equal(run, reference)
+
+
+def test_a_step_failing_while_a_seal_is_in_flight_lets_the_seal_finish_first(
+    workdir: Path, env: dict[str, str], reference: Path
+) -> None:
+    """Step 10 fails (a full disk) while checkpoint-8 is being sealed: the seal finishes before the run
+    reports, so the error names checkpoint-8 as intact and the same command resumes from it."""
+    run = workdir / "fails-in-flight"
+    faults = "checkpoint.sealing@2:delay1,train.step@10:enospc"
+    code, log = run_cli(args_for(run), {**env, "CLM_RUNNER_FAULT": faults}, workdir / "fails-in-flight-1.log")
+    assert code == 1, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the last sealed checkpoint, checkpoint-8, is intact" in errors[0], log[
+        -3000:
+    ]
+    code, log = run_cli(args_for(run), env, workdir / "fails-in-flight-2.log")
+    assert code == 0 and f"{RESUME} {run / 'checkpoint-8'}" in log, log[-3000:]
+    assert_whole_and_equal(run, reference)
+
+
+def test_a_save_waits_for_the_seal_still_in_flight(workdir: Path, env: dict[str, str]) -> None:
+    """Every seal is slowed down and a checkpoint saved every other step (milliseconds apart): each save
+    waits for the previous seal, whose tmp-checkpoint-N it would otherwise remove as a leftover."""
+    run = workdir / "quick-saves"
+    args = train_args(run, "training.save_steps=2", "training.save_total_limit=2", max_steps=MAX_STEPS)
+    faults = "checkpoint.sealing:delay0.5"
+    code, log = run_cli(args, {**env, "CLM_RUNNER_FAULT": faults}, workdir / "quick-saves.log")
+    assert code == 0, log[-3000:]
+    assert [p.name for p in scan_checkpoints(run).complete] == ["checkpoint-10", f"checkpoint-{MAX_STEPS}"]
+    assert [p.name for p in run.iterdir() if is_leftover(p.name)] == []
+
+
+def test_the_run_ends_once_its_last_seal_is_done_and_loads_the_best_model_from_it(
+    workdir: Path, env: dict[str, str]
+) -> None:
+    """The last checkpoint's seal is slowed down; it is the best one (the loss still falls at step 12), so
+    load_best_model_at_end loads it after waiting for it, and the run ends with it sealed."""
+    run = workdir / "slow-last-seal"
+    args = train_args(
+        run,
+        "training.save_steps=4",
+        "training.save_total_limit=2",
+        "training.eval_strategy=steps",
+        "training.eval_steps=4",
+        "training.load_best_model_at_end=true",
+        max_steps=MAX_STEPS,
+    )
+    faults = "checkpoint.sealing@3:delay2"
+    code, log = run_cli(args, {**env, "CLM_RUNNER_FAULT": faults}, workdir / "slow-last-seal.log")
+    assert code == 0, log[-3000:]
+    assert json.loads((run / "run.json").read_text())["best_model"]["checkpoint"] == f"checkpoint-{MAX_STEPS}"
+    assert "Could not locate the best model" not in log, log[-3000:]
+    assert [p.name for p in scan_checkpoints(run).complete] == ["checkpoint-8", f"checkpoint-{MAX_STEPS}"]
+    assert [p.name for p in run.iterdir() if is_leftover(p.name)] == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -257,4 +356,23 @@ def assert_two_process_result(run: Path, reference: Path) -> None:
     got_eval, want_eval = (json.loads((d / "eval_results.json").read_text()) for d in (run, reference))
     assert got_eval["eval_loss"] == want_eval["eval_loss"]
     assert same_weights(run / "model.safetensors", reference / "model.safetensors")
+    assert [p.name for p in run.iterdir() if is_leftover(p.name)] == []
+
+
+def test_two_processes_load_the_best_model_once_rank0_has_sealed_it(
+    workdir: Path, env: dict[str, str]
+) -> None:
+    """Rank 0 seals the last checkpoint, the best one, slowly; load_best_model_at_end reads it on every rank,
+    so rank 1 waits for rank 0's seal too (it would otherwise find no checkpoint-8 and keep its weights)."""
+    env = {**env, "HF_HOME": str(workdir / "hf-home")}
+    run = workdir / "two-best"
+    best = ["training.eval_strategy=steps", "training.eval_steps=2", "training.load_best_model_at_end=true"]
+    args = two_process_args(run) + [a for s in best for a in ("--set", s)]
+    slow = {"CLM_RUNNER_FAULT": "checkpoint.sealing@4:delay2:rank0"}  # the 4th seal: checkpoint-8
+    done = subprocess.run(
+        torchrun(*args), env={**env, **slow}, capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["best_model"]["checkpoint"] == "checkpoint-8"
+    assert "Could not locate the best model" not in done.stdout + done.stderr, done.stderr[-3000:]
     assert [p.name for p in run.iterdir() if is_leftover(p.name)] == []

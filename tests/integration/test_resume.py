@@ -114,7 +114,10 @@ def test_signal_finishes_the_step_checkpoints_and_prints_the_resume_command(
     workdir: Path, env: dict[str, str], uninterrupted: Path, signum: int, exit_code: int
 ) -> None:
     run = workdir / f"signal-{signum}"
-    process = start(train_args(run), {**env, "CLM_TEST_STEP_DELAY": "0.3"}, workdir / f"signal-{signum}.log")
+    # Slow steps, to signal mid-run; slow seals, so the stop's checkpoint is still being sealed in the
+    # background when training stops: the run must wait for it before it says it was written.
+    slow = {"CLM_TEST_STEP_DELAY": "0.3", "CLM_RUNNER_FAULT": "checkpoint.sealing:delay1"}
+    process = start(train_args(run), {**env, **slow}, workdir / f"signal-{signum}.log")
 
     def running_past_step_4() -> bool:
         manifest = run / "run.json"

@@ -66,11 +66,19 @@ def test_rank_and_world_come_from_the_launcher_environment() -> None:
 def test_cpu_multi_process_defaults_to_cpu_and_gloo() -> None:
     two = {"WORLD_SIZE": "2"}
     assert distributed_training_defaults({}, {}) == {}  # one process: the recipe as written
-    assert distributed_training_defaults({}, two) == {"use_cpu": True, "ddp_backend": "gloo"}
+    no_search = {"ddp_find_unused_parameters": False}  # checked against the model (test_unused_parameters)
+    assert distributed_training_defaults({}, two) == {"use_cpu": True, "ddp_backend": "gloo", **no_search}
     # use_cpu = false means "a GPU if there is one"; without one, N lone runs would overwrite each other.
-    assert distributed_training_defaults({"use_cpu": False}, two) == {"use_cpu": True, "ddp_backend": "gloo"}
-    assert distributed_training_defaults({"use_cpu": True}, two) == {"ddp_backend": "gloo"}
-    assert distributed_training_defaults({"ddp_backend": "mpi"}, two) == {"use_cpu": True}
+    assert distributed_training_defaults({"use_cpu": False}, two) == {
+        "use_cpu": True,
+        "ddp_backend": "gloo",
+        **no_search,
+    }
+    assert distributed_training_defaults({"use_cpu": True}, two) == {"ddp_backend": "gloo", **no_search}
+    assert distributed_training_defaults({"ddp_backend": "mpi"}, two) == {"use_cpu": True, **no_search}
+    both = {"use_cpu": True, "ddp_backend": "gloo"}
+    for chosen in (True, False):  # the recipe's value is kept: no default over it
+        assert distributed_training_defaults({**both, "ddp_find_unused_parameters": chosen}, two) == {}
 
 
 def test_only_a_node_main_process_may_rebuild_the_cache() -> None:
@@ -263,6 +271,8 @@ def test_two_processes_exit_0_and_leave_one_set_of_results(launches: dict, launc
     recipe_text = (run_dir / "recipe.toml").read_text()
     if not torch.cuda.is_available():
         assert "use_cpu = true" in recipe_text and 'ddp_backend = "gloo"' in recipe_text
+    # GPT-2 gives every trainable parameter a gradient: DDP does not search for unused ones every step.
+    assert "ddp_find_unused_parameters = false" in recipe_text
     printed = proc.stdout + proc.stderr
     if "logs" in launch:
         printed += "".join(rank_logs(launch["logs"]).values())
@@ -309,6 +319,44 @@ def test_two_process_eval_equals_one_process_eval_of_the_saved_model(
     assert alone["eval_tokens"] == written["eval_tokens"]
     # Each rank scored every other block in its own batches; alone, the blocks sit in other batches.
     assert alone["eval_loss"] == pytest.approx(written["eval_loss"], rel=FORWARD_RTOL)
+
+
+@pytest.mark.slow
+def test_a_model_with_an_unused_trainable_parameter_still_trains_on_two_processes(tmp_path: Path) -> None:
+    """GPT-2 with add_cross_attention: its cross-attention layers get no gradient without encoder states.
+    With the default false DDP would stop at the second step; the check finds them, says so once, and the
+    run trains with DDP's search (recorded in recipe.toml). Set false by the recipe, it is refused."""
+    env = launch_env(tmp_path / "cache", tmp_path / "home")
+    run_dir, logs = tmp_path / "cross", tmp_path / "logs"
+    cross = f"model.config_overrides={TINY_CROSS_ATTENTION}"
+    proc = run(
+        torchrun(logs, "train", "--recipe", str(SMOKE), "--quiet", *tiny_overrides(run_dir), "--set", cross),
+        env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_rank = rank_logs(logs)
+    said = [line for text in per_rank.values() for line in text.splitlines() if "without a gradient" in line]
+    assert len(said) == 1 and said[0] in per_rank[0] and "crossattention" in said[0], said
+    assert "ddp_find_unused_parameters = true" in (run_dir / "recipe.toml").read_text()
+    assert json.loads((run_dir / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
+
+    refused, logs = tmp_path / "refused", tmp_path / "refused-logs"
+    no_search = ("--set", "training.ddp_find_unused_parameters=false")
+    proc = run(
+        torchrun(logs, "train", "--recipe", str(SMOKE), *tiny_overrides(refused), "--set", cross, *no_search),
+        env,
+    )
+    per_rank = rank_logs(logs)
+    errors = [line for text in per_rank.values() for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ddp_find_unused_parameters = false, but the model leaves" in errors[0], (
+        errors
+    )
+    statuses = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\n\s*exitcode\s*: (-?\d+)", proc.stderr)
+    assert sorted(statuses) == [(str(r), "2") for r in range(PROCESSES)], proc.stderr[-3000:]
+    assert not refused.exists() or not list(refused.iterdir())
+
+
+TINY_CROSS_ATTENTION = "n_layer=1,n_head=2,n_embd=32,n_positions=128,vocab_size=2048,bos_token_id=0,eos_token_id=0,add_cross_attention=True"
 
 
 @pytest.mark.slow
