@@ -26,7 +26,16 @@ from clm_runner.cli.app import (
 @click.option("--split", default=None, help="Split to score: validation (default), test or train.")
 @click.option("--stride", type=int, default=None, help="Strided sliding-window perplexity with this stride.")
 @click.option(
-    "--context", type=int, default=None, help="Window length for --stride (default: the block size)."
+    "--documents",
+    is_flag=True,
+    help="Score each document on its own in rolling windows: lm-evaluation-harness's word_perplexity, "
+    "byte_perplexity and bits_per_byte.",
+)
+@click.option(
+    "--context",
+    type=int,
+    default=None,
+    help="Window length for --stride (default: the block size) or --documents (default: the model's).",
 )
 @output_option("Write the metrics as JSON, numbers only (run_clm's keys)")
 @json_option()
@@ -39,6 +48,7 @@ def eval_command(
     all_checkpoints: bool,
     split: str | None,
     stride: int | None,
+    documents: bool,
     context: int | None,
     output: str | None,
     as_json: bool,
@@ -55,6 +65,7 @@ def eval_command(
       clm-runner eval --run runs/smoke --checkpoint checkpoint-111 --split test
       clm-runner eval --run runs/smoke --json
       clm-runner eval --recipe recipes/gpt2-wikitext.toml --set model.model_name_or_path=gpt2 --stride 512
+      clm-runner eval --recipe recipes/gpt2-wikitext.toml --split test --documents
     """
     if run_dir is None and recipe_path is None:
         raise click.UsageError(
@@ -77,6 +88,7 @@ def eval_command(
             context=context,
             output=None if to_stdout else output,
             quiet=quiet,
+            documents=documents,
         )
     )
     if as_json:
@@ -88,7 +100,8 @@ def eval_command(
         )
         return
     # With the metrics on standard output, the table and the file list go to standard error.
-    click.echo(render_eval_table(outcome.rows, label=outcome.label), err=to_stdout)
+    render = render_documents_table if documents else render_eval_table
+    click.echo(render(outcome.rows, label=outcome.label), err=to_stdout)
     for path in outcome.written:
         click.echo(f"Wrote {path}", err=to_stdout)
     if to_stdout:
@@ -128,3 +141,41 @@ def render_eval_table(rows: list, *, label: str = "split") -> str:
             ]
         )
     return render_table(headers, lines, left_columns=2)
+
+
+DOCUMENT_COLUMNS = (
+    ("documents", "documents"),
+    ("tokens", "tokens"),
+    ("words", "words"),
+    ("bytes", "bytes"),
+    ("perplexity", "perplexity"),
+    ("word ppl", "word_perplexity"),
+    ("byte ppl", "byte_perplexity"),
+    ("bits/byte", "bits_per_byte"),
+)
+
+
+def render_documents_table(rows: list, *, label: str = "split") -> str:
+    """One line per per-document evaluation (a [[data.mix]] one: one per source too), then its convention."""
+    from clm_runner.cli.tables import render_table
+
+    lines = []
+    for row in rows:
+        r, about = row.metrics, row.description
+        what = str(about.get(label, about.get("split")))
+        named = [(f"{what}: {name}", f"eval_{name}_") for name in about.get("sources") or []]
+        named.append((f"{what}: all" if about.get("sources") else what, ""))
+        for title, prefix in named:
+            lines.append([title, *(_figure(r.get(prefix + key)) for _, key in DOCUMENT_COLUMNS)])
+    table = render_table([label, *(header for header, _ in DOCUMENT_COLUMNS)], lines)
+    about = rows[0].description
+    windows = f"windows of {about['context']} tokens; documents: {about['documents_from']}"
+    return f"{table}\n{windows}\n{about['convention']}"
+
+
+def _figure(value: object) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if value < 100 else f"{value:,.2f}"
+    return "n/a"

@@ -50,6 +50,8 @@ class EvalRequest:
     context: int | None = None
     output: str | None = None
     quiet: bool = False
+    documents: bool = False
+    """Per-document rolling windows (lm-evaluation-harness's loglikelihood_rolling) instead of blocks."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,22 @@ def check_request(request: EvalRequest, recipe: Recipe) -> tuple[str, int | None
     split = request.split or recipe.eval.split
     if split not in SPLITS:
         raise EvalError(f"--split {split!r}: choose validation, test or train.")
+    if request.documents:
+        if request.stride is not None:
+            raise EvalError("--documents and --stride are two methods; choose one.")
+        if recipe.data.streaming:
+            raise EvalError(
+                "--documents needs the whole split; it does not work with data.streaming. "
+                "Set data.streaming = false."
+            )
+        if request.context is not None and request.context < 1:
+            raise EvalError(
+                f"--context {request.context}: give a positive number of tokens (the window length)."
+            )
+        return split, None  # [eval] stride is a recipe's default method; --documents replaces it
     stride = request.stride if request.stride is not None else recipe.eval.stride
     if stride is None and request.context is not None:
-        raise EvalError("--context only applies with --stride; blocks use data.block_size.")
+        raise EvalError("--context only applies with --stride or --documents; blocks use data.block_size.")
     if stride is not None and recipe.data.streaming:
         raise EvalError(
             "Strided evaluation needs the whole token stream; it does not work with data.streaming. "
@@ -192,6 +207,8 @@ def evaluation_name(
     parts.append(str(description["split"]))
     if description["method"] == "strided":
         parts.append(f"strided-context{description['context']}-stride{description['stride']}")
+    elif description["method"] == "documents":
+        parts.append(f"documents{description['context']}")
     else:
         parts.append(f"blocks{description['block_size']}")
     changed = _differs_from_run(run_dir, recipe)
@@ -226,6 +243,9 @@ def evaluate_model(
         set_seed(int(recipe.training.get("seed", 42)))  # a from-scratch model's random init, reproducibly
         model = load_model(recipe.model, load_config(recipe.model), tokenizer)
         model_name = recipe.model.model_name_or_path or f"{recipe.model.model_type} (random init)"
+
+    if request.documents:
+        return evaluate_documents_split(recipe, model, tokenizer, request, split, model_dir, model_name)
 
     block_size = resolve_block_size(
         recipe.data.block_size,
@@ -268,16 +288,65 @@ def evaluate_model(
     for name, result in results.items():
         metrics.update(result.prefixed(f"eval_{name}"))
     metrics.update(speed_metrics("eval", seconds, scored, batch_size))
+    return _evaluation(metrics, total.settings(), recipe, split, model_dir, model_name, list(results))
+
+
+def evaluate_documents_split(
+    recipe: Recipe,
+    model: Any,
+    tokenizer: Any,
+    request: EvalRequest,
+    split: str,
+    model_dir: str | None,
+    model_name: str,
+) -> Evaluation:
+    """Per-document rolling perplexity of one split; a [[data.mix]] split, each source's and their total."""
+    import time
+
+    from clm_runner.eval.documents import evaluate_recipe_documents
+    from clm_runner.eval.result import speed_metrics
+
+    batch_size = int(recipe.training.get("per_device_eval_batch_size", 8))
+    started = time.perf_counter()
+    # --context None: lm-eval's max length (eval.context is the strided window's).
+    total, results = evaluate_recipe_documents(
+        recipe,
+        model,
+        tokenizer,
+        split,
+        max_length=request.context,
+        batch_size=batch_size,
+        quiet=request.quiet,
+    )
+    seconds = time.perf_counter() - started
+    metrics = total.numbers()
+    for name, result in results.items():
+        metrics.update(result.prefixed(f"eval_{name}"))
+    scored = [result.totals for result in results.values()] or [total.totals]
+    metrics.update(speed_metrics("eval", seconds, scored, batch_size))
+    return _evaluation(metrics, total.description(), recipe, split, model_dir, model_name, list(results))
+
+
+def _evaluation(
+    metrics: dict[str, int | float],
+    settings: dict[str, Any],
+    recipe: Recipe,
+    split: str,
+    model_dir: str | None,
+    model_name: str,
+    sources: list[str],
+) -> Evaluation:
+    """An evaluation's numbers (with the epoch the model reached) and its description (evaluations.json's)."""
     epoch = trained_epoch(model_dir)
     if epoch is not None:
         metrics["epoch"] = epoch
     description = {
         "by": "clm-runner eval",
         "split": split,
-        **total.settings(),
+        **settings,
         "model": model_name,
         **describe_recipe_data(recipe),
-        "sources": list(results) or None,
+        "sources": sources or None,
     }
     return Evaluation(metrics, {key: value for key, value in description.items() if value is not None})
 

@@ -13,6 +13,10 @@ text file it equals `clm-runner eval` on that file. It loads offline (a local cl
 
     texts = open("recipes/smoke/validation.txt", encoding="utf-8").readlines()   # rows, as `eval` reads a .txt
     PerplexityMetric().compute(predictions=texts, model_id="runs/smoke", block_size=128)
+
+With `documents=True` each text is a document scored on its own, as `clm-runner eval --documents` scores a
+row: lm-evaluation-harness's loglikelihood_rolling, and its wikitext task's word_perplexity, byte_perplexity
+and bits_per_byte (words and bytes of the texts as given).
 """
 
 from __future__ import annotations
@@ -38,12 +42,15 @@ Args:
     model_id (str): a trained run, a checkpoint or model directory, or a hub id.
     block_size (int, optional): tokens per block (default: as `clm-runner eval`, the model's context up to 1024).
     stride (int, optional): set for strided sliding windows advancing this many tokens.
-    context (int, optional): the window length with stride (default: block_size).
+    context (int, optional): the window length with stride (default: block_size) or documents (default: the
+        model's length, as lm-eval's HFLM.max_length).
+    documents (bool, optional): score each text on its own in lm-eval's rolling windows (default False).
     batch_size (int, optional): blocks per forward pass (default 8).
     dtype (str, optional): load the weights in this dtype (auto, bfloat16, float16, float32).
 Returns:
     perplexity, loss (mean NLL per predicted token, nats), tokens (predicted tokens), accuracy, bits_per_byte,
-    word_perplexity, method ("blocks" or "strided"), block_size or context, stride.
+    word_perplexity, method ("blocks", "strided" or "documents"), block_size or context, stride; with
+    documents: byte_perplexity, documents, words, bytes, convention too.
 """
 
 
@@ -86,9 +93,14 @@ class PerplexityMetric(evaluate.Metric):
         context: int | None = None,
         batch_size: int = 8,
         dtype: str | None = None,
+        documents: bool = False,
     ) -> dict[str, Any]:
         from clm_runner.config.schema import DataConfig, EvalConfig, ModelConfig, Recipe
+        from clm_runner.errors import EvalError
         from clm_runner.eval.job import EvalRequest, evaluate_model
+
+        if documents and stride is not None:
+            raise EvalError("documents and stride are two methods; choose one.")
 
         local = Path(model_id).is_dir()
         model = ModelConfig(model_name_or_path=model_id, dtype=dtype)
@@ -102,12 +114,25 @@ class PerplexityMetric(evaluate.Metric):
                 training={"per_device_eval_batch_size": batch_size},
                 eval=EvalConfig(stride=stride, context=context),
             )
-            request = EvalRequest(stride=stride, context=context, quiet=True)
+            request = EvalRequest(stride=stride, context=context, quiet=True, documents=documents)
             with mock.patch.dict(os.environ, {"CLM_RUNNER_CACHE": str(Path(scratch) / "cache")}):
                 evaluation = evaluate_model(
                     recipe, model_id if local else None, request, "validation", stride
                 )
         metrics, settings = evaluation.metrics, evaluation.description
+        if documents:
+            numbers = (
+                "perplexity",
+                "eval_loss",
+                "tokens",
+                "eval_accuracy",
+                "word_perplexity",
+                "byte_perplexity",
+            )
+            numbers += ("bits_per_byte", "documents", "words", "bytes")
+            renamed = {"eval_loss": "loss", "eval_accuracy": "accuracy"}
+            out = {renamed.get(key, key): metrics[key] for key in numbers}
+            return {**out, **{key: settings[key] for key in ("method", "context", "convention")}}
         out = {
             "perplexity": metrics["perplexity"],
             "loss": metrics["eval_loss"],

@@ -21,11 +21,15 @@ from clm_runner.errors import ModelError
 from clm_runner.eval.result import PerplexityResult
 from clm_runner.eval.text_counts import TextCounter, TextSpan
 
+IGNORED = -100
+"""A target that scores nothing (its NLL is 0 and it is not counted): the padding of rows of unequal length."""
+
 
 @dataclass(frozen=True)
 class ScoringBatch:
     """Rows of one shape: the model reads `inputs` [rows, length], its last `targets.shape[1]` positions
-    predict `targets` [rows, scored]; `spans` (one per row) are what bytes and words are counted on."""
+    predict `targets` [rows, scored] (IGNORED where a row scores nothing); `spans` (one per row) are what
+    bytes and words are counted on."""
 
     inputs: np.ndarray
     targets: np.ndarray
@@ -57,14 +61,16 @@ class Totals:
             flat_logits.split(chunk_rows), flat_targets.split(chunk_rows), strict=True
         ):
             chunk_logits = chunk_logits.float()
-            token_nlls.append(F.cross_entropy(chunk_logits, chunk_targets, reduction="none"))
+            token_nlls.append(
+                F.cross_entropy(chunk_logits, chunk_targets, reduction="none", ignore_index=IGNORED)
+            )
             # max().indices is argmax (first maximum on ties) at half the cost of argmax() on CPU.
             correct += (chunk_logits.max(dim=-1).indices == chunk_targets).sum()
         # Per-token float32 NLL summed in float64 (on the CPU: MPS has no float64), so the total does not
         # depend on batching; one device sync per batch.
         self.nll_sum += torch.cat(token_nlls).to("cpu", torch.float64).sum().item()
         self.correct += int(correct.item())
-        self.tokens += flat_targets.numel()
+        self.tokens += int(np.count_nonzero(np.asarray(targets) != IGNORED))
 
     def add_text(self, n_bytes: int, n_words: int) -> None:
         assert self.n_bytes is not None and self.n_words is not None

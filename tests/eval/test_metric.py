@@ -100,3 +100,54 @@ def test_importing_clm_runner_does_not_import_evaluate() -> None:
     code = "import sys, clm_runner; print('evaluate' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_documents_mode_equals_eval_documents_and_lm_eval(tmp_path: Path) -> None:
+    from lm_eval_reference import MAX_LENGTH, lm_eval_figures, save_model
+
+    from clm_runner import PerplexityMetric
+
+    model = save_model(tmp_path / "model")
+    texts = [line for line in rows() if line.strip()][:12]
+    result = PerplexityMetric().compute(predictions=texts, model_id=str(model), documents=True, batch_size=4)
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
+    out = tmp_path / "documents.json"
+    cli = invoke(
+        "eval",
+        "--recipe",
+        SMOKE,
+        *sets(
+            "model.model_type=",
+            "model.config_overrides=",
+            "model.tokenizer_name=",
+            f"model.model_name_or_path={model}",
+            f"data.train_file={data}",
+            f"data.validation_file={data}",
+            "training.per_device_eval_batch_size=4",
+            f"training.output_dir={tmp_path / 'unused'}",
+        ),
+        "--documents",
+        "--quiet",
+        "--output",
+        out,
+    )
+    assert cli.exit_code == 0, cli.output
+    via_cli = json.loads(out.read_text())
+    # The same documents in the same batches through the same code: the same floats.
+    for key in (
+        "perplexity",
+        "word_perplexity",
+        "byte_perplexity",
+        "bits_per_byte",
+        "tokens",
+        "words",
+        "bytes",
+    ):
+        assert result[key] == via_cli[key], key
+    assert result["documents"] == len(texts) and result["method"] == "documents"
+    assert result["context"] == MAX_LENGTH
+    reference = lm_eval_figures(model, texts)
+    assert sum(n > MAX_LENGTH for n in reference.token_counts) >= 3
+    for key in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert result[key] == pytest.approx(getattr(reference, key), rel=FORWARD_RTOL), key
