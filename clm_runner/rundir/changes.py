@@ -54,6 +54,8 @@ OUTPUT_ONLY: frozenset[str] = frozenset(
         "training.dataloader_multiprocessing_context",
         "training.torch_empty_cache_steps",
         "training.ddp_timeout",
+        # Whether DDP searches for parameters without a gradient: the same gradients either way.
+        "training.ddp_find_unused_parameters",
         # The exact evaluation sums NLL over every token: its batch changes no number beyond float rounding.
         "training.per_device_eval_batch_size",
         "data.preprocessing_num_workers",  # blocks never depend on it
@@ -72,6 +74,10 @@ RESTORED_FROM_CHECKPOINT = (
 )
 """What a resumed run takes from the checkpoint whatever the recipe says: the optimizer's settings (its state
 holds them per parameter group) and the schedule's base learning rate (the scheduler's state holds it)."""
+SETTLED_WITH_THE_MODEL = frozenset({"training.ddp_find_unused_parameters"})
+"""Keys a run settles once its model is built, where the recipe leaves them unset (None in the recipe being
+planned; clm_runner.train.unused_parameters): what an earlier attempt recorded is that settlement, not a
+change of the recipe."""
 LENGTH_KEYS = ("training.max_steps", "training.num_train_epochs")
 JUDGED_ELSEWHERE = (*LENGTH_KEYS, "training.resume_from_checkpoint")
 
@@ -84,7 +90,7 @@ def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
             dotted = f"{prefix}.{key}" if prefix else str(key)
             changes.extend(recipe_changes(old.get(key), new.get(key), dotted))
         return changes
-    if old != new:
+    if old != new and not (new is None and prefix in SETTLED_WITH_THE_MODEL):
         return [f"{prefix}: {old!r} -> {new!r}"]
     return []
 

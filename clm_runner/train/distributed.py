@@ -114,7 +114,7 @@ def has_collective_accelerator() -> bool:
 def distributed_training_defaults(
     training: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """TrainingArguments keys a multi-process run needs: on a machine without a GPU, CPU + gloo; no DDP search.
+    """TrainingArguments keys a multi-process run needs: on a machine without a GPU, CPU + gloo.
 
     Without use_cpu, accelerate 1.x on a machine with no GPU finds no distributed backend under torchrun
     and starts N independent single-process runs that overwrite each other's files, so there it is set
@@ -129,8 +129,6 @@ def distributed_training_defaults(
         defaults["use_cpu"] = use_cpu = True
     if use_cpu and training.get("ddp_backend") is None:
         defaults["ddp_backend"] = "gloo"
-    if training.get("ddp_find_unused_parameters") is None:  # checked against the model: unused_parameters.py
-        defaults["ddp_find_unused_parameters"] = False
     return defaults
 
 

@@ -2,12 +2,14 @@
 
 With find_unused_parameters, DDP walks the autograd graph after every forward pass to find the parameters
 that will get no gradient; the Trainer turns it on unless the model uses gradient checkpointing. A causal
-LM, full or LoRA, gives every trainable parameter a gradient, so a multi-process run defaults the key to
-false (`distributed_training_defaults`; recipe.toml records it). The same walk, done once on a one-token
-forward pass before DDP wraps the model, checks that: a model that leaves a trainable parameter unused
-(GPT-2 with add_cross_attention, a mixture of experts whose router skips experts) trains with true instead,
-and the run says so; a recipe that set false itself is refused, naming the parameters (DDP would stop
-with an error at the second step, after a first step whose gradients it did not all-reduce).
+LM, full or LoRA, gives every trainable parameter a gradient, so where the recipe leaves the key unset a
+multi-process run settles it once the model is built (`settle_for_model`; recipe.toml records the value):
+the same walk, done once on a one-token forward pass before DDP wraps the model, gives false, and a model
+that leaves a trainable parameter unused (GPT-2 with add_cross_attention, a mixture of experts whose router
+skips experts) trains with true instead, and the run says so; a recipe that set false itself is refused,
+naming the parameters (DDP would stop with an error at the second step, after a first step whose gradients
+it did not all-reduce). Until then the key is unset (None), so the same recipe run again sees no change
+against what an earlier attempt settled (clm_runner.rundir.changes.SETTLED_WITH_THE_MODEL).
 """
 
 from __future__ import annotations

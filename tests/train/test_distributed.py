@@ -66,19 +66,12 @@ def test_rank_and_world_come_from_the_launcher_environment() -> None:
 def test_cpu_multi_process_defaults_to_cpu_and_gloo() -> None:
     two = {"WORLD_SIZE": "2"}
     assert distributed_training_defaults({}, {}) == {}  # one process: the recipe as written
-    no_search = {"ddp_find_unused_parameters": False}  # checked against the model (test_unused_parameters)
-    assert distributed_training_defaults({}, two) == {"use_cpu": True, "ddp_backend": "gloo", **no_search}
+    assert distributed_training_defaults({}, two) == {"use_cpu": True, "ddp_backend": "gloo"}
     # use_cpu = false means "a GPU if there is one"; without one, N lone runs would overwrite each other.
-    assert distributed_training_defaults({"use_cpu": False}, two) == {
-        "use_cpu": True,
-        "ddp_backend": "gloo",
-        **no_search,
-    }
-    assert distributed_training_defaults({"use_cpu": True}, two) == {"ddp_backend": "gloo", **no_search}
-    assert distributed_training_defaults({"ddp_backend": "mpi"}, two) == {"use_cpu": True, **no_search}
-    both = {"use_cpu": True, "ddp_backend": "gloo"}
-    for chosen in (True, False):  # the recipe's value is kept: no default over it
-        assert distributed_training_defaults({**both, "ddp_find_unused_parameters": chosen}, two) == {}
+    assert distributed_training_defaults({"use_cpu": False}, two) == {"use_cpu": True, "ddp_backend": "gloo"}
+    assert distributed_training_defaults({"use_cpu": True}, two) == {"ddp_backend": "gloo"}
+    assert distributed_training_defaults({"ddp_backend": "mpi"}, two) == {"use_cpu": True}
+    # ddp_find_unused_parameters is settled against the built model (test_unused_parameters), not here.
 
 
 def test_only_a_node_main_process_may_rebuild_the_cache() -> None:
@@ -329,16 +322,18 @@ def test_a_model_with_an_unused_trainable_parameter_still_trains_on_two_processe
     env = launch_env(tmp_path / "cache", tmp_path / "home")
     run_dir, logs = tmp_path / "cross", tmp_path / "logs"
     cross = f"model.config_overrides={TINY_CROSS_ATTENTION}"
-    proc = run(
-        torchrun(logs, "train", "--recipe", str(SMOKE), "--quiet", *tiny_overrides(run_dir), "--set", cross),
-        env,
-    )
+    proc = run(torchrun(logs, *cli_args(run_dir), "--set", cross), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     per_rank = rank_logs(logs)
     said = [line for text in per_rank.values() for line in text.splitlines() if "without a gradient" in line]
     assert len(said) == 1 and said[0] in per_rank[0] and "crossattention" in said[0], said
     assert "ddp_find_unused_parameters = true" in (run_dir / "recipe.toml").read_text()
     assert json.loads((run_dir / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
+    # The same command again: the run is complete. The true it settled on is no change of the recipe.
+    again = tmp_path / "again-logs"
+    proc = run(torchrun(again, *cli_args(run_dir), "--set", cross), env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Run {run_dir} is complete at step {MAX_STEPS}" in rank_logs(again)[0]
 
     refused, logs = tmp_path / "refused", tmp_path / "refused-logs"
     no_search = ("--set", "training.ddp_find_unused_parameters=false")
@@ -354,6 +349,10 @@ def test_a_model_with_an_unused_trainable_parameter_still_trains_on_two_processe
     statuses = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\n\s*exitcode\s*: (-?\d+)", proc.stderr)
     assert sorted(statuses) == [(str(r), "2") for r in range(PROCESSES)], proc.stderr[-3000:]
     assert not refused.exists() or not list(refused.iterdir())
+
+
+def cli_args(run_dir: Path) -> list[str]:
+    return ["train", "--recipe", str(SMOKE), "--quiet", *tiny_overrides(run_dir)]
 
 
 TINY_CROSS_ATTENTION = "n_layer=1,n_head=2,n_embd=32,n_positions=128,vocab_size=2048,bos_token_id=0,eos_token_id=0,add_cross_attention=True"

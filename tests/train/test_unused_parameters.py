@@ -101,3 +101,37 @@ def test_a_model_that_cannot_be_checked_keeps_ddps_search(caplog: pytest.LogCapt
         assert find_unused_setting({}, args(), NeedsImages()) is True
     assert "Could not check" in caplog.text
     assert find_unused_setting({"ddp_find_unused_parameters": False}, args(), NeedsImages()) is False
+
+
+@pytest.mark.parametrize("settled", [True, False])
+def test_what_an_earlier_attempt_settled_is_no_recipe_change_when_the_recipe_leaves_the_key_unset(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, settled: bool
+) -> None:
+    """recipe.toml and run.json record the value the check settled on (true for a model with unused
+    parameters); the same recipe run again must not see "True -> False" before its own check runs: a first
+    attempt killed before its first checkpoint starts over in place, a resume lists no change."""
+    from helpers import SMOKE
+
+    from clm_runner.config.load import load_recipe
+    from clm_runner.rundir.changes import changes_what_is_trained, recipe_changes
+    from clm_runner.rundir.policy import RunIdentity, plan_output_dir, write_json_atomic
+    from clm_runner.train.setup import resolved_recipe, training_kwargs
+
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    recipe = load_recipe(SMOKE)
+    resolved = resolved_recipe(recipe, training_kwargs(recipe, with_device_defaults=False), 128)
+    recorded = {**resolved, "training": {**resolved["training"], "ddp_find_unused_parameters": settled}}
+    assert recipe_changes(recorded, resolved) == []
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json_atomic(run / "run.json", {"status": "running", "recipe": recorded})
+    plan = plan_output_dir(run, identity=RunIdentity(resolved, max_steps=12, num_train_epochs=3))
+    assert plan.action == "restart" and plan.recipe_changes == ()
+    # Set in the recipe, a different value is a change (listed), though not one of what is trained.
+    chosen = load_recipe(SMOKE, [f"training.ddp_find_unused_parameters={str(not settled).lower()}"])
+    changes = recipe_changes(
+        recorded, resolved_recipe(chosen, training_kwargs(chosen, with_device_defaults=False), 128)
+    )
+    assert changes == [f"training.ddp_find_unused_parameters: {settled} -> {not settled}"]
+    assert changes_what_is_trained(changes) == []  # DDP's search changes no gradient
