@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,35 @@ def _seal_and_rotate(
     seal_checkpoint(staging, final, step=step, facts=facts)
     if rotate:
         rotate_checkpoints(final.parent, limit, best=best)
+
+
+READ_BY_REPORTERS = ("on_save", "on_train_end")
+"""Callback events on which reporting integrations read the run dir: wandb, MLflow, Neptune, ClearML and
+Flyte upload checkpoint-N on_save, Comet and DagsHub the whole output dir on_train_end."""
+
+
+def seal_before_reporters(handler: Any, wait: Callable[[], None]) -> None:
+    """Make `handler` (the Trainer's CallbackHandler) call `wait` before each event of READ_BY_REPORTERS
+    that a callback handles which neither clm-runner nor the Trainer's own module wrote: a reporter reads
+    the checkpoint being sealed only once it is sealed (without one, the seal stays in the background)."""
+    for event in READ_BY_REPORTERS:
+        dispatch = getattr(handler, event)
+
+        def waiting(*args: Any, _event: str = event, _dispatch: Any = dispatch, **kwargs: Any) -> Any:
+            if any(_foreign_handler(callback, _event) for callback in handler.callbacks):
+                wait()
+            return _dispatch(*args, **kwargs)
+
+        setattr(handler, event, waiting)
+
+
+def _foreign_handler(callback: Any, event: str) -> bool:
+    from transformers import TrainerCallback
+
+    kind = type(callback)
+    if kind.__module__.startswith(("clm_runner.", "transformers.trainer_callback")):
+        return False
+    return getattr(kind, event, None) is not getattr(TrainerCallback, event)
 
 
 def save_final_model(trainer: Any, output_dir: Path) -> None:

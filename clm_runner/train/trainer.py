@@ -24,7 +24,7 @@ from transformers import Trainer
 from clm_runner import faults
 from clm_runner.rundir.policy import TRAINER_STATE, save_metrics, write_json_atomic, write_text_atomic
 from clm_runner.rundir.sealer import Sealer
-from clm_runner.train.checkpoints import save_checkpoint_atomically
+from clm_runner.train.checkpoints import save_checkpoint_atomically, seal_before_reporters
 from clm_runner.train.interrupts import GracefulStop
 
 logger = logging.getLogger("clm_runner")
@@ -61,6 +61,7 @@ class ClmTrainer(Trainer):
         self._last_checkpoint_step: int | None = None
         self.sealer = Sealer()
         """Seals this process's checkpoints in the background, one at a time (only where should_save)."""
+        seal_before_reporters(self.callback_handler, self.wait_for_checkpoint)
 
     final_weights_step: int | None = None
     """The step whose weights the model holds after train(): the last one, or the best one it loaded."""
