@@ -78,14 +78,14 @@ class ClmTrainer(Trainer):
             self.args.eval_on_start = False
         try:
             output = super().train(*args, **kwargs)
-        except BaseException:
+            # The last checkpoint (a SIGINT's too) is sealed before the run reports it or writes its results.
+            self.wait_for_checkpoint()
+        except BaseException:  # a second signal during that wait too: no seal is left in flight
             self._finish_seal_after_failure()
             raise
         finally:
             self.args.save_total_limit = self.checkpoint_limit
             self.args.eval_on_start = eval_on_start
-        # The last checkpoint (a SIGINT's too) is sealed before the run reports it or writes its results.
-        self.wait_for_checkpoint()
         if self.final_weights_step is None:
             self.final_weights_step = self.state.global_step
         return output

@@ -240,3 +240,25 @@ def test_saves_every_step_each_wait_for_the_seal_before(tmp_path: Path, slow_sea
     tiny_trainer(run, save_steps=1, save_total_limit=2).train()
     assert slow_seals == list(range(1, STEPS + 1))
     assert sealed_dirs(run) == [f"checkpoint-{STEPS - 1}", f"checkpoint-{STEPS}"] and not leftovers(run)
+
+
+def test_stopped_at_once_while_waiting_for_the_last_seal_the_seal_still_finishes(
+    tmp_path: Path, slow_seals: list[int]
+) -> None:
+    """A second Ctrl-C (StopNow) while train() waits for the last seal: the run stops, but not with that seal
+    in flight, so the checkpoint the stop message names as the newest is whole and no thread writes into the
+    run dir after its lock is released."""
+    from clm_runner.train.interrupts import StopNow
+
+    trainer = tiny_trainer(tmp_path / "run")
+
+    def second_signal() -> None:
+        raise StopNow(2)
+
+    trainer.wait_for_checkpoint = second_signal  # what train() calls once the loop is done
+    with pytest.raises(StopNow):
+        trainer.train()
+    assert not trainer.sealer.in_flight
+    assert sealed_dirs(tmp_path / "run") == ["checkpoint-4", "checkpoint-6"] and not leftovers(
+        tmp_path / "run"
+    )
