@@ -14,6 +14,7 @@ from helpers import ASSETS, REPO, SMOKE, invoke, sets
 from lm_eval_reference import MAX_LENGTH, lm_eval_figures, save_model
 from tolerances import FORWARD_RTOL
 
+from clm_runner.errors import ModelError
 from clm_runner.eval.documents import batch_windows, prefix_token_id, rolling_max_length, rolling_windows
 from clm_runner.eval.scoring import IGNORED
 
@@ -113,6 +114,8 @@ def test_max_length_and_prefix_token_are_hflms() -> None:
         tokenizer = SimpleNamespace(bos_token_id=bos, eos_token_id=eos)
         hflm = SimpleNamespace(custom_prefix_token_id=None, tokenizer=tokenizer)
         assert prefix_token_id(tokenizer) == HFLM.prefix_token_id.fget(hflm)
+    with pytest.raises(ModelError, match="has neither"):  # lm-eval would feed None to the model
+        prefix_token_id(SimpleNamespace(bos_token_id=None, eos_token_id=None))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,3 +406,33 @@ def test_a_runs_documents_evaluation_goes_to_evals_without_importing_lm_eval(
         "WikiText"
     )
     assert not (run / "eval_results.json").exists()  # training's own evaluation is blocks, never this
+
+
+def test_the_table_shows_each_figure_under_its_heading() -> None:
+    from clm_runner.cli.eval import render_documents_table
+    from clm_runner.eval.job import Evaluation
+
+    metrics = {
+        "documents": 7,
+        "tokens": 1234,
+        "words": 567,
+        "bytes": 8901,
+        "perplexity": 11.5,
+        "word_perplexity": 22.5,
+        "byte_perplexity": 3.25,
+        "bits_per_byte": 1.75,
+    }
+    about = {"split": "test", "context": 32, "documents_from": "rows", "convention": "lm-eval's"}
+    header, row = render_documents_table([Evaluation(metrics, about)]).splitlines()[:2]
+    cells = dict(zip(header.replace(" ppl", "_ppl").split(), row.split(), strict=True))
+    assert cells == {
+        "split": "test",
+        "documents": "7",
+        "tokens": "1,234",
+        "words": "567",
+        "bytes": "8,901",
+        "perplexity": "11.5000",
+        "word_ppl": "22.5000",
+        "byte_ppl": "3.2500",
+        "bits/byte": "1.7500",
+    }
