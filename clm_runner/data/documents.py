@@ -38,7 +38,8 @@ class DocumentRule:
     detokenizer: str | None
     hub_lines: bool = False
     """The rows are the hub `wikitext` lines: a blank line is an empty row there, a line of one space in the
-    raw file (and in the document-level pages); each other row ends with its line break."""
+    raw file (and in the document-level pages); each other row ends with its line break (a file's last line
+    has none when the file does not end with one)."""
 
     def describe(self) -> str:
         what = "WikiText articles (split at ' = Title = ' lines)" if self.unit == ARTICLES else "rows"
