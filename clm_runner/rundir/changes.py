@@ -71,8 +71,9 @@ RESTORED_FROM_CHECKPOINT = (
     "training.adam_beta2",
     "training.adam_epsilon",
 )
-"""What a resumed run takes from the checkpoint whatever the recipe says: the optimizer's settings (its state
-holds them per parameter group) and the schedule's base learning rate (the scheduler's state holds it)."""
+"""The optimizer's settings (its state holds them per parameter group) and the schedule's base learning rate
+(the scheduler's state holds it): a resume puts the recipe's back over the checkpoint's
+(clm_runner.train.resume_settings), except where it can't (`restored_on_resume`)."""
 LENGTH_KEYS = ("training.max_steps", "training.num_train_epochs")
 JUDGED_ELSEWHERE = (*LENGTH_KEYS, "training.resume_from_checkpoint")
 
@@ -182,13 +183,21 @@ def compare_length(max_steps: int, num_train_epochs: float, reached: tuple[int, 
     return (num_train_epochs > epoch + 1e-9) - (num_train_epochs < epoch - 1e-9)
 
 
-def restored_on_resume(changes: Iterable[str]) -> str | None:
-    """The warning a resume owes when the recipe changes keys it does not apply (RESTORED_FROM_CHECKPOINT)."""
+def restored_on_resume(changes: Iterable[str], *, deepspeed: bool, plateau: bool) -> str | None:
+    """The warning a resume owes when the recipe changes RESTORED_FROM_CHECKPOINT keys it can't apply: all of
+    them under DeepSpeed (its engine loads the optimizer), the learning rate under reduce_lr_on_plateau (its
+    reductions live in the rate, no base rate is recorded)."""
     keys = [key for change in changes if (key := changed_key(change)) in RESTORED_FROM_CHECKPOINT]
+    if not deepspeed:
+        keys = [key for key in keys if plateau and key == "training.learning_rate"]
     if not keys:
         return None
+    why = (
+        "DeepSpeed restores the checkpoint's optimizer"
+        if deepspeed
+        else "reduce_lr_on_plateau keeps its rate"
+    )
     return (
-        f"The recipe changes {', '.join(keys)}, but a resumed run restores the checkpoint's optimizer and "
-        "learning-rate schedule, so the checkpoint's value applies. To train with the new value, start over "
-        "(--no-resume --overwrite, or another training.output_dir)."
+        f"The recipe changes {', '.join(keys)}, but {why}, so the checkpoint's value applies. To train with the "
+        "new value, start over (--no-resume --overwrite, or another training.output_dir)."
     )
