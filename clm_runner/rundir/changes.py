@@ -183,10 +183,12 @@ def compare_length(max_steps: int, num_train_epochs: float, reached: tuple[int, 
     return (num_train_epochs > epoch + 1e-9) - (num_train_epochs < epoch - 1e-9)
 
 
-def restored_on_resume(changes: Iterable[str], *, deepspeed: bool, plateau: bool) -> str | None:
+def restored_on_resume(changes: Iterable[str], args: Any) -> str | None:
     """The warning a resume owes when the recipe changes RESTORED_FROM_CHECKPOINT keys it can't apply: all of
     them under DeepSpeed (its engine loads the optimizer), the learning rate under reduce_lr_on_plateau (its
-    reductions live in the rate, no base rate is recorded)."""
+    reductions live in the rate, no base rate is recorded). `args`: the run's TrainingArguments."""
+    deepspeed = bool(args.deepspeed)
+    plateau = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) == "reduce_lr_on_plateau"
     keys = [key for change in changes if (key := changed_key(change)) in RESTORED_FROM_CHECKPOINT]
     if not deepspeed:
         keys = [key for key in keys if plateau and key == "training.learning_rate"]

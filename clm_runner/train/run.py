@@ -116,11 +116,7 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     if args.should_log:
         logger.info(plan.note)
         logger.info(describe_line(describe(setup.recorded_kwargs)))
-        plateau = (
-            str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) == "reduce_lr_on_plateau"
-        )
-        restored = restored_on_resume(plan.recipe_changes, deepspeed=bool(args.deepspeed), plateau=plateau)
-        if plan.resume_from is not None and restored:
+        if plan.resume_from is not None and (restored := restored_on_resume(plan.recipe_changes, args)):
             logger.warning(restored)
     # Seeded before the model is built, as run_clm does, so a from-scratch init is reproducible.
     set_seed(args.seed)

@@ -100,16 +100,23 @@ def test_a_schedule_without_base_rates_keeps_the_checkpoints_rate_and_takes_the_
 
 
 def test_the_run_warns_only_where_the_recipes_values_can_not_apply() -> None:
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import SchedulerType
+
+    def args(deepspeed: str | None, schedule: str) -> SimpleNamespace:
+        return SimpleNamespace(deepspeed=deepspeed, lr_scheduler_type=SchedulerType(schedule))
+
     changes = [
         "training.learning_rate: 0.001 -> 0.0001",
         "training.weight_decay: 0.0 -> 0.1",
         "data.x: 1 -> 2",
     ]
-    assert restored_on_resume(changes, deepspeed=False, plateau=False) is None
-    plateau = restored_on_resume(changes, deepspeed=False, plateau=True)
+    assert restored_on_resume(changes, args(None, "linear")) is None
+    plateau = restored_on_resume(changes, args(None, "reduce_lr_on_plateau"))
     assert plateau.startswith("The recipe changes training.learning_rate, but reduce_lr_on_plateau keeps")
-    deepspeed = restored_on_resume(changes, deepspeed=True, plateau=False)
+    deepspeed = restored_on_resume(changes, args("ds.json", "linear"))
     assert deepspeed.startswith(
         "The recipe changes training.learning_rate, training.weight_decay, but DeepSpeed"
     )
-    assert restored_on_resume(changes[2:], deepspeed=True, plateau=True) is None
+    assert restored_on_resume(changes[2:], args("ds.json", "reduce_lr_on_plateau")) is None
