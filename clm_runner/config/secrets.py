@@ -72,10 +72,10 @@ def scrub(text: str, secrets: Iterable[str], replacement: str = REDACTED) -> str
 def _secret_set(arg: str) -> str | None:
     """The dotted key when `arg` is a `--set` value that assigns a secret key ("model.token=..."), else None."""
     text = arg.strip().removeprefix("--set=")
-    for dotted in SECRET_SET_KEYS:
-        if text.startswith(f"{dotted}="):
-            return dotted
-    return None
+    if "=" not in text:
+        return None
+    dotted = text.partition("=")[0].strip()  # as --set reads it (clm_runner.config.load)
+    return dotted if dotted in SECRET_SET_KEYS else None
 
 
 def redact_argv(argv: Sequence[str], secrets: Iterable[str] = ()) -> list[str]:
@@ -84,7 +84,8 @@ def redact_argv(argv: Sequence[str], secrets: Iterable[str] = ()) -> list[str]:
     out: list[str] = []
     for arg in argv:
         dotted = _secret_set(arg)
-        out.append(f"{dotted}={REDACTED}" if dotted else scrub(arg, secrets))
+        option = "--set=" if arg.strip().startswith("--set=") else ""
+        out.append(f"{option}{dotted}={REDACTED}" if dotted else scrub(arg, secrets))
     return out
 
 

@@ -38,7 +38,8 @@ class DocumentRule:
     detokenizer: str | None
     hub_lines: bool = False
     """The rows are the hub `wikitext` lines: a blank line is an empty row there, a line of one space in the
-    raw file (and in the document-level pages); each other row ends with its line break."""
+    raw file (and in the document-level pages); each other row ends with its line break (a file's last line
+    has none when the file does not end with one)."""
 
     def describe(self) -> str:
         what = "WikiText articles (split at ' = Title = ' lines)" if self.unit == ARTICLES else "rows"
@@ -119,8 +120,12 @@ def lines_of(rows: Sequence[str | None], *, hub_lines: bool, keep_linebreaks: bo
     """
     present = [row for row in rows if row is not None]
     if hub_lines:
-        # The raw files end with a line break, so their last line (after it) is empty.
-        return [*(row.removesuffix("\n") if row else " " for row in present), ""]
+        lines = [row.removesuffix("\n") if row else " " for row in present]
+        # A file that ends with a line break has an empty last line after it; a last row without its break
+        # was the file's last line. (A blank last row is taken as " \n": the hub kept no trace of its break.)
+        if not present or not present[-1] or present[-1].endswith("\n"):
+            lines.append("")
+        return lines
     lines = [row.removesuffix("\n") for row in present]
     if keep_linebreaks and present and present[-1].endswith("\n"):
         lines.append("")

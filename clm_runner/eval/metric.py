@@ -40,7 +40,8 @@ _INPUTS = """
 Args:
     predictions (list of str): the texts; each is one row, as one line of a .txt file is in `clm-runner eval`.
     model_id (str): a trained run, a checkpoint or model directory, or a hub id.
-    block_size (int, optional): tokens per block (default: as `clm-runner eval`, the model's context up to 1024).
+    block_size (int, optional): tokens per block (default: as `clm-runner eval`, the model's context up to 1024);
+        not with documents.
     stride (int, optional): set for strided sliding windows advancing this many tokens.
     context (int, optional): the window length with stride (default: block_size) or documents (default: the
         model's length, as lm-eval's HFLM.max_length).
@@ -101,6 +102,11 @@ class PerplexityMetric(evaluate.Metric):
 
         if documents and stride is not None:
             raise EvalError("documents and stride are two methods; choose one.")
+        if documents and block_size is not None:
+            raise EvalError(
+                "documents are scored in windows of `context` tokens, not blocks: drop block_size (the default "
+                "window is the model's length) or give context."
+            )
 
         local = Path(model_id).is_dir()
         model = ModelConfig(model_name_or_path=model_id, dtype=dtype)

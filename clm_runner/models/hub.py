@@ -143,6 +143,12 @@ def hub_errors(kind: str, name: str | None, *, fix: str) -> Iterator[None]:
                 f"Can't reach the Hugging Face Hub to fetch {kind} '{name}' ({offline_reason()}) and it is not "
                 f"in the local cache{local}. {fix}, {SMOKE_HINT}."
             ) from None
-        if isinstance(exc, OSError) and type(exc).__name__ not in {"FileNotFoundError", "PermissionError"}:
-            raise ModelError(f"Can't load {kind} '{name}': {str(exc).splitlines()[0]} {fix}.") from None
+        # A tokenizer or config whose files do not parse (a ValueError: bad JSON, an unknown class) is the
+        # user's to fix, as an unreadable one is.
+        unreadable = isinstance(exc, ValueError) and kind in ("tokenizer", "config")
+        if unreadable or (
+            isinstance(exc, OSError) and type(exc).__name__ not in {"FileNotFoundError", "PermissionError"}
+        ):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"Can't load {kind} '{name}': {first.rstrip(' .:')}. {fix}.") from None
         raise

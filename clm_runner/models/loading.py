@@ -104,6 +104,21 @@ def load_config(model: ModelConfig) -> PretrainedConfig:
     return config
 
 
+TOKENIZER_FILE_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.tiktoken")
+"""What a directory holding a tokenizer holds (tokenizer.json, tokenizer_config.json, vocab.json, spiece.model, ...)."""
+
+
+def require_tokenizer_files(directory: Path, what: str, fix: str) -> None:
+    """A local directory without tokenizer files: transformers builds an empty tokenizer from its config.json
+    alone (every text becomes no token), so it is refused here."""
+    if directory.is_dir() and not any(
+        f.is_file() for p in TOKENIZER_FILE_PATTERNS for f in directory.glob(p)
+    ):
+        raise ModelError(
+            f"{what} {directory} holds no tokenizer (tokenizer.json, tokenizer_config.json, vocab.json, ...). {fix}."
+        )
+
+
 def load_tokenizer(model: ModelConfig, source: str | None = None) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -116,6 +131,10 @@ def load_tokenizer(model: ModelConfig, source: str | None = None) -> PreTrainedT
     kwargs = _hub_kwargs(model)
     if source != model.model_name_or_path and source != model.tokenizer_name:
         kwargs.pop("revision")
+    key = "model.tokenizer_name" if source == model.tokenizer_name else "model.model_name_or_path"
+    require_tokenizer_files(
+        Path(source), key, "Point model.tokenizer_name at a tokenizer's directory or hub id"
+    )
     with hub_errors("tokenizer", source, fix=LOCAL_FIX):
         return AutoTokenizer.from_pretrained(source, use_fast=model.use_fast_tokenizer, **kwargs)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from clm_runner.errors import ModelError
 from clm_runner.models.hub import hub_errors
-from clm_runner.models.loading import mark_causal_loss, torch_dtype
+from clm_runner.models.loading import mark_causal_loss, require_tokenizer_files, torch_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,14 +38,18 @@ def load_trained(
             f"{directory} holds no saved model (no config.json or {ADAPTER_CONFIG}). Pass a run's output_dir "
             "or one of its checkpoint-N directories."
         )
-    with hub_errors("tokenizer", str(directory), fix="Pass a run's output_dir or a checkpoint directory"):
+    fix = "Pass a run's output_dir or a checkpoint directory"
+    require_tokenizer_files(
+        directory, "The model directory", f"{fix} (they hold the tokenizer the run trained with)"
+    )
+    with hub_errors("tokenizer", str(directory), fix=fix):
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if adapter:
         base, four_bit = base_model_config(
             directory, [o for o in overrides if o.strip().startswith("model.")]
         )
         return mark_causal_loss(load_adapter_run(directory, base, dtype=dtype, four_bit=four_bit)), tokenizer
-    with hub_errors("model", str(directory), fix="Pass a run's output_dir or a checkpoint directory"):
+    with hub_errors("model", str(directory), fix=fix):
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch_dtype(dtype), local_files_only=True, use_safetensors=True
         )

@@ -5,12 +5,13 @@ trained is refused, naming the keys (clm_runner.rundir.policy). Keys that only c
 logs or reports, or how fast it loads data, do not count (`OUTPUT_ONLY`). The length (`max_steps`,
 `num_train_epochs`) is judged by its own rule: a longer run continues the finished one, a length the run
 already covers changes nothing, a shorter one is a change. Where a line starts (`resume_from_checkpoint`)
-is the branch rule's (clm_runner.rundir.branch).
+is the branch rule's (clm_runner.rundir.branch). Paths are compared as the files they name (`changes_since`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 OUTPUT_ONLY: frozenset[str] = frozenset(
@@ -72,14 +73,78 @@ RESTORED_FROM_CHECKPOINT = (
     "training.adam_beta2",
     "training.adam_epsilon",
 )
-"""What a resumed run takes from the checkpoint whatever the recipe says: the optimizer's settings (its state
-holds them per parameter group) and the schedule's base learning rate (the scheduler's state holds it)."""
+"""The optimizer's settings (its state holds them per parameter group) and the schedule's base learning rate
+(the scheduler's state holds it): a resume puts the recipe's back over the checkpoint's
+(clm_runner.train.resume_settings), except where it can't (`restored_on_resume`)."""
 SETTLED_WITH_THE_MODEL = frozenset({"training.ddp_find_unused_parameters"})
 """Keys a run settles once its model is built, where the recipe leaves them unset (None in the recipe being
 planned; clm_runner.train.unused_parameters): what an earlier attempt recorded is that settlement, not a
 change of the recipe."""
 LENGTH_KEYS = ("training.max_steps", "training.num_train_epochs")
 JUDGED_ELSEWHERE = (*LENGTH_KEYS, "training.resume_from_checkpoint")
+
+
+DATA_PATH_KEYS = ("train_file", "validation_file", "test_file")
+"""Keys of [data] and of each [[data.mix]] table that always name local files (or globs)."""
+PATH_OR_NAME_KEYS = {
+    "model": ("model_name_or_path", "config_name", "tokenizer_name"),
+    "data": ("dataset_name",),
+    "training": ("deepspeed", "fsdp_config"),
+}
+"""Keys that name a local path or something else (a hub id, an inline table): a path only where one exists."""
+
+
+def changes_since(manifest: Mapping[str, Any] | None, resolved: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """recipe_changes between the run dir's recipe (run.json) and a rerun's, each path compared as the file it
+    names: relative to the dir its run was started from (run.json's cwd), so a spelling is no change."""
+    if resolved is None or manifest is None or not isinstance(manifest.get("recipe"), dict):
+        return ()
+    started_in = manifest.get("cwd") if isinstance(manifest.get("cwd"), str) else None
+    return tuple(
+        recipe_changes(with_paths_resolved(manifest["recipe"], started_in), with_paths_resolved(resolved))
+    )
+
+
+def with_paths_resolved(resolved: Mapping[str, Any], started_in: str | None = None) -> dict[str, Any]:
+    """A resolved recipe whose local paths are absolute, taken from `started_in` (default: here)."""
+    base = started_in or os.getcwd()
+    out = {
+        section: dict(table) if isinstance(table, Mapping) else table for section, table in resolved.items()
+    }
+    data = out.get("data")
+    if isinstance(data, dict):
+        _resolve_tables(data, base)
+        if isinstance(data.get("mix"), list):
+            data["mix"] = [dict(s) if isinstance(s, Mapping) else s for s in data["mix"]]
+            for source in data["mix"]:
+                if isinstance(source, dict):
+                    _resolve_tables(source, base)
+    for section, keys in PATH_OR_NAME_KEYS.items():
+        table = out.get(section)
+        for key in keys if isinstance(table, dict) else ():
+            if isinstance(table.get(key), str):
+                table[key] = _path(table[key], base, only_if_there=True)
+    return out
+
+
+def _resolve_tables(table: dict[str, Any], base: str) -> None:
+    for key in DATA_PATH_KEYS:
+        value = table.get(key)
+        if isinstance(value, str):
+            table[key] = _path(value, base)
+        elif isinstance(value, list):
+            table[key] = [_path(v, base) if isinstance(v, str) else v for v in value]
+    if isinstance(table.get("dataset_name"), str):
+        table["dataset_name"] = _path(table["dataset_name"], base, only_if_there=True)
+
+
+def _path(value: str, base: str, *, only_if_there: bool = False) -> str:
+    """`value` as an absolute path from `base` (symlinks followed where it exists); with `only_if_there`,
+    unchanged unless it names something that exists (a hub id is no path)."""
+    path = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+    if os.path.exists(path):
+        return os.path.realpath(path)
+    return value if only_if_there else path
 
 
 def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -124,13 +189,23 @@ def compare_length(max_steps: int, num_train_epochs: float, reached: tuple[int, 
     return (num_train_epochs > epoch + 1e-9) - (num_train_epochs < epoch - 1e-9)
 
 
-def restored_on_resume(changes: Iterable[str]) -> str | None:
-    """The warning a resume owes when the recipe changes keys it does not apply (RESTORED_FROM_CHECKPOINT)."""
+def restored_on_resume(changes: Iterable[str], args: Any) -> str | None:
+    """The warning a resume owes when the recipe changes RESTORED_FROM_CHECKPOINT keys it can't apply: all of
+    them under DeepSpeed (its engine loads the optimizer), the learning rate under reduce_lr_on_plateau (its
+    reductions live in the rate, no base rate is recorded). `args`: the run's TrainingArguments."""
+    deepspeed = bool(args.deepspeed)
+    plateau = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) == "reduce_lr_on_plateau"
     keys = [key for change in changes if (key := changed_key(change)) in RESTORED_FROM_CHECKPOINT]
+    if not deepspeed:
+        keys = [key for key in keys if plateau and key == "training.learning_rate"]
     if not keys:
         return None
+    why = (
+        "DeepSpeed restores the checkpoint's optimizer"
+        if deepspeed
+        else "reduce_lr_on_plateau keeps its rate"
+    )
     return (
-        f"The recipe changes {', '.join(keys)}, but a resumed run restores the checkpoint's optimizer and "
-        "learning-rate schedule, so the checkpoint's value applies. To train with the new value, start over "
-        "(--no-resume --overwrite, or another training.output_dir)."
+        f"The recipe changes {', '.join(keys)}, but {why}, so the checkpoint's value applies. To train with the "
+        "new value, start over (--no-resume --overwrite, or another training.output_dir)."
     )

@@ -25,7 +25,7 @@ from clm_runner.rundir.branch import (
     resume_point,
     shown,
 )
-from clm_runner.rundir.changes import changes_what_is_trained, compare_length, recipe_changes
+from clm_runner.rundir.changes import changes_since, changes_what_is_trained, compare_length
 from clm_runner.rundir.checkpoints import (
     CHECKPOINT_PATTERN,
     TRAINER_STATE,
@@ -57,7 +57,6 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "read_json",
-    "recipe_changes",
     "remove_leftovers",
     "write_json_atomic",
     "run_dir_of",
@@ -190,9 +189,7 @@ def plan_output_dir(
             f"training.output_dir {output_dir} is a file, not a directory. Choose another path."
         )
     manifest = _read_manifest(output_dir)
-    changes: tuple[str, ...] = ()
-    if identity is not None and manifest is not None and isinstance(manifest.get("recipe"), dict):
-        changes = tuple(recipe_changes(manifest["recipe"], identity.resolved))
+    changes = changes_since(manifest, identity.resolved if identity is not None else None)
     if (
         resume_from is None
         and recipe_resume_from

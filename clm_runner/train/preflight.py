@@ -5,7 +5,8 @@ built: an optimizer whose package is missing or whose optim_args don't parse, sc
 does not take, activation-checkpointing arguments torch.utils.checkpoint does not take, FSDP in one process, a
 compile backend torch does not have. `check_trainer_keys` builds the optimizer and the scheduler on a
 one-parameter model, runs one checkpointed stand-in function, and checks what the Trainer checks in its
-__init__, each refusal one line naming the key and the fix. `check_packages` runs before TrainingArguments
+__init__, each refusal one line naming the key and the fix. Tuning for a feature the recipe does not turn on
+(fsdp_config without fsdp, checkpointing arguments without checkpointing) is refused, not ignored. `check_packages` runs before TrainingArguments
 exists: it imports what a key needs there (DeepSpeed).
 """
 
@@ -36,6 +37,7 @@ def check_trainer_keys(args: Any, meta_model: Callable[[], Any]) -> None:
     itself (GaLore, APOLLO, LOMO: they look up layers by name); no other needs it.
     """
     _check_parallelism(args)
+    _refuse_unused_tables(args)
     optimizer = _stand_in_optimizer(args, meta_model)
     _stand_in_scheduler(args, optimizer)
     _stand_in_checkpointing(args)
@@ -75,6 +77,23 @@ def _check_parallelism(args: Any) -> None:
         raise RecipeError(
             "training.accelerator_config's gradient_accumulation_kwargs.num_steps and "
             "training.gradient_accumulation_steps both set the accumulation: keep gradient_accumulation_steps."
+        )
+
+
+def _refuse_unused_tables(args: Any) -> None:
+    """Tuning for a feature the recipe does not turn on is never read: refused rather than dropped."""
+    if not args.fsdp and args.fsdp_config:
+        raise RecipeError(
+            "training.fsdp_config tunes FSDP, which this recipe does not turn on (training.fsdp is unset), so it "
+            'would be ignored. Set training.fsdp (e.g. "full_shard auto_wrap") or remove training.fsdp_config.'
+        )
+    checkpointing = getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
+    if kwargs and not checkpointing:
+        raise RecipeError(
+            "training.gradient_checkpointing_kwargs is read only with gradient checkpointing, which this recipe "
+            "does not turn on, so it would be ignored. Set training.gradient_checkpointing = true or remove "
+            "training.gradient_checkpointing_kwargs."
         )
 
 
@@ -231,6 +250,18 @@ def _stand_in_checkpointing(args: Any) -> None:
         ) from None
 
 
+COMPILE_BACKEND_PACKAGES = {
+    "tvm": "tvm",
+    "openxla": "torch_xla",
+    "openxla_eval": "torch_xla",
+    "onnxrt": "onnxruntime",
+    "tensorrt": "torch_tensorrt",
+    "torch_tensorrt": "torch_tensorrt",
+    "ipex": "intel_extension_for_pytorch",
+}
+"""torch.compile backends that torch lists whether or not the package they call is installed."""
+
+
 def _check_compile(args: Any) -> None:
     if not args.torch_compile:
         return
@@ -242,6 +273,12 @@ def _check_compile(args: Any) -> None:
             raise RecipeError(
                 f"training.torch_compile_backend = {backend!r} is not a torch.compile backend here; "
                 f"available: {', '.join(list_backends())}."
+            )
+        package = COMPILE_BACKEND_PACKAGES.get(backend)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise RecipeError(
+                f"training.torch_compile_backend = {backend!r} needs {package}, which is not installed: install "
+                "it, or choose another backend (remove the key for inductor)."
             )
     if mode is not None:
         from torch._inductor import list_mode_options

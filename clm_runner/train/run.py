@@ -116,7 +116,7 @@ def _train(setup: RunSetup, session: _RunSession) -> dict[str, Any]:
     if args.should_log:
         logger.info(plan.note)
         logger.info(describe_line(describe(setup.recorded_kwargs)))
-        if plan.resume_from is not None and (restored := restored_on_resume(plan.recipe_changes)):
+        if plan.resume_from is not None and (restored := restored_on_resume(plan.recipe_changes, args)):
             logger.warning(restored)
     # Seeded before the model is built, as run_clm does, so a from-scratch init is reproducible.
     set_seed(args.seed)

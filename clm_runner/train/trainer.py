@@ -204,6 +204,18 @@ class ClmTrainer(Trainer):
         }
         return TrainOutput(self.state.global_step, 0.0, metrics)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # The recipe's learning rate and optimizer settings over the checkpoint's (clm_runner.train.resume_settings).
+        from clm_runner.train.resume_settings import apply_recipe_settings, describe, recipe_settings
+
+        applies = checkpoint is not None and not self.is_deepspeed_enabled  # DeepSpeed: the run warns
+        wanted = recipe_settings(self.optimizer, self.lr_scheduler) if applies else None
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if wanted is not None:
+            applied = apply_recipe_settings(self.optimizer, self.lr_scheduler, wanted)
+            if applied and self.args.should_log:
+                logger.info(describe(applied, Path(checkpoint).name))
+
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         # A tied output head (GPT-2's lm_head is the token embedding) is saved once, so its key is "missing"
         # from every checkpoint; the tie restores it. Only other missing keys are worth a warning.

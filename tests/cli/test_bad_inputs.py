@@ -446,7 +446,20 @@ def test_eval_refuses_a_run_and_a_recipe_together(world: World) -> None:
         ),
         (["training.optim_args=bogus"], "must be key=value pairs separated by commas"),
         (["training.optim=sgd", "training.optim_args=momentun=0.9"], "'sgd' does not read 'momentun'"),
-        (["training.gradient_checkpointing_kwargs={foo=1}"], "is not what torch.utils.checkpoint takes"),
+        (
+            ["training.gradient_checkpointing=true", "training.gradient_checkpointing_kwargs={foo=1}"],
+            "is not what torch.utils.checkpoint takes",
+        ),
+        (
+            ["training.gradient_checkpointing_kwargs={use_reentrant=false}"],
+            "training.gradient_checkpointing_kwargs is read only with gradient checkpointing",
+        ),
+        (
+            ["training.fsdp_config={min_num_params=1000}"],
+            "training.fsdp_config tunes FSDP, which this recipe does not turn on",
+        ),
+        (["training.torch_compile_backend=tvm"], "needs tvm, which is not installed"),
+        ([f"model.tokenizer_name={ASSETS}"], "holds no tokenizer (tokenizer.json, "),
         (
             [
                 "training.gradient_checkpointing=true",
@@ -476,6 +489,10 @@ def test_eval_refuses_a_run_and_a_recipe_together(world: World) -> None:
         "optim-args",
         "optim-args-unread",
         "checkpointing-kwargs",
+        "checkpointing-kwargs-unused",
+        "fsdp-config-unused",
+        "compile-backend-package",
+        "tokenizer-files",
         "checkpointing-layers",
         "compile-backend",
         "compile-mode",

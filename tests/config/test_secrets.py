@@ -64,7 +64,10 @@ def test_secret_keys_are_left_out_of_written_recipes_and_command_lines() -> None
         "train",
         "--set",
         "training.hub_token=<redacted>",
-        "model.token=<redacted>",
+        "--set=model.token=<redacted>",  # still the option it was: the record reads as a command line
         "-q",
     ]
     assert drop_secret_sets(argv) == (["train", "-q"], ["training.hub_token", "model.token"])
+    # Spaced as --set reads it too (the key is stripped): a short value is no known secret to scrub.
+    assert redact_argv(["--set", " model.token = abc"]) == ["--set", "model.token=<redacted>"]
+    assert drop_secret_sets(["-q", "--set", "model.token =abc"]) == (["-q"], ["model.token"])

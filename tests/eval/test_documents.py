@@ -14,6 +14,7 @@ from helpers import ASSETS, REPO, SMOKE, invoke, sets
 from lm_eval_reference import MAX_LENGTH, lm_eval_figures, save_model
 from tolerances import FORWARD_RTOL
 
+from clm_runner.errors import ModelError
 from clm_runner.eval.documents import batch_windows, prefix_token_id, rolling_max_length, rolling_windows
 from clm_runner.eval.scoring import IGNORED
 
@@ -113,6 +114,8 @@ def test_max_length_and_prefix_token_are_hflms() -> None:
         tokenizer = SimpleNamespace(bos_token_id=bos, eos_token_id=eos)
         hflm = SimpleNamespace(custom_prefix_token_id=None, tokenizer=tokenizer)
         assert prefix_token_id(tokenizer) == HFLM.prefix_token_id.fget(hflm)
+    with pytest.raises(ModelError, match="has neither"):  # lm-eval would feed None to the model
+        prefix_token_id(SimpleNamespace(bos_token_id=None, eos_token_id=None))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,7 +137,8 @@ def text_of_exactly(tokenizer, n_tokens: int, source: str) -> str:
 
 def row_documents(model_dir: Path) -> list[str | None]:
     """Rows of a jsonl file: long and short, window-edge lengths, empty, non-ASCII, one starting with the prefix
-    token's text (lm-eval then adds no special tokens), and a null one (skipped: not a document)."""
+    token's text (lm-eval then adds no special tokens) and one holding it further on (special tokens added as
+    usual), and a null one (skipped: not a document)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -147,6 +151,7 @@ def row_documents(model_dir: Path) -> list[str | None]:
         *edges,
         "",
         f"{EOS} The harbour opened at dawn. {texts[11]}",
+        f"The quay, then {EOS} the harbour.",
         "Zürich — naïve café, 東京 and Ελλάδα: 3°C at noon. " + texts[12],
         None,
         "A. ",
@@ -306,30 +311,32 @@ def test_max_eval_samples_keeps_the_first_documents(model_dir: Path, tmp_path: P
 
 def test_a_mix_is_scored_per_source_and_in_total(model_dir: Path, tmp_path: Path) -> None:
     """[[data.mix]] sources with their own validation: each source's figures, and the total over all documents."""
-    rows = [row for row in row_documents(model_dir) if row is not None]
+    with_null = row_documents(model_dir)
+    rows = [row for row in with_null if row is not None]
     jsonl = tmp_path / "rows.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows), encoding="utf-8")
+    jsonl.write_text("".join(json.dumps({"text": row}) + "\n" for row in with_null), encoding="utf-8")
     lines, pages = raw_wikitext()
     text = tmp_path / "wiki.txt"
     text.write_text("\n".join(lines), encoding="utf-8")
     recipe = tmp_path / "mix.toml"
     recipe.write_text(
         f'[model]\nmodel_name_or_path = "{model_dir}"\n\n[data]\n'
-        f'[[data.mix]]\nname = "rows"\ntrain_file = "{jsonl}"\nvalidation_file = "{jsonl}"\n\n'
         f'[[data.mix]]\nname = "wiki"\ntrain_file = "{text}"\nvalidation_file = "{text}"\n\n'
+        f'[[data.mix]]\nname = "rows"\ntrain_file = "{jsonl}"\nvalidation_file = "{jsonl}"\n\n'
         f'[training]\noutput_dir = "{tmp_path / "unused"}"\n'
     )
     out = tmp_path / "mix.json"
     cli = invoke("eval", "--recipe", recipe, "--documents", "--quiet", "--json", "--output", out)
     assert cli.exit_code == 0, cli.output
     ours = numbers_and_description(cli.stdout, out)
-    assert ours["sources"] == ["rows", "wiki"]
-    for name, documents in (("rows", rows), ("wiki", pages)):
+    assert ours["sources"] == ["wiki", "rows"]
+    for name, documents in (("wiki", pages), ("rows", rows)):
         mine = {
             key.removeprefix(f"eval_{name}_"): v for key, v in ours.items() if key.startswith(f"eval_{name}_")
         }
         assert_equal_figures(mine, lm_eval_figures(model_dir, documents), len(documents))
-    assert_equal_figures(ours, lm_eval_figures(model_dir, rows + pages), len(rows) + len(pages))
+    assert_equal_figures(ours, lm_eval_figures(model_dir, pages + rows), len(pages) + len(rows))
+    assert (ours["eval_wiki_null_rows"], ours["eval_rows_null_rows"], ours["null_rows"]) == (0, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,3 +406,33 @@ def test_a_runs_documents_evaluation_goes_to_evals_without_importing_lm_eval(
         "WikiText"
     )
     assert not (run / "eval_results.json").exists()  # training's own evaluation is blocks, never this
+
+
+def test_the_table_shows_each_figure_under_its_heading() -> None:
+    from clm_runner.cli.eval import render_documents_table
+    from clm_runner.eval.job import Evaluation
+
+    metrics = {
+        "documents": 7,
+        "tokens": 1234,
+        "words": 567,
+        "bytes": 8901,
+        "perplexity": 11.5,
+        "word_perplexity": 22.5,
+        "byte_perplexity": 3.25,
+        "bits_per_byte": 1.75,
+    }
+    about = {"split": "test", "context": 32, "documents_from": "rows", "convention": "lm-eval's"}
+    header, row = render_documents_table([Evaluation(metrics, about)]).splitlines()[:2]
+    cells = dict(zip(header.replace(" ppl", "_ppl").split(), row.split(), strict=True))
+    assert cells == {
+        "split": "test",
+        "documents": "7",
+        "tokens": "1,234",
+        "words": "567",
+        "bytes": "8,901",
+        "perplexity": "11.5000",
+        "word_ppl": "22.5000",
+        "byte_ppl": "3.2500",
+        "bits/byte": "1.7500",
+    }

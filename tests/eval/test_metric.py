@@ -151,3 +151,18 @@ def test_documents_mode_equals_eval_documents_and_lm_eval(tmp_path: Path) -> Non
     assert sum(n > MAX_LENGTH for n in reference.token_counts) >= 3
     for key in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert result[key] == pytest.approx(getattr(reference, key), rel=FORWARD_RTOL), key
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"stride": 8}, "documents and stride are two methods"),
+        ({"block_size": 8}, "documents are scored in windows of `context` tokens, not blocks"),
+    ],
+)
+def test_documents_mode_refuses_what_it_would_ignore(model_dir: Path, options: dict, message: str) -> None:
+    from clm_runner import PerplexityMetric
+    from clm_runner.errors import EvalError
+
+    with pytest.raises(EvalError, match=message):
+        PerplexityMetric().compute(predictions=["a text"], model_id=str(model_dir), documents=True, **options)

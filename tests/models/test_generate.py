@@ -136,3 +136,23 @@ def test_missing_or_non_model_directories_are_model_errors(tmp_path):
         generate_text(tmp_path / "nowhere", PROMPT)
     with pytest.raises(ModelError, match="no config.json"):
         generate_text(tmp_path, PROMPT)
+
+
+def test_a_model_dir_whose_tokenizer_is_missing_or_cannot_be_built_is_a_model_error(byte_level_run, tmp_path):
+    """Without its tokenizer files transformers builds an empty tokenizer (generate printed the prompt alone,
+    exit 0); a broken one raised a ValueError traceback."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(byte_level_run / name, bare / name)
+    with pytest.raises(ModelError, match=r"holds no tokenizer \(tokenizer.json, .*\)"):
+        generate_text(bare, PROMPT, device="cpu")
+    (bare / "tokenizer.json").write_text("not json")
+    with pytest.raises(ModelError, match=r"Can't load tokenizer '.*bare'"):
+        generate_text(bare, PROMPT, device="cpu")
+    (bare / "tokenizer.json").unlink()
+    (bare / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizer"}')
+    with pytest.raises(ModelError, match=r"Can't load tokenizer '.*bare': "):
+        generate_text(bare, PROMPT, device="cpu")

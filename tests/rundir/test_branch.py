@@ -275,3 +275,50 @@ def test_which_recipe_changes_change_what_is_trained() -> None:
     assert [compare_length(s, 3.0, (16, 2.0)) for s in (24, 16, 12)] == [1, 0, -1]
     assert [compare_length(-1, e, (16, 2.0)) for e in (3.0, 2.0, 1.5)] == [1, 0, -1]
     assert compare_length(24, 3.0, None) == 0
+
+
+def test_a_path_spelled_another_way_is_the_same_path_and_another_file_is_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data and model paths are compared as the files they name: relative to where each run was started."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for where in (first, second):
+        (where / "data").mkdir(parents=True)
+        (where / "data" / "train.txt").write_text("text\n")
+        (where / "tok").mkdir()
+    spelled = {"train_file": "data/train.txt", "validation_file": ["./data/../data/train.txt"]}
+    old = {
+        "model": {"tokenizer_name": "tok", "model_name_or_path": "gpt2"},
+        "data": {**spelled, "mix": [{"train_file": "data/train.txt", "weight": 1}]},
+        "training": {**RECIPE["training"], "max_steps": 16},
+    }
+    run = a_run(tmp_path / "run", (8, 16), finished_at=16)
+    write_json_atomic(run / "run.json", {"status": "completed", "recipe": old, "cwd": str(first)})
+
+    def rerun_from(cwd: Path, **data: object) -> object:
+        monkeypatch.chdir(cwd)
+        resolved = json.loads(json.dumps(old))
+        resolved["data"].update(data)
+        resolved["model"]["tokenizer_name"] = str(first / "tok") if cwd == first else "../first/tok"
+        return plan_output_dir(run, identity=RunIdentity(resolved=resolved, max_steps=16, num_train_epochs=3))
+
+    absolute = str(first / "data" / "train.txt")
+    same = {
+        "train_file": absolute,
+        "validation_file": [absolute],
+        "mix": [{"train_file": absolute, "weight": 1}],
+    }
+    assert rerun_from(first, **same).action == "complete"  # absolute, where the run was relative
+    from_second = "../first/data/train.txt"
+    elsewhere = {
+        "train_file": from_second,
+        "validation_file": [from_second],
+        "mix": [{"train_file": from_second, "weight": 1}],
+    }
+    assert rerun_from(second, **elsewhere).action == "complete"
+    # The hub id "gpt2" is no path anywhere: the same string from another dir is the same model.
+    assert rerun_from(second, **same).action == "complete"
+    with pytest.raises(
+        OutputDirError, match=r"data\.train_file: '.*first/data/train.txt' -> '.*second/data/"
+    ):
+        rerun_from(second, train_file="data/train.txt")  # the same spelling names another file there
