@@ -241,7 +241,14 @@ def _read_json_file(path: Path) -> dict[str, Any]:
     for name in loaded:
         if name not in types:
             raise RecipeError(f"{path}: {_unknown('--' + name)}")
-    return {name: _as_parsed(value, types[name][1]) for name, value in loaded.items()}
+    for name, value in loaded.items():
+        if value is None and types[name][2] is not None:
+            raise RecipeError(
+                f"{path}: {name} is null, but run_clm.py needs a value there (its default: "
+                f"{types[name][2]!r}). Give a value or drop the key."
+            )
+    # A null where the field's default is None is that default: as if the key were absent.
+    return {name: _as_parsed(value, types[name][1]) for name, value in loaded.items() if value is not None}
 
 
 def _as_parsed(value: Any, annotation: Any) -> Any:

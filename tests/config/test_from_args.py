@@ -92,6 +92,20 @@ def test_the_json_file_gives_the_same_recipe_as_the_flags(tmp_path: Path, name: 
     assert [line for line in from_json.text.splitlines() if not line.startswith("#   ")] == body
 
 
+def test_a_json_null_is_the_fields_default(tmp_path: Path, capsys) -> None:
+    """parse_json_file takes null as None: where that is the field's default it is as if the key were absent;
+    elsewhere run_clm would train with None, so it is refused in one line naming the key."""
+    job = jobs(tmp_path)["readme"]
+    given = as_json_arguments(job.argv)
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({**given, "max_train_samples": None, "config_overrides": None}))
+    assert convert_run_clm_args([str(args)]).recipe == convert_run_clm_args(job.argv).recipe
+    args.write_text(json.dumps({**given, "learning_rate": None}))
+    assert main(["recipe", "from-args", str(args)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "learning_rate" in err and "null" in err, err
+
+
 def test_run_clms_flag_syntax_is_its_parsers(tmp_path: Path) -> None:
     """HfArgumentParser's forms: --flag=value, dashes for underscores, bools with and without a value,
     --no_x for a flag that defaults to true, and a prefix of a flag (argparse's abbreviations)."""
