@@ -37,7 +37,10 @@ from clm_runner.cli.app import (
     default=None,
     help="Window length for --stride (default: the block size) or --documents (default: the model's).",
 )
-@output_option("Write the metrics as JSON, numbers only (run_clm's keys)")
+@output_option(
+    "Write the metrics as JSON, numbers only (run_clm's keys); with --all-checkpoints, eval_history.json's "
+    "document (how, once; each checkpoint's name and numbers)"
+)
 @json_option()
 @quiet_option()
 def eval_command(
