@@ -13,6 +13,7 @@ import json
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from clm_runner.config.run_clm_args import RunClmArguments, field_types, parse_run_clm_args
@@ -316,6 +317,9 @@ def _render(draft: _Draft, parsed: RunClmArguments, command: str, recipe_path: s
     original = scrub(shlex.join([*parsed.launcher, *parsed.command]), secrets)
     run = " ".join([*draft.environment, *_launch(parsed.launcher, command), "--recipe", recipe_path])
     run = " ".join([run, *draft.run_flags])
+    if command == "eval" and parsed.given.get("output_dir"):
+        # run_clm wrote its evaluation into output_dir's eval_results.json: so does the converted command.
+        run += " -o " + shlex.quote(str(Path(str(parsed.given["output_dir"])) / "eval_results.json"))
     lines = ["# Converted from run_clm.py by `clm-runner recipe from-args`:"]
     lines += [f"#   {part}" for part in _wrap(original)]
     if command == "eval":

@@ -189,7 +189,7 @@ def test_run_clm_without_do_train_only_evaluates() -> None:
         ["--model_name_or_path", "m", "--dataset_name", "d", "--do_eval", "--output_dir", "o"]
     )
     assert converted.command == "eval"
-    assert "#   clm-runner eval --recipe RECIPE.toml" in converted.text
+    assert "#   clm-runner eval --recipe RECIPE.toml -o o/eval_results.json" in converted.text
 
 
 def test_a_launcher_and_script_before_the_flags(tmp_path: Path) -> None:
