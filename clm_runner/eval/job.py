@@ -340,12 +340,16 @@ def _evaluation(
     epoch = trained_epoch(model_dir)
     if epoch is not None:
         metrics["epoch"] = epoch
+    # Blocks and windows of the train split are cut by max_train_samples (data.prepare); documents by
+    # max_eval_samples on every split (data.documents).
+    blocks_of_train = split == "train" and settings.get("method") != "documents"
+    limit = "max_train_samples" if blocks_of_train else "max_eval_samples"
     description = {
         "by": "clm-runner eval",
         "split": split,
         **settings,
         "model": model_name,
-        **describe_recipe_data(recipe),
+        **describe_recipe_data(recipe, limit=limit),
         "sources": sources or None,
     }
     return Evaluation(metrics, {key: value for key, value in description.items() if value is not None})

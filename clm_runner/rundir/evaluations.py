@@ -50,13 +50,14 @@ def describe_data(recipe: Recipe) -> str:
     return ", ".join(str(f) for f in files if f)
 
 
-def describe_recipe_data(recipe: Recipe) -> dict[str, Any]:
-    """What of the recipe's [data] decides which blocks were scored."""
+def describe_recipe_data(recipe: Recipe, *, limit: str = "max_eval_samples") -> dict[str, Any]:
+    """What of the recipe's [data] decides which blocks were scored. `limit`: the key that cut the split
+    (max_train_samples for the train split's blocks, max_eval_samples otherwise)."""
     data = recipe.data
     return {
         "data": describe_data(recipe),
         "grouping": data.grouping,
-        "max_eval_samples": data.max_eval_samples,
+        limit: getattr(data, limit),
         "streaming": data.streaming,
     }
 

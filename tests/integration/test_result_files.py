@@ -64,6 +64,10 @@ def test_after_eval_run_every_result_file_still_is(run: Path, tmp_path: Path) ->
     read = check_every_result_file(run)
     assert {"evals/train_blocks32.json", "evals/validation_strided-context32-stride16.json"} <= read.keys()
     assert "evals/checkpoint-4_validation_blocks32.json" in read
+    # The train split is cut by max_train_samples (32 blocks), and its description says so.
+    about_train = json.loads((run / "evaluations.json").read_text())["evals/train_blocks32.json"]
+    assert read["evals/train_blocks32.json"]["eval_samples"] == 32
+    assert about_train["max_train_samples"] == 32 and "max_eval_samples" not in about_train
     # The evaluation train ran at its end, repeated: the same key set and, to float32 precision, numbers.
     again = read["eval_results.json"]
     assert trained.keys() <= again.keys()
