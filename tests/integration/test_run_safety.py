@@ -15,7 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, SMOKE, invoke, run_cli, snapshot, subprocess_env, tiny_gpt2_config, train_args
+from helpers import (
+    REPO,
+    SMOKE,
+    byte_level_tokenizer,
+    invoke,
+    run_cli,
+    snapshot,
+    subprocess_env,
+    tiny_gpt2_config,
+    train_args,
+)
 
 from clm_runner.config.secrets import redact_argv, scrub
 from clm_runner.errors import ClmError, ModelError
@@ -424,6 +434,8 @@ def test_pickled_weights_are_refused(tmp_path: Path) -> None:
 
     model = GPT2LMHeadModel(tiny_gpt2_config(n_embd=8, vocab_size=16, n_positions=8))
     model.config.save_pretrained(tmp_path)
+    # A tokenizer beside the weights, so what is refused is the pickled weights file alone.
+    byte_level_tokenizer(["a fixture text, enough for a tokenizer"]).save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelError, match="safetensors"):
         load_trained(str(tmp_path))
