@@ -44,6 +44,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# The same seeded random-init GPT-2 and random blocks as the throughput benchmark.
+from train_throughput import build_blocks, build_model  # noqa: E402
 
 RATIO_GOAL = 1.1
 SIDES = ("plain", "clm-runner")
@@ -72,31 +76,6 @@ def parse_args() -> argparse.Namespace:
         "--with-sync", action="store_true", help=f"a third side, {SYNC}: the seal on the training thread"
     )
     return parser.parse_args()
-
-
-def build_model(opts: argparse.Namespace):
-    from transformers import GPT2Config, GPT2LMHeadModel, set_seed
-
-    set_seed(opts.seed)
-    config = GPT2Config(
-        n_layer=opts.layers,
-        n_head=opts.heads,
-        n_embd=opts.width,
-        n_positions=opts.block,
-        vocab_size=opts.vocab,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(config)
-
-
-def build_blocks(opts: argparse.Namespace):
-    import datasets
-    import numpy as np
-
-    rows = opts.batch * opts.steps
-    ids = np.random.default_rng(opts.seed).integers(0, opts.vocab, size=(rows, opts.block), dtype=np.int64)
-    return datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}).with_format("torch")
 
 
 def training_arguments(opts: argparse.Namespace, output_dir: str, *, saves: bool) -> dict:
