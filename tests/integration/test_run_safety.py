@@ -191,22 +191,31 @@ def test_run_json_records_what_produced_the_run_and_no_secret(tmp_path: Path) ->
     assert manifest["previous_attempts"] == []
 
 
+SECRETS_BY_ROUTE = {
+    "model.token": "corp-model-key-123456789",
+    "training.hub_token": "corp-hub-key-987654321",
+    "HF_TOKEN": "corp-env-key-555555555",
+    "WANDB_API_KEY": "corp-wandb-key-4444444",
+}
+"""A value per route, none shaped like hf_...: the catch-all pattern cannot hide a route that leaks."""
+
+
+def secret_train_args(run: Path) -> list[str]:
+    """A short train command that passes the two recipe secrets of SECRETS_BY_ROUTE with --set."""
+    return train_args(
+        run,
+        f"model.token={SECRETS_BY_ROUTE['model.token']}",
+        f"training.hub_token={SECRETS_BY_ROUTE['training.hub_token']}",
+        max_steps=4,
+    )
+
+
 def test_secrets_that_do_not_look_like_hub_tokens_reach_no_file_and_no_console(tmp_path: Path) -> None:
     """Each route on its own value, none shaped like hf_...: the catch-all pattern cannot hide a route that
     leaks. A run interrupted (its resume command printed) and resumed, so every line and file is seen."""
-    secrets = {
-        "model.token": "corp-model-key-123456789",
-        "training.hub_token": "corp-hub-key-987654321",
-        "HF_TOKEN": "corp-env-key-555555555",
-        "WANDB_API_KEY": "corp-wandb-key-4444444",
-    }
+    secrets = SECRETS_BY_ROUTE
     run = tmp_path / "run"
-    args = train_args(
-        run,
-        f"model.token={secrets['model.token']}",
-        f"training.hub_token={secrets['training.hub_token']}",
-        max_steps=4,
-    )
+    args = secret_train_args(run)
     env = subprocess_env(
         tmp_path / "cache", HF_TOKEN=secrets["HF_TOKEN"], WANDB_API_KEY=secrets["WANDB_API_KEY"]
     )
@@ -250,19 +259,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_secrets_printed_by_a_library_or_an_error_are_masked_everywhere(tmp_path: Path) -> None:
-    secrets = {
-        "model.token": "corp-model-key-123456789",
-        "training.hub_token": "corp-hub-key-987654321",
-        "HF_TOKEN": "corp-env-key-555555555",
-        "WANDB_API_KEY": "corp-wandb-key-4444444",
-    }
+    secrets = SECRETS_BY_ROUTE
     run = tmp_path / "run"
-    args = train_args(
-        run,
-        f"model.token={secrets['model.token']}",
-        f"training.hub_token={secrets['training.hub_token']}",
-        max_steps=4,
-    )
+    args = secret_train_args(run)
     env = subprocess_env(
         tmp_path / "cache",
         HF_TOKEN=secrets["HF_TOKEN"],
